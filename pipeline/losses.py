@@ -1,0 +1,388 @@
+"""Pairwise reward-model losses: Bradley-Terry (BT) and NormBT.
+
+Pure tensor functions in the style of torchtune's losses: every loss takes reward
+tensors (and, for NormBT, pair representations) and returns ``(loss, metrics)``,
+where ``loss`` is a differentiable 0-dim tensor and ``metrics`` a dict of python
+floats computed without gradient and with a single device synchronisation.
+
+References:
+    * NormBT: "Normalized Bradley-Terry" reward modelling, arXiv 2512.06343. Each
+      pair's BT term is reweighted by ``mu / (d + eps)`` where ``d`` is the L2
+      distance between the chosen and rejected representations and ``mu`` an
+      EMA of the batch-mean distance, so that the per-pair gradient of a linear
+      reward head no longer scales with ``d``.
+    * Reward centering: Eisenstein et al., "Helping or Herding?", arXiv 2312.09244,
+      penalty ``center_coef * mean((r_c + r_r)^2)``.
+
+Only ``torch`` and the standard library are imported here on purpose: the losses
+are unit-tested without Ray / DeepSpeed / transformers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "DEFAULT_BETA",
+    "DEFAULT_EPS",
+    "DistanceEMA",
+    "bt_loss",
+    "bt_per_pair",
+    "normbt_loss",
+    "pair_distances",
+]
+
+#: EMA decay for the running mean pair distance ``mu`` (the paper's value).
+DEFAULT_BETA: float = 0.9
+
+#: Additive floor in the NormBT weight ``mu / (d + eps)``. Final-layer pair
+#: distances of the backbones we train on are O(0.1-10), so 1e-3 changes the
+#: weight of an ordinary pair by at most ~1% and only matters for (near-)identical
+#: pairs, whose weight it caps at ``mu / eps`` instead of letting it reach inf.
+DEFAULT_EPS: float = 1e-3
+
+
+Metrics = dict[str, float]
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # bf16/fp16 logsigmoid and norms lose too much precision; never downcast fp64.
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _check_rewards(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> None:
+    if chosen_rewards.ndim != 1 or chosen_rewards.shape != rejected_rewards.shape:
+        raise ValueError(
+            "chosen_rewards and rejected_rewards must both have shape [B]; got "
+            f"{tuple(chosen_rewards.shape)} and {tuple(rejected_rewards.shape)}"
+        )
+    if chosen_rewards.numel() == 0:
+        raise ValueError("empty batch: the loss of zero pairs is undefined")
+
+
+def _check_coefs(label_smoothing: float, center_coef: float) -> None:
+    if not 0.0 <= label_smoothing <= 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
+    if not (center_coef >= 0.0 and math.isfinite(center_coef)):
+        raise ValueError(f"center_coef must be finite and >= 0, got {center_coef}")
+
+
+def bt_per_pair(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    *,
+    margin: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Unreduced (label-smoothed, margin-shifted) Bradley-Terry negative log-likelihood.
+
+    ``l_i = -(1 - a) * log sigmoid(D_i - m_i) - a * log sigmoid(-(D_i - m_i))`` with
+    ``D_i = r_c,i - r_r,i``, ``a = label_smoothing`` and ``m_i = margin[i]`` (0 if
+    ``margin`` is None). Uses ``F.logsigmoid`` so large ``|D|`` neither overflows nor
+    underflows. Computed in at least float32.
+
+    Args:
+        chosen_rewards (torch.Tensor): rewards of the preferred responses, shape ``[B]``.
+        rejected_rewards (torch.Tensor): rewards of the dispreferred responses, shape ``[B]``.
+        margin (torch.Tensor | None): per-pair margin ``[B]`` the reward gap must exceed.
+        label_smoothing (float): probability ``a`` in [0, 0.5] that a label is flipped.
+
+    Returns:
+        torch.Tensor: per-pair loss, shape ``[B]``.
+
+    Raises:
+        ValueError: on mismatched shapes, an empty batch or ``label_smoothing`` outside [0, 0.5].
+    """
+    _check_rewards(chosen_rewards, rejected_rewards)
+    _check_coefs(label_smoothing, 0.0)
+    dtype = _compute_dtype(chosen_rewards)
+    logits = chosen_rewards.to(dtype) - rejected_rewards.to(dtype)
+    if margin is not None:
+        if margin.shape != chosen_rewards.shape:
+            raise ValueError(
+                f"margin must have shape {tuple(chosen_rewards.shape)}, got {tuple(margin.shape)}"
+            )
+        logits = logits - margin.to(device=logits.device, dtype=dtype)
+    loss = -F.logsigmoid(logits)
+    if label_smoothing > 0.0:
+        # Skip the flipped term when a == 0 so the common path costs one logsigmoid.
+        loss = (1.0 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-logits)
+    return loss
+
+
+def _centering(
+    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, center_coef: float
+) -> torch.Tensor:
+    """Reward-centering penalty ``center_coef * mean((r_c + r_r)^2)`` (arXiv 2312.09244), 0-dim."""
+    dtype = _compute_dtype(chosen_rewards)
+    total = chosen_rewards.to(dtype) + rejected_rewards.to(dtype)
+    return center_coef * total.square().mean()
+
+
+def _scalar_stats(
+    loss: torch.Tensor,
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> Metrics:
+    """Shared metrics; all scalars are stacked so ``.tolist()`` syncs with the device once."""
+    with torch.no_grad():
+        chosen = chosen_rewards.detach().float()
+        rejected = rejected_rewards.detach().float()
+        delta = chosen - rejected
+        rewards = torch.cat([chosen, rejected])
+        stats: dict[str, torch.Tensor] = {
+            "loss": loss.detach().float(),
+            # Ties (delta == 0) count as wrong: the model expressed no preference.
+            "accuracy": (delta > 0).float().mean(),
+            "margin": delta.mean(),
+            "reward_chosen_mean": chosen.mean(),
+            "reward_rejected_mean": rejected.mean(),
+            "reward_mean": rewards.mean(),
+            # Population std (correction=0): defined for any B >= 1.
+            "reward_std": rewards.std(correction=0),
+        }
+        for key, value in (extra or {}).items():
+            stats[key] = value.detach().float().to(chosen.device)
+        values = torch.stack(list(stats.values())).tolist()
+    return dict(zip(stats.keys(), values, strict=True))
+
+
+def bt_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    *,
+    margin: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    center_coef: float = 0.0,
+) -> tuple[torch.Tensor, Metrics]:
+    """Bradley-Terry pairwise loss, averaged over pairs, plus optional reward centering.
+
+    ``loss = mean_i bt_per_pair_i + center_coef * mean_i (r_c,i + r_r,i)^2``; see
+    :func:`bt_per_pair` for the per-pair term (label smoothing, margin).
+
+    Args:
+        chosen_rewards (torch.Tensor): shape ``[B]``.
+        rejected_rewards (torch.Tensor): shape ``[B]``.
+        margin (torch.Tensor | None): per-pair margin, shape ``[B]``; None means 0.
+        label_smoothing (float): in [0, 0.5].
+        center_coef (float): weight of the centering penalty (arXiv 2312.09244), >= 0.
+
+    Returns:
+        tuple[torch.Tensor, dict[str, float]]: the 0-dim loss and metrics ``loss``,
+        ``accuracy`` (fraction of pairs with ``r_c > r_r``; ties count as wrong),
+        ``margin`` (mean ``r_c - r_r``), ``reward_chosen_mean``, ``reward_rejected_mean``,
+        ``reward_mean`` and ``reward_std`` (over all ``2B`` rewards).
+    """
+    _check_coefs(label_smoothing, center_coef)
+    per_pair = bt_per_pair(chosen_rewards, rejected_rewards, margin=margin, label_smoothing=label_smoothing)
+    loss = per_pair.mean()
+    if center_coef > 0.0:
+        loss = loss + _centering(chosen_rewards, rejected_rewards, center_coef)
+    return loss, _scalar_stats(loss, chosen_rewards, rejected_rewards)
+
+
+def pair_distances(chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor) -> torch.Tensor:
+    """L2 distance between the chosen and rejected representation of each pair, without gradient.
+
+    ``d_i = ||h_c,i - h_r,i||_2``. The difference is detached *before* the norm: NormBT
+    treats ``d`` as a constant (stop-gradient), and the gradient of a norm at a zero
+    vector is NaN, so an identical pair must never put ``d`` on the autograd graph.
+    The forward value for an identical pair is exactly 0. Computed in at least float32.
+    Feed ``d.mean()`` (all-reduced across ranks) to :class:`DistanceEMA` before calling
+    :func:`normbt_loss`.
+
+    Args:
+        chosen_hidden (torch.Tensor): representations of the chosen responses, shape ``[B, H]``.
+        rejected_hidden (torch.Tensor): representations of the rejected responses, shape ``[B, H]``.
+
+    Returns:
+        torch.Tensor: detached distances, shape ``[B]``.
+    """
+    if chosen_hidden.ndim != 2 or chosen_hidden.shape != rejected_hidden.shape:
+        raise ValueError(
+            "chosen_hidden and rejected_hidden must both have shape [B, H]; got "
+            f"{tuple(chosen_hidden.shape)} and {tuple(rejected_hidden.shape)}"
+        )
+    dtype = _compute_dtype(chosen_hidden)
+    diff = chosen_hidden.detach().to(dtype) - rejected_hidden.detach().to(dtype)
+    return torch.linalg.vector_norm(diff, ord=2, dim=-1)
+
+
+def _as_positive_float(name: str, value: float | torch.Tensor) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.ndim != 0:
+            raise ValueError(f"{name} must be a float or a 0-dim tensor, got shape {tuple(value.shape)}")
+        value = value.detach().item()
+    value = float(value)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return value
+
+
+def normbt_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    chosen_hidden: torch.Tensor,
+    rejected_hidden: torch.Tensor,
+    *,
+    mu: float | torch.Tensor,
+    eps: float,
+    margin: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    center_coef: float = 0.0,
+) -> tuple[torch.Tensor, Metrics]:
+    """NormBT: Bradley-Terry with each pair reweighted by its inverse representation distance (arXiv 2512.06343).
+
+    ``d_i = ||h_c,i - h_r,i||_2``, ``w_i = stop_grad(mu / (d_i + eps))`` and
+    ``loss = mean_i w_i * bt_per_pair_i + center_coef * mean_i (r_c,i + r_r,i)^2``
+    (the centering penalty is not weighted). For a linear reward head the BT gradient
+    of pair ``i`` has norm ``|sigmoid(D_i) - 1| * d_i``; the weight turns it into
+    ``~ mu * |sigmoid(D_i) - 1|``, independent of the pair's distance.
+
+    Gradient flows only through the rewards: the loss depends on the hidden states
+    solely through ``w``, which is computed from detached tensors, so it contributes
+    no gradient to ``chosen_hidden``/``rejected_hidden`` (they still receive gradient
+    through the rewards if the rewards are computed from them).
+
+    Degenerate pairs: a pair with ``h_c == h_r`` has ``d = 0`` computed safely
+    (no norm on the autograd graph, so no NaN gradient) and weight ``mu / eps``, the
+    largest any pair can get; ``eps > 0`` is therefore required. Loss, weights and
+    gradients stay finite.
+
+    Args:
+        chosen_rewards (torch.Tensor): shape ``[B]``.
+        rejected_rewards (torch.Tensor): shape ``[B]``.
+        chosen_hidden (torch.Tensor): representations the reward head reads, shape ``[B, H]``.
+        rejected_hidden (torch.Tensor): shape ``[B, H]``.
+        mu (float | torch.Tensor): running mean pair distance (see :class:`DistanceEMA`),
+            a float or 0-dim tensor; must be finite and > 0. Use the same value on every
+            data-parallel rank so that per-rank losses average to the global loss.
+        eps (float): additive floor in the weight denominator, > 0 (see ``DEFAULT_EPS``).
+        margin (torch.Tensor | None): per-pair margin, shape ``[B]``; None means 0.
+        label_smoothing (float): in [0, 0.5].
+        center_coef (float): weight of the (unweighted) centering penalty, >= 0.
+
+    Returns:
+        tuple[torch.Tensor, dict[str, float]]: the 0-dim loss and the metrics of
+        :func:`bt_loss` plus ``distance_mean/min/max``, ``weight_mean/min/max`` and ``mu``.
+
+    Raises:
+        ValueError: if ``eps <= 0``, ``mu`` is 0, negative or not finite, or shapes mismatch.
+    """
+    eps = float(eps)
+    if not (math.isfinite(eps) and eps > 0.0):
+        raise ValueError(f"eps must be finite and > 0 (it caps the weight at mu / eps), got {eps}")
+    # One host sync for mu; needed to raise on a bad value instead of training on inf/NaN.
+    mu_value = _as_positive_float("mu (the running mean pair distance)", mu)
+    _check_coefs(label_smoothing, center_coef)
+    if chosen_hidden.shape[:1] != chosen_rewards.shape:
+        raise ValueError(
+            f"hidden states {tuple(chosen_hidden.shape)} do not match rewards {tuple(chosen_rewards.shape)}"
+        )
+
+    per_pair = bt_per_pair(chosen_rewards, rejected_rewards, margin=margin, label_smoothing=label_smoothing)
+    distances = pair_distances(chosen_hidden, rejected_hidden).to(device=per_pair.device)
+    weights = (mu_value / (distances + eps)).to(per_pair.dtype)  # already detached via pair_distances
+    loss = (weights * per_pair).mean()
+    if center_coef > 0.0:
+        loss = loss + _centering(chosen_rewards, rejected_rewards, center_coef)
+
+    extra = {
+        "distance_mean": distances.mean(),
+        "distance_min": distances.min(),
+        "distance_max": distances.max(),
+        "weight_mean": weights.mean(),
+        "weight_min": weights.min(),
+        "weight_max": weights.max(),
+    }
+    metrics = _scalar_stats(loss, chosen_rewards, rejected_rewards, extra)
+    metrics["mu"] = mu_value
+    return loss, metrics
+
+
+class DistanceEMA:
+    """Exponential moving average ``mu`` of the batch-mean pair distance used by NormBT.
+
+    The first :meth:`update` sets ``mu`` to its input (no zero initialisation, hence no
+    bias correction needed); later ones apply ``mu <- beta * mu + (1 - beta) * mean``.
+
+    The caller must pass the GLOBAL batch-mean distance, i.e. ``pair_distances(...).mean()``
+    all-reduced (averaged) across data-parallel ranks, so that ``mu`` (and with it the
+    loss) is identical on every rank. Note that :func:`normbt_loss` rejects ``mu == 0``,
+    which the EMA yields only if the first batch contains nothing but identical pairs.
+
+    Args:
+        beta (float): decay in ``[0, 1)``; 0 means "use the current batch mean".
+    """
+
+    def __init__(self, beta: float = DEFAULT_BETA) -> None:
+        self.beta = self._check_beta(beta)
+        self._mu: float | None = None
+        self._steps = 0
+
+    @staticmethod
+    def _check_beta(beta: float) -> float:
+        beta = float(beta)
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {beta}")
+        return beta
+
+    @property
+    def mu(self) -> float | None:
+        """Current running mean distance; None before the first update."""
+        return self._mu
+
+    @property
+    def steps(self) -> int:
+        """Number of updates applied so far."""
+        return self._steps
+
+    def update(self, batch_mean_distance: float | torch.Tensor) -> float:
+        """Fold in one step's global batch-mean distance and return the ``mu`` to use for this step.
+
+        Args:
+            batch_mean_distance (float | torch.Tensor): float or 0-dim tensor, finite and >= 0.
+
+        Returns:
+            float: ``mu`` after the update.
+
+        Raises:
+            ValueError: for a non-finite or negative value or a tensor that is not 0-dim.
+        """
+        if isinstance(batch_mean_distance, torch.Tensor):
+            if batch_mean_distance.ndim != 0:
+                raise ValueError(f"expected a 0-dim tensor, got shape {tuple(batch_mean_distance.shape)}")
+            batch_mean_distance = batch_mean_distance.detach().item()
+        value = float(batch_mean_distance)
+        if not math.isfinite(value) or value < 0.0:
+            raise ValueError(f"batch mean distance must be finite and >= 0, got {value}")
+        if self._mu is None:
+            self._mu = value
+        else:
+            self._mu = self.beta * self._mu + (1.0 - self.beta) * value
+        self._steps += 1
+        return self._mu
+
+    def state_dict(self) -> dict[str, float | int | None]:
+        """Checkpointable state: ``{"beta", "mu", "steps"}``."""
+        return {"beta": self.beta, "mu": self._mu, "steps": self._steps}
+
+    def load_state_dict(self, state_dict: dict[str, float | int | None]) -> None:
+        """Restore the state written by :meth:`state_dict`."""
+        missing = {"beta", "mu", "steps"} - state_dict.keys()
+        if missing:
+            raise KeyError(f"DistanceEMA state_dict is missing {sorted(missing)}")
+        beta = self._check_beta(state_dict["beta"])
+        mu = state_dict["mu"]
+        steps = int(state_dict["steps"])
+        if mu is not None and not math.isfinite(float(mu)):
+            raise ValueError(f"mu in state_dict must be finite or None, got {mu}")
+        if (mu is None) != (steps == 0):
+            raise ValueError(f"inconsistent state_dict: mu={mu} after {steps} steps")
+        self.beta = beta
+        self._mu = None if mu is None else float(mu)
+        self._steps = steps

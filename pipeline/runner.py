@@ -1,0 +1,149 @@
+"""Run the stages in order, hand each its upstream manifests, skip what is already done.
+
+A stage is a function ``entry(ctx: StageContext) -> StageResult`` in ``stages/<name>.py``. Its
+manifest hash covers the config keys it declares plus its upstream manifests' hashes, so changing
+``train.lr`` reruns ``train`` and everything downstream of it, while a rerun of a finished run does
+nothing and says so. A stage that crashed has no manifest: the rerun resumes there (and inside
+training, at the last checkpoint).
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from pipeline import tracking
+from pipeline.artifacts import Manifest, now, read_manifest, write_manifest
+from pipeline.config import PipelineConfig, config_hash, to_yaml
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageSpec:
+    name: str
+    entry: str  # "module:function", imported only when the stage runs (keeps start-up light)
+    keys: tuple[str, ...]  # config sections/keys that determine the stage's outputs
+    needs: tuple[str, ...] = ()  # upstream stages that must have finished
+    uses: tuple[str, ...] = ()  # upstream stages used when present (e.g. tune's best config)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageResult:
+    outputs: dict[str, str]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageContext:
+    cfg: PipelineConfig
+    run_dir: Path
+    out_dir: Path
+    upstream: Mapping[str, Manifest]
+    tracker: tracking.RunLogger
+    log: Callable[[str], None] = print
+
+
+_DATA_KEYS = ("data", "model.name_or_path", "model.revision", "model.trust_remote_code", "model.pooling")
+_TRAIN_KEYS = ("model", "loss", "train", "ray.storage_path")
+
+STAGES: dict[str, StageSpec] = {s.name: s for s in (
+    StageSpec(name="data", entry="stages.data:prepare_preferences", keys=_DATA_KEYS),
+    StageSpec(name="tune", entry="stages.tune:tune_reward_model", keys=(*_TRAIN_KEYS, "tune"), needs=("data",)),
+    StageSpec(name="train", entry="stages.train:train_reward_model", keys=_TRAIN_KEYS, needs=("data",),
+              uses=("tune",)),
+    StageSpec(name="rewardbench", entry="stages.rewardbench:score_rewardbench", keys=("rewardbench",),
+              uses=("train",)),
+    StageSpec(name="best_of_n", entry="stages.best_of_n:run_best_of_n", keys=("best_of_n",), uses=("train",)),
+    StageSpec(name="register", entry="stages.register:register_model", keys=("tracking",),
+              needs=("train",), uses=("data", "tune", "rewardbench", "best_of_n")),
+)}
+
+
+class PipelineError(RuntimeError):
+    """A failure reported to the user as one clear message (no bare traceback)."""
+
+
+def run_dir_of(cfg: PipelineConfig, run_dir: str | Path | None = None) -> Path:
+    return Path(run_dir) if run_dir else Path(cfg.run.root) / cfg.run.name
+
+
+def _load_entry(spec: StageSpec) -> Callable[[StageContext], StageResult]:
+    module_name, _, func = spec.entry.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name == module_name:
+            raise PipelineError(f"stage {spec.name!r} is not implemented in this version ({module_name})") from None
+        raise
+    return getattr(module, func)
+
+
+def _upstream(spec: StageSpec, run_dir: Path) -> dict[str, Manifest]:
+    found: dict[str, Manifest] = {}
+    for name in (*spec.needs, *spec.uses):
+        manifest = read_manifest(run_dir, name)
+        if manifest is None and name in spec.needs:
+            raise PipelineError(f"stage {spec.name!r} needs stage {name!r}, which has not finished in {run_dir}; "
+                                f"run it first, e.g. --stages {name},{spec.name}")
+        if manifest is not None:
+            found[name] = manifest
+    return found
+
+
+def stage_hash(cfg: PipelineConfig, spec: StageSpec, upstream: Mapping[str, Manifest]) -> str:
+    return config_hash(cfg, spec.keys, {name: m.hash for name, m in sorted(upstream.items())})
+
+
+def run_pipeline(cfg: PipelineConfig, *, run_dir: str | Path | None = None, stages: tuple[str, ...] | None = None,
+                 log: Callable[[str], None] = print) -> dict[str, Manifest]:
+    """Run ``stages`` (default ``cfg.run.stages``) and return every stage's manifest."""
+    run_dir = run_dir_of(cfg, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    names = tuple(stages or cfg.run.stages)
+    unknown = [n for n in names if n not in STAGES]
+    if unknown:
+        raise PipelineError(f"unknown stage(s) {unknown}; valid: {', '.join(STAGES)}")
+    log(f"plan: {' -> '.join(names)}   (run dir: {run_dir})")
+    parent = tracking.start_pipeline_run(cfg, run_dir)
+    manifests: dict[str, Manifest] = {}
+    try:
+        for i, name in enumerate(names, 1):
+            manifests[name] = _run_stage(cfg, STAGES[name], run_dir, parent, f"[{i}/{len(names)}]", log)
+    except BaseException:
+        parent.finish("FAILED")
+        raise
+    parent.finish("FINISHED")
+    return manifests
+
+
+def _run_stage(cfg: PipelineConfig, spec: StageSpec, run_dir: Path, parent: tracking.RunLogger, tag: str,
+               log: Callable[[str], None]) -> Manifest:
+    upstream = _upstream(spec, run_dir)
+    digest = stage_hash(cfg, spec, upstream)
+    previous = read_manifest(run_dir, spec.name)
+    if previous is not None and previous.hash == digest:
+        log(f"{tag} {spec.name}: up to date, skipped (hash {digest})")
+        return previous
+    entry = _load_entry(spec)
+    out_dir = run_dir / spec.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log(f"{tag} {spec.name}: running ...")
+    started = now()
+    with tracking.stage_run(parent, spec.name, digest) as tracker:
+        try:
+            result = entry(StageContext(cfg=cfg, run_dir=run_dir, out_dir=out_dir, upstream=upstream,
+                                        tracker=tracker, log=log))
+        except Exception as err:
+            (out_dir / "error.log").write_text(traceback.format_exc())
+            raise PipelineError(f"stage {spec.name!r} failed: {type(err).__name__}: {err}\n"
+                                f"  full traceback: {out_dir / 'error.log'}") from err
+        tracker.log_metrics({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
+    manifest = Manifest(stage=spec.name, hash=digest, outputs=result.outputs, mlflow_run_id=tracker.run_id,
+                        started_at=started, finished_at=now(), metrics=result.metrics)
+    write_manifest(run_dir, manifest)
+    log(f"{tag} {spec.name}: done in {time.time() - started:.1f}s")
+    return manifest
