@@ -368,7 +368,9 @@ def _extract_helpsteer2(row: Mapping[str, Any]) -> _Parts:
         prompt = _turns(raw_prompt, "prompt", USER)
     first = _text(_field(row, "response_1"), "field 'response_1'", "response_1")
     second = _text(_field(row, "response_2"), "field 'response_2'", "response_2")
-    strength = _number(_field(row, "preference_strength"), "field 'preference_strength'", "preference_strength")
+    strength = _number(
+        _field(row, "preference_strength"), "field 'preference_strength'", "preference_strength"
+    )
     if strength == 0:
         raise BadRow(NO_PREFERENCE, "field 'preference_strength' is 0 (no preference)", "preference_strength")
     # Negative strength means response_1 is preferred (HelpSteer2-Preference convention).
@@ -417,7 +419,9 @@ def _check_final_turns(chosen: list[Message], rejected: list[Message]) -> None:
         if not turns:
             raise BadRow(EMPTY_RESPONSE, f"field '{field}' has no turns", field)
         if not turns[-1]["content"].strip():
-            raise BadRow(EMPTY_RESPONSE, f"field '{field}' has an empty final {turns[-1]['role']} turn", field)
+            raise BadRow(
+                EMPTY_RESPONSE, f"field '{field}' has an empty final {turns[-1]['role']} turn", field
+            )
 
 
 def _split_prompt(
@@ -492,7 +496,9 @@ def _assemble(
 # --------------------------------------------------------------------------------------------
 def stable_id(source: str, prompt: list[Message], chosen: list[Message], rejected: list[Message]) -> str:
     """Content hash used when a row has no id: sha1 of source + canonical JSON, 16 hex chars."""
-    payload = json.dumps([prompt, chosen, rejected], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    payload = json.dumps(
+        [prompt, chosen, rejected], sort_keys=True, ensure_ascii=False, separators=(",", ":")
+    )
     # NUL separates the source from the payload so ("ab", "c...") and ("a", "bc...") differ.
     return hashlib.sha1(f"{source}\x00{payload}".encode()).hexdigest()[:16]
 
@@ -654,8 +660,7 @@ def iter_jsonl_bytes(data: bytes, path: str, *, source: str | None = None) -> It
     location always points at the exact line in an editor.  ``source`` defaults to ``path``.
     """
     source = path if source is None else source
-    if data.startswith(_UTF8_BOM):
-        data = data[len(_UTF8_BOM) :]
+    data = data.removeprefix(_UTF8_BOM)
     for number, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue
@@ -685,12 +690,16 @@ def _unwrap_rows(value: Any) -> list[Any] | None:
 def _array_element(element: Any, where: str, source: str, lossy: bool) -> Any:
     """Pass a dict element through; quarantine non-objects and, for a lossy decode, bad UTF-8."""
     if not isinstance(element, dict):
-        return make_quarantine(source, where, INVALID_JSON, f"array element is {_type_name(element)}, expected an object")
+        return make_quarantine(
+            source, where, INVALID_JSON, f"array element is {_type_name(element)}, expected an object"
+        )
     if lossy:
         try:
             json.dumps(element, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError as exc:
-            return make_quarantine(source, where, INVALID_UTF8, f"invalid UTF-8 byte in element ({exc.reason})")
+            return make_quarantine(
+                source, where, INVALID_UTF8, f"invalid UTF-8 byte in element ({exc.reason})"
+            )
     return element
 
 

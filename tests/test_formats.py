@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 from collections import Counter
@@ -16,9 +17,7 @@ from pipeline import formats as F
 pytestmark = pytest.mark.unit
 
 BAD_ROWS = Path(__file__).resolve().parent / "data" / "bad_rows"
-SHARED = Path(
-    os.environ.get("NORMBT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-)
+SHARED = Path(os.environ.get("NORMBT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def user(text: str) -> dict[str, str]:
@@ -110,65 +109,92 @@ def test_detect_format_of_non_dict_is_unknown() -> None:
 # One exact canonical record per format
 # ---------------------------------------------------------------------------------------------
 def test_strings_rewardbench_row() -> None:
-    row = {"prompt": "Q?", "chosen": "Good.", "chosen_model": "m1", "rejected": "Bad.",
-           "rejected_model": "m2", "subset": "alpacaeval-easy", "id": 3692}
-    assert norm(row) == expected([user("Q?")], [bot("Good.")], [bot("Bad.")], id="3692", subset="alpacaeval-easy")
+    row = {
+        "prompt": "Q?",
+        "chosen": "Good.",
+        "chosen_model": "m1",
+        "rejected": "Bad.",
+        "rejected_model": "m2",
+        "subset": "alpacaeval-easy",
+        "id": 3692,
+    }
+    assert norm(row) == expected(
+        [user("Q?")], [bot("Good.")], [bot("Bad.")], id="3692", subset="alpacaeval-easy"
+    )
 
 
 def test_conversational_with_folded_prompt() -> None:
-    row = {"chosen": [system("S"), user("Q1"), bot("A1"), user("Q2"), bot("good")],
-           "rejected": [system("S"), user("Q1"), bot("A1"), user("Q2"), bot("bad")]}
+    row = {
+        "chosen": [system("S"), user("Q1"), bot("A1"), user("Q2"), bot("good")],
+        "rejected": [system("S"), user("Q1"), bot("A1"), user("Q2"), bot("bad")],
+    }
     prompt = [system("S"), user("Q1"), bot("A1"), user("Q2")]
-    assert norm(row) == expected(prompt, [bot("good")], [bot("bad")], id="79e3d5ae85b07d5b")
+    assert norm(row) == expected(prompt, [bot("good")], [bot("bad")], id="471bd5f32453308f")
 
 
 def test_conversational_with_explicit_prompt() -> None:
     row = {"prompt": [user("Q")], "chosen": [{"role": "assistant", "content": "A"}], "rejected": [bot("B")]}
-    assert norm(row) == expected([user("Q")], [bot("A")], [bot("B")], id="6b4ff0a4acf1d9d4")
+    assert norm(row) == expected([user("Q")], [bot("A")], [bot("B")], id="3b6648204fb05885")
 
 
 def test_conversational_prompt_string_repeated_inside_lists() -> None:
     # UltraFeedback-binarized style: a prompt string *and* the prompt folded into both lists.
     row = {"prompt": "Q", "chosen": [user("Q"), bot("A")], "rejected": [user("Q"), bot("B")]}
-    assert norm(row) == expected([user("Q")], [bot("A")], [bot("B")], id="6b4ff0a4acf1d9d4")
+    assert norm(row) == expected([user("Q")], [bot("A")], [bot("B")], id="3b6648204fb05885")
 
 
 def test_hh_transcript() -> None:
     head = "\n\nHuman: Hi\n\nAssistant:  Hello!\n\nHuman: Joke?\n\nAssistant: "
     row = {"chosen": head + "Knock knock.", "rejected": head + "No."}
     prompt = [user("Hi"), bot("Hello!"), user("Joke?")]
-    assert norm(row) == expected(prompt, [bot("Knock knock.")], [bot("No.")], id="3ac4f8bc24a2ede0")
+    assert norm(row) == expected(prompt, [bot("Knock knock.")], [bot("No.")], id="84261cd936636f03")
 
 
 def test_hh_transcripts_diverging_before_final_turn() -> None:
     # As in a few real HH rows: one side has two assistant turns after the shared prefix.
-    row = {"chosen": "\n\nHuman: Q\n\nAssistant: A1\n\nAssistant: A2",
-           "rejected": "\n\nHuman: Q\n\nAssistant: B"}
-    assert norm(row) == expected([user("Q")], [bot("A1"), bot("A2")], [bot("B")], id="b3c6d2fa62f6c8d1")
+    row = {
+        "chosen": "\n\nHuman: Q\n\nAssistant: A1\n\nAssistant: A2",
+        "rejected": "\n\nHuman: Q\n\nAssistant: B",
+    }
+    assert norm(row) == expected([user("Q")], [bot("A1"), bot("A2")], [bot("B")], id="7ec1643f1c2d5aba")
 
 
 def test_hh_diverging_at_user_turn_is_broken() -> None:
-    row = {"chosen": "\n\nHuman: Q\n\nAssistant: A\n\nHuman: X\n\nAssistant: 1",
-           "rejected": "\n\nHuman: Q\n\nAssistant: A\n\nHuman: Y\n\nAssistant: 2"}
+    row = {
+        "chosen": "\n\nHuman: Q\n\nAssistant: A\n\nHuman: X\n\nAssistant: 1",
+        "rejected": "\n\nHuman: Q\n\nAssistant: A\n\nHuman: Y\n\nAssistant: 2",
+    }
     assert reason_of(row) == F.BROKEN_TRANSCRIPT
 
 
 def test_sharegpt_row() -> None:
-    row = {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q"}],
-           "chosen": {"from": "gpt", "value": "A"}, "rejected": {"from": "gpt", "value": "B"}}
-    assert norm(row) == expected([system("S"), user("Q")], [bot("A")], [bot("B")], id="ab0fa3fe50c32b6b")
+    row = {
+        "conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q"}],
+        "chosen": {"from": "gpt", "value": "A"},
+        "rejected": {"from": "gpt", "value": "B"},
+    }
+    assert norm(row) == expected([system("S"), user("Q")], [bot("A")], [bot("B")], id="2357de7d57671051")
 
 
 def test_sharegpt_row_level_system_prompt() -> None:
-    row = {"system": "S", "conversations": [{"from": "human", "value": "Q"}],
-           "chosen": {"from": "gpt", "value": "A"}, "rejected": {"from": "bot", "value": "B"}}
+    row = {
+        "system": "S",
+        "conversations": [{"from": "human", "value": "Q"}],
+        "chosen": {"from": "gpt", "value": "A"},
+        "rejected": {"from": "bot", "value": "B"},
+    }
     assert norm(row)["prompt"] == [system("S"), user("Q")]
 
 
 @pytest.mark.parametrize(("strength", "chosen", "rejected"), [(-2, "R1", "R2"), (3, "R2", "R1")])
 def test_helpsteer2_preference(strength: int, chosen: str, rejected: str) -> None:
-    row = {"split": "train", "prompt": "Q", "response_1": "R1", "response_2": "R2",
-           "preference_strength": strength}
+    row = {
+        "split": "train",
+        "prompt": "Q",
+        "response_1": "R1",
+        "response_2": "R2",
+        "preference_strength": strength,
+    }
     record = norm(row)
     assert record["chosen"] == [bot(chosen)] and record["rejected"] == [bot(rejected)]
     assert record["margin"] == float(abs(strength)) and isinstance(record["margin"], float)
@@ -176,10 +202,15 @@ def test_helpsteer2_preference(strength: int, chosen: str, rejected: str) -> Non
 
 
 def test_helpsteer2_multi_turn_prompt() -> None:
-    row = {"prompt": "Q1\n<extra_id_1>Assistant\nA1\n<extra_id_1>User\nQ2", "response_1": "R1",
-           "response_2": "R2", "preference_strength": -1}
-    assert norm(row) == expected([user("Q1"), bot("A1"), user("Q2")], [bot("R1")], [bot("R2")],
-                                 id="0df5ed60fd93bbc1", margin=1.0)
+    row = {
+        "prompt": "Q1\n<extra_id_1>Assistant\nA1\n<extra_id_1>User\nQ2",
+        "response_1": "R1",
+        "response_2": "R2",
+        "preference_strength": -1,
+    }
+    assert norm(row) == expected(
+        [user("Q1"), bot("A1"), user("Q2")], [bot("R1")], [bot("R2")], id="b8c43d0b729882b5", margin=1.0
+    )
 
 
 def test_helpsteer2_zero_strength_is_no_preference() -> None:
@@ -188,9 +219,15 @@ def test_helpsteer2_zero_strength_is_no_preference() -> None:
 
 
 def test_rating_with_message_lists() -> None:
-    row = {"prompt": "Q", "chosen": [user("Q"), bot("A")], "rejected": [user("Q"), bot("B")],
-           "score_chosen": 9.0, "score_rejected": 6.5, "prompt_id": "abc"}
-    assert norm(row) == expected([user("Q")], [bot("A")], [bot("B")], id="6b4ff0a4acf1d9d4", margin=2.5)
+    row = {
+        "prompt": "Q",
+        "chosen": [user("Q"), bot("A")],
+        "rejected": [user("Q"), bot("B")],
+        "score_chosen": 9.0,
+        "score_rejected": 6.5,
+        "prompt_id": "abc",
+    }
+    assert norm(row) == expected([user("Q")], [bot("A")], [bot("B")], id="3b6648204fb05885", margin=2.5)
 
 
 @pytest.mark.parametrize("score", ["9", None, True, float("nan"), [1]])
@@ -205,9 +242,18 @@ def test_rating_non_numeric_score_is_bad_type(score: Any) -> None:
 def test_hash_id_is_stable_and_depends_on_source() -> None:
     row = {"prompt": "Q", "chosen": "A", "rejected": "B"}
     first = norm(row)["id"]
-    assert first == norm(dict(row))["id"] == "6b4ff0a4acf1d9d4"
+    assert first == norm(dict(row))["id"] == "3b6648204fb05885"
     assert len(first) == 16
     assert norm(row, source="other")["id"] != first
+
+
+def test_hash_id_recipe() -> None:
+    # sha1(source + NUL + canonical JSON of [prompt, chosen, rejected]), first 16 hex chars.
+    payload = json.dumps(
+        [[user("Q")], [bot("A")], [bot("B")]], sort_keys=True, ensure_ascii=False, separators=(",", ":")
+    )
+    digest = hashlib.sha1(f"src\x00{payload}".encode()).hexdigest()[:16]
+    assert norm({"prompt": "Q", "chosen": "A", "rejected": "B"})["id"] == digest
 
 
 def test_format_override_and_bad_override() -> None:
@@ -220,8 +266,11 @@ def test_format_override_and_bad_override() -> None:
 
 def test_numpy_containers_from_ray_batches() -> None:
     np = pytest.importorskip("numpy")
-    row = {"chosen": np.array([user("Q"), bot("A")], dtype=object),
-           "rejected": np.array([user("Q"), bot("B")], dtype=object), "id": np.int64(5)}
+    row = {
+        "chosen": np.array([user("Q"), bot("A")], dtype=object),
+        "rejected": np.array([user("Q"), bot("B")], dtype=object),
+        "id": np.int64(5),
+    }
     record = norm(row)
     assert record["prompt"] == [user("Q")] and record["id"] == "5"
 
@@ -236,8 +285,11 @@ def test_numpy_containers_from_ray_batches() -> None:
         ({"prompt": "Q", "chosen": " A ", "rejected": "A"}, F.IDENTICAL_RESPONSES),
         ({"prompt": "Q", "chosen": "A", "rejected": "B", "id": {"x": 1}}, F.BAD_TYPE),
         ({"prompt": "Q", "chosen": "A", "rejected": 3}, F.BAD_TYPE),
-        ({"chosen": [user("Q"), bot("A")], "rejected": [user("Q"), bot("A"), user("more"), bot("B")]},
-         F.EMPTY_RESPONSE),
+        # chosen is a strict prefix of rejected: nothing left to compare after the shared prompt
+        (
+            {"chosen": [user("Q"), bot("A")], "rejected": [user("Q"), bot("A"), user("more"), bot("B")]},
+            F.BROKEN_TRANSCRIPT,
+        ),
         ([1, 2], F.BAD_TYPE),
     ],
 )
@@ -401,7 +453,10 @@ def test_real_rewardbench_v1() -> None:
 HH_EXPECTED_QUARANTINE = {
     "hh_rlhf/helpful_train_sample.jsonl": (500, {248: "rejected"}),
     "hh_rlhf/harmless_train_sample.jsonl": (500, {}),
-    "hh_rlhf/harmless-base_test.jsonl.gz": (2312, {87: "chosen", 517: "chosen", 926: "chosen", 1104: "chosen"}),
+    "hh_rlhf/harmless-base_test.jsonl.gz": (
+        2312,
+        {87: "chosen", 517: "chosen", 926: "chosen", 1104: "chosen"},
+    ),
 }
 
 

@@ -210,7 +210,11 @@ def test_arith_operand_ranges_disjoint():
         assert len({op for _, op, _, _ in ops}) == 4, split
         for a, op, b, r in ops:
             big = max(a, b) if op in "+-" else (a if op == "*" else r)
-            assert (big >= 50 if op in "+-" else big >= 20) if heldout else (big <= 49 if op in "+-" else big <= 19)
+            assert (
+                (big >= 50 if op in "+-" else big >= 20)
+                if heldout
+                else (big <= 49 if op in "+-" else big <= 19)
+            )
 
 
 # ---------------------------------------------------------------------------------- pair content
@@ -372,7 +376,7 @@ def test_sample_candidates_error_rate_extremes(prompts):
 def test_sample_candidates_half_wrong(prompts):
     scores = [verify(p, c) for p in prompts for c in sample_candidates(p, 10, error_rate=0.5, seed=0)]
     assert len(scores) == 2000
-    assert sum(scores) == 982  # seeded: exact
+    assert sum(scores) == 977  # seeded: exact
     assert 900 <= sum(scores) <= 1100
 
 

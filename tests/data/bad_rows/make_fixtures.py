@@ -20,7 +20,8 @@ HH_GOOD = "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?\n\nAssist
 
 MIXED_LINES: list[bytes] = [
     # 1 good: RewardBench-style strings, CRLF line ending
-    _j({"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Dog.", "id": 7, "subset": "demo"}) + b"\r",
+    _j({"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Dog.", "id": 7, "subset": "demo"})
+    + b"\r",
     # 2 invalid UTF-8 (0xE9 is Latin-1 'e acute', not UTF-8)
     b'{"prompt": "caf\xe9?", "chosen": "yes", "rejected": "no"}',
     # 3 good: HH transcript
@@ -30,8 +31,12 @@ MIXED_LINES: list[bytes] = [
     # 5 null field
     _j({"prompt": "Q?", "chosen": None, "rejected": "A."}),
     # 6 non-string content
-    _j({"chosen": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": 42}],
-        "rejected": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]}),
+    _j(
+        {
+            "chosen": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": 42}],
+            "rejected": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}],
+        }
+    ),
     # 7 blank line: skipped, not a row
     b"   ",
     # 8 empty response
@@ -45,8 +50,13 @@ MIXED_LINES: list[bytes] = [
     # 12 unknown format
     _j({"text": "hello", "label": 1}),
     # 13 good: ShareGPT row inside a JSONL file
-    _j({"conversations": [{"from": "human", "value": "Hi"}],
-        "chosen": {"from": "gpt", "value": "Hello!"}, "rejected": {"from": "gpt", "value": "Go away."}}),
+    _j(
+        {
+            "conversations": [{"from": "human", "value": "Hi"}],
+            "chosen": {"from": "gpt", "value": "Hello!"},
+            "rejected": {"from": "gpt", "value": "Go away."},
+        }
+    ),
     # 14 good: HelpSteer2 preference
     _j({"prompt": "Q?", "response_1": "R1", "response_2": "R2", "preference_strength": 2}),
     # 15 HelpSteer2 with no preference
@@ -58,26 +68,53 @@ MIXED_LINES: list[bytes] = [
     # 18 valid JSON but not an object
     b"[1, 2, 3]",
     # 19 good: conversational with the prompt folded in
-    _j({"chosen": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}],
-        "rejected": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "B."}]}),
+    _j(
+        {
+            "chosen": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}],
+            "rejected": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "B."}],
+        }
+    ),
     # 20 bad role order: two consecutive user turns
-    _j({"prompt": [{"role": "user", "content": "Q1"}, {"role": "user", "content": "Q2"}],
-        "chosen": [{"role": "assistant", "content": "A."}], "rejected": [{"role": "assistant", "content": "B."}]}),
+    _j(
+        {
+            "prompt": [{"role": "user", "content": "Q1"}, {"role": "user", "content": "Q2"}],
+            "chosen": [{"role": "assistant", "content": "A."}],
+            "rejected": [{"role": "assistant", "content": "B."}],
+        }
+    ),
     # 21 HH transcript whose chosen final assistant turn is empty
     _j({"chosen": HH_GOOD, "rejected": HH_GOOD + "6."}),
     # 22 good: TRL conversational with explicit prompt
-    _j({"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q?"}],
-        "chosen": [{"role": "assistant", "content": "A."}], "rejected": [{"role": "assistant", "content": "B."}]}),
+    _j(
+        {
+            "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q?"}],
+            "chosen": [{"role": "assistant", "content": "A."}],
+            "rejected": [{"role": "assistant", "content": "B."}],
+        }
+    ),
 ]
 
 SHAREGPT_ROWS: list[dict[str, object]] = [
-    {"conversations": [{"from": "human", "value": "Hi"}],
-     "chosen": {"from": "gpt", "value": "Hello!"}, "rejected": {"from": "gpt", "value": "Bye."}},
-    {"conversations": [{"from": "human", "value": "Hi"}],
-     "chosen": {"from": "gpt", "value": None}, "rejected": {"from": "gpt", "value": "Bye."}},
-    {"conversations": [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "Hi"},
-                       {"from": "gpt", "value": "Hello."}, {"from": "human", "value": "How are you?"}],
-     "chosen": {"from": "gpt", "value": "Fine, thanks."}, "rejected": {"from": "gpt", "value": "Why?"}},
+    {
+        "conversations": [{"from": "human", "value": "Hi"}],
+        "chosen": {"from": "gpt", "value": "Hello!"},
+        "rejected": {"from": "gpt", "value": "Bye."},
+    },
+    {
+        "conversations": [{"from": "human", "value": "Hi"}],
+        "chosen": {"from": "gpt", "value": None},
+        "rejected": {"from": "gpt", "value": "Bye."},
+    },
+    {
+        "conversations": [
+            {"from": "system", "value": "Be kind."},
+            {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Hello."},
+            {"from": "human", "value": "How are you?"},
+        ],
+        "chosen": {"from": "gpt", "value": "Fine, thanks."},
+        "rejected": {"from": "gpt", "value": "Why?"},
+    },
 ]
 
 
