@@ -114,6 +114,7 @@ class TuneConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RewardBenchConfig:
+    model: str = _f("", "Reward model to score: '' = the train stage's export, else a hub id or folder.")
     benchmarks: tuple = _f(({"name": "synthetic", "synthetic": {}},),
                            "Benchmarks: mappings with name and path|hf|synthetic, optional format (v1|v2), split.")
     max_length: int = _f(2048, "Max tokens per scored conversation (official run_rm.py: 2048).")
@@ -126,6 +127,7 @@ class RewardBenchConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class BestOfNConfig:
+    reward_model: str = _f("", "Proxy reward model: '' = the train stage's export, else a hub id or folder.")
     policy: str = _f("synthetic", "'synthetic' (built-in sampler) or 'hf' (a causal LM).")
     policy_model: str = _f("", "Hub id or path of the causal LM when policy is 'hf' ('tiny:llama' for tests).")
     prompts: dict = _f({"synthetic": {}}, "Prompt source: {path|hf|synthetic: ...}.")

@@ -34,3 +34,14 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA} (set NORMBT_SHARED_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the integration tier (starting Ray costs ~10 s on 2 cores)."""
+    from pipeline.config import PipelineConfig
+    from pipeline.raycluster import ensure_ray
+
+    ray = ensure_ray(PipelineConfig())
+    yield ray
+    ray.shutdown()
