@@ -214,6 +214,8 @@ def _check(cfg: PipelineConfig) -> None:
         (cfg.train.micro_batch_size >= 1 and cfg.train.grad_accum >= 1,
          "train.micro_batch_size and train.grad_accum must be >= 1"),
         (cfg.train.lr > 0, "train.lr must be > 0"),
+        (cfg.train.nan_policy != "skip" or cfg.train.grad_accum == 1,
+         "train.nan_policy=skip needs train.grad_accum=1 (a skipped micro-batch would leave half-accumulated grads)"),
         (cfg.best_of_n.n_max >= 1, "best_of_n.n_max must be >= 1"),
         (cfg.best_of_n.policy != "hf" or cfg.best_of_n.policy_model, "best_of_n.policy=hf needs best_of_n.policy_model"),
         (cfg.best_of_n.gold != "rm" or cfg.best_of_n.gold_model, "best_of_n.gold=rm needs best_of_n.gold_model"),

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -137,9 +137,12 @@ def scored_positions(input_ids: torch.Tensor, pad_token_id: int | None) -> torch
     return (idx * (input_ids != pad_token_id)).argmax(-1)
 
 
-def forward_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards ``[N]`` and score-head inputs ``[N, H]`` for ``N`` sequences in one forward."""
+def forward_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                    engine: Callable[..., Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards ``[N]`` and score-head inputs ``[N, H]`` for ``N`` sequences in one forward.
+
+    ``engine`` runs the forward instead of ``model`` when the model is wrapped (a DeepSpeed engine);
+    the hook still sits on the inner model's head."""
     captured: dict[str, torch.Tensor] = {}
 
     def grab(_module: nn.Module, args: tuple) -> None:
@@ -147,7 +150,7 @@ def forward_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 
     handle = score_head(model).register_forward_pre_hook(grab)
     try:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = (engine or model)(input_ids=input_ids, attention_mask=attention_mask).logits
     finally:
         handle.remove()
     hidden = captured["h"]
@@ -157,13 +160,13 @@ def forward_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     return logits[:, 0], hidden
 
 
-def forward_pairs(model: nn.Module, batch: Mapping[str, torch.Tensor]
+def forward_pairs(model: nn.Module, batch: Mapping[str, torch.Tensor], *, engine: Callable[..., Any] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One forward over ``batch["input_ids"]`` = chosen rows ``[:B]`` then rejected rows ``[B:]``.
 
     Returns ``(chosen_rewards [B], rejected_rewards [B], chosen_hidden [B, H], rejected_hidden [B, H])``.
     """
-    rewards, hidden = forward_rewards(model, batch["input_ids"], batch["attention_mask"])
+    rewards, hidden = forward_rewards(model, batch["input_ids"], batch["attention_mask"], engine=engine)
     half = rewards.shape[0] // 2
     return rewards[:half], rewards[half:], hidden[:half], hidden[half:]
 

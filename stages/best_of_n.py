@@ -1,0 +1,515 @@
+"""Best-of-N stage: how much gold reward does selecting by the trained reward model buy, per nat of KL?
+
+Entry: :func:`run_best_of_n` (stage ``best_of_n``; uses the ``train`` stage's exported model when
+``best_of_n.reward_model`` is empty).
+
+Pipeline (``cfg.best_of_n``):
+
+1. **Prompts** (``prompts``, one of):
+
+   * ``{synthetic: {<SyntheticSpec keys>}}`` — built-in reasoning problems with known answers, from the
+     held-out TEST templates (:func:`pipeline.synthetic.reasoning_prompts`);
+   * ``{path: <file.jsonl|.json|.parquet, optionally .gz>, field?: prompt}`` — rows whose ``field`` is a
+     prompt string or a ``[{role, content}, ...]`` list ending with a user turn; ids from ``prompt_id`` or
+     ``id`` when present, else ``<file name>#<row index>``;
+   * ``{hf: <hub id or save_to_disk folder>, split?: test, name?: <config>, field?: prompt}`` — the same
+     rows through ``datasets``.
+
+   The first ``num_prompts`` rows are used.
+2. **Policy** draws one pool of ``n_max`` candidates per prompt: ``synthetic`` uses the offline sampler
+   (:func:`pipeline.synthetic.sample_candidates`, wrong with probability ``error_rate``); ``hf`` samples a
+   causal LM (``policy_model``: hub id, folder, or ``tiny:llama`` for tests) inside a Ray Data actor pool
+   that loads the model once per actor (one GPU per actor when ``train.use_gpu``; vLLM is used on GPU
+   when installed). The prompt is rendered with the tokenizer's chat template plus generation prompt,
+   else as ``"User: ...\\n\\nAssistant:"``.
+3. **Proxy** score of every candidate, ``[*prompt messages, {assistant: candidate}]``, by the reward model
+   through :func:`pipeline.scoring.score_conversations`.
+4. **Gold** score: ``verifier`` (1.0 iff the last number equals the known answer; synthetic prompts only)
+   or ``rm`` (another reward model, ``gold_model``, scored the same way as the proxy).
+5. **Estimation** (:func:`estimate`): for each prompt ``k`` the pool holds ``(proxy_k, gold_k)``. For every
+   ``n`` in ``bon_math.n_grid(n_max)`` (1, 2, 4, ..., n_max) the table row is
+
+   * ``gold_mean``: mean over prompts of the *exact* expectation of the gold score of the proxy-best of
+     ``n`` candidates drawn without replacement from the pool (Nakano et al. 2021 / Gao et al. 2022
+     unbiased estimator, ties broken uniformly) — one pool of ``n_max`` serves every ``n``;
+   * ``gold_ci_low/high``: 95% percentile bootstrap over prompts (``bootstrap`` resamples, ``seed``);
+   * ``proxy_mean``: the same expectation of the proxy score itself (what the reward model believes);
+   * ``oracle_gold_mean``: best-of-n selected by the gold score (the selection ceiling);
+   * ``kl``: the analytic bound ``log n - (n-1)/n`` nats of KL(best-of-n || policy), not a measurement.
+
+Outputs (manifest names → files in the stage folder, all logged as MLflow artifacts):
+
+* ``candidates`` — ``candidates.parquet``: ``prompt_id, candidate_id, text, proxy, gold``, one row per
+  candidate (``num_prompts × n_max`` rows);
+* ``results`` — ``results.csv``: exactly ``n, kl, gold_mean, gold_ci_low, gold_ci_high, proxy_mean,
+  oracle_gold_mean``, one row per ``n``; ``results.json`` holds the same rows plus the settings;
+* ``plot`` — ``plot.png``: gold (with its CI band) and oracle gold against √KL, proxy on a second axis.
+
+Metrics: ``bon/gold_at_1``, ``bon/gold_at_nmax``, ``bon/gain`` (= gold at n_max − gold at n = 1),
+``bon/oracle_at_nmax``; the per-n curves are also logged as MLflow metric series with ``step = n``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline import bon_math, formats, modeling, synthetic
+from pipeline.artifacts import write_json
+from pipeline.config import BestOfNConfig, ConfigError, PipelineConfig
+from pipeline.raycluster import ensure_ray
+from pipeline.runner import StageContext, StageResult
+
+CANDIDATE_COLUMNS: tuple[str, ...] = ("prompt_id", "candidate_id", "text", "proxy", "gold")
+KL_AXIS_LABEL = "√KL (analytic bound)"
+KL_DEFINITION = "analytic bound KL(best-of-n || policy) <= log n - (n-1)/n nats (Stiennon et al. 2020)"
+# Forces the generation engine ("transformers" or "vllm"); by default vLLM is used on GPU when installed.
+ENGINE_ENV = "NORMBT_BON_ENGINE"
+
+_KINDS = ("synthetic", "path", "hf")
+_SCORE_BATCH = 32  # conversations per scoring forward batch (scoring's own default)
+_PROMPT_KEYS = {*_KINDS, "split", "name", "field"}
+_ROLES = {"system", "user", "assistant"}
+
+
+def run_best_of_n(ctx: StageContext) -> StageResult:
+    """Sample, score and estimate the Best-of-N curve; write and log the three outputs (module docstring)."""
+    bon = ctx.cfg.best_of_n
+    source = parse_prompt_source(bon.prompts)
+    check_settings(bon, source)
+    reward_model = resolve_reward_model(ctx)  # fail before any sampling when there is nothing to score with
+    prompts = load_prompts(source, bon.num_prompts)
+    ensure_ray(ctx.cfg)
+    ctx.log(f"best-of-n: {len(prompts)} prompts x {bon.n_max} candidates, policy={bon.policy}, gold={bon.gold}")
+    candidates = sample_pools(prompts, ctx.cfg)
+    candidates["proxy"] = score_candidates(candidates, prompts, reward_model, ctx.cfg)
+    candidates["gold"] = gold_scores(candidates, prompts, ctx.cfg)
+    table = estimate(candidates, bon.n_max, n_boot=bon.bootstrap, seed=bon.seed)
+    outputs = write_outputs(candidates, table, Path(ctx.out_dir), settings=_settings(bon, len(prompts)))
+    track_outputs(ctx, outputs, table)
+    metrics = summary_metrics(table)
+    ctx.log(f"best-of-n: gold@1={metrics['bon/gold_at_1']:.3f} gold@{bon.n_max}={metrics['bon/gold_at_nmax']:.3f} "
+            f"(oracle {metrics['bon/oracle_at_nmax']:.3f})")
+    return StageResult(outputs=outputs, metrics=metrics)
+
+
+# ----------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptSource:
+    """``best_of_n.prompts``, validated."""
+
+    kind: str  # synthetic | path | hf
+    target: Any  # SyntheticSpec | file path | hub id or folder
+    split: str = "test"
+    name: str | None = None
+    field: str = "prompt"
+
+
+def parse_prompt_source(mapping: Mapping[str, Any]) -> PromptSource:
+    """Exactly one of ``synthetic`` / ``path`` / ``hf``; unknown keys are an error naming the key."""
+    if not isinstance(mapping, Mapping):
+        raise ConfigError(f"best_of_n.prompts must be a mapping, got {mapping!r}")
+    unknown = sorted(set(mapping) - _PROMPT_KEYS)
+    if unknown:
+        raise ConfigError(f"best_of_n.prompts: unknown key(s) {unknown}; valid: {', '.join(sorted(_PROMPT_KEYS))}")
+    kinds = [k for k in _KINDS if k in mapping]
+    if len(kinds) != 1:
+        raise ConfigError(f"best_of_n.prompts needs exactly one of {', '.join(_KINDS)}, got {kinds or 'none'}")
+    kind = kinds[0]
+    extras = {k: mapping[k] for k in ("split", "name", "field") if k in mapping}
+    if kind == "synthetic":
+        if extras:
+            raise ConfigError(f"best_of_n.prompts: {sorted(extras)} do not apply to synthetic prompts "
+                              "(they always come from the held-out test templates)")
+        try:
+            spec = synthetic.SyntheticSpec.from_mapping(mapping["synthetic"] or {})
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"best_of_n.prompts.synthetic: {err}") from None
+        return PromptSource(kind=kind, target=spec)
+    return PromptSource(kind=kind, target=str(mapping[kind]), **extras)
+
+
+def check_settings(bon: BestOfNConfig, source: PromptSource) -> None:
+    """Cross-field checks the generic config validation cannot know about."""
+    if bon.gold == "verifier" and source.kind != "synthetic":
+        raise ConfigError("best_of_n.gold=verifier needs best_of_n.prompts={synthetic: ...}: the verifier checks "
+                          f"the built-in problems' known answers, and {source.kind} prompts have none; "
+                          "use best_of_n.gold=rm with best_of_n.gold_model")
+    if bon.policy == "synthetic" and source.kind != "synthetic":
+        raise ConfigError("best_of_n.policy=synthetic only answers the built-in problems (prompts={synthetic: ...}); "
+                          "use best_of_n.policy=hf with best_of_n.policy_model for your own prompts")
+    if bon.num_prompts < 1:
+        raise ConfigError("best_of_n.num_prompts must be >= 1")
+    if bon.bootstrap < 1:
+        raise ConfigError("best_of_n.bootstrap must be >= 1 (resamples for the confidence interval)")
+    if bon.policy == "hf" and not (bon.temperature > 0 and 0 < bon.top_p <= 1 and bon.max_new_tokens >= 1):
+        raise ConfigError("best_of_n: best-of-n needs sampling: temperature > 0, 0 < top_p <= 1, "
+                          "max_new_tokens >= 1")
+
+
+def resolve_reward_model(ctx: StageContext) -> str:
+    """``best_of_n.reward_model``, else the ``train`` stage's exported ``model``; a ValueError if neither."""
+    if ctx.cfg.best_of_n.reward_model:
+        return ctx.cfg.best_of_n.reward_model
+    if "train" in ctx.upstream:
+        return ctx.upstream["train"].output("model")
+    raise ValueError("best_of_n: no reward model to evaluate: set best_of_n.reward_model (hub id or folder) "
+                     "or run the train stage first in this run directory")
+
+
+def _settings(bon: BestOfNConfig, num_prompts: int) -> dict[str, Any]:
+    return {"num_prompts": num_prompts, "n_max": bon.n_max, "policy": bon.policy, "gold": bon.gold,
+            "bootstrap": bon.bootstrap, "ci": "95% percentile bootstrap over prompts", "seed": bon.seed,
+            "kl": KL_DEFINITION}
+
+
+# ----------------------------------------------------------------- prompts
+
+
+def load_prompts(source: PromptSource, limit: int) -> list[dict[str, Any]]:
+    """The first ``limit`` prompts as ``{prompt_id, prompt, messages, ...}`` rows (unique ids).
+
+    ``prompt`` is the last user turn (for display), ``messages`` the conversation to answer. Synthetic
+    rows keep ``answer`` and ``solution`` for the verifier and the offline sampler.
+    """
+    if source.kind == "synthetic":
+        rows = synthetic.reasoning_prompts(source.target, "test", limit)
+        return [{**r, "messages": [{"role": "user", "content": r["prompt"]}]} for r in rows]
+    located = _read_path(source.target) if source.kind == "path" else _read_hf(source, limit)
+    label = Path(source.target).name or source.target
+    prompts = [_prompt_row(row, where, source.field, fallback_id=f"{label}#{i}")
+               for i, (where, row) in enumerate(located[:limit])]
+    if not prompts:
+        raise ValueError(f"best_of_n: no prompts in {source.target}")
+    ids = [p["prompt_id"] for p in prompts]
+    if len(set(ids)) != len(ids):
+        duplicated = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise ValueError(f"best_of_n: duplicate prompt ids in {source.target}: {duplicated}")
+    return prompts
+
+
+def _read_path(path: str) -> list[tuple[str, Any]]:
+    """``(location, row)`` pairs of a local file, bad JSON lines raising with their location."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"best_of_n.prompts.path: no such file {path!r}")
+    if path.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return list(formats.iter_indexed_rows(pq.read_table(path).to_pylist(), path))
+    located = list(formats.iter_file_rows(Path(path).read_bytes(), path))
+    for where, row in located:
+        if formats.is_quarantine(row):
+            raise ValueError(f"best_of_n: bad prompt row at {where}: {row['detail']}")
+    return located
+
+
+def _read_hf(source: PromptSource, limit: int) -> list[tuple[str, Any]]:
+    import datasets
+
+    target = source.target
+    if Path(target).is_dir() and any((Path(target) / f).exists() for f in ("dataset_info.json", "dataset_dict.json")):
+        ds = datasets.load_from_disk(target)
+        ds = ds[source.split] if isinstance(ds, datasets.DatasetDict) else ds
+    else:
+        ds = datasets.load_dataset(target, name=source.name, split=source.split)
+    ds = ds.select(range(min(limit, len(ds))))
+    return list(formats.iter_indexed_rows(ds.to_list(), f"{target}:{source.split}"))
+
+
+def _prompt_row(row: Mapping[str, Any], where: str, field: str, *, fallback_id: str) -> dict[str, Any]:
+    if field not in row:
+        raise ValueError(f"best_of_n: prompt row at {where} has no {field!r} field (keys: {sorted(row)})")
+    messages = _as_messages(row[field], where)
+    own_id = row.get("prompt_id", row.get("id"))
+    return {"prompt_id": str(own_id) if own_id is not None else fallback_id, "prompt": messages[-1]["content"],
+            "messages": messages}
+
+
+def _as_messages(value: Any, where: str) -> list[dict[str, str]]:
+    """A prompt string, or a ``{role, content}`` list ending with a user turn."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError(f"best_of_n: empty prompt at {where}")
+        return [{"role": "user", "content": value}]
+    turns = list(value) if isinstance(value, (list, tuple, np.ndarray)) else None
+    if not turns or not all(isinstance(t, Mapping) and t.get("role") in _ROLES and isinstance(t.get("content"), str)
+                            for t in turns):
+        raise ValueError(f"best_of_n: prompt at {where} must be a string or a list of {{role, content}} messages")
+    if turns[-1]["role"] != "user":
+        raise ValueError(f"best_of_n: prompt at {where} must end with a user turn, not {turns[-1]['role']!r}")
+    return [{"role": t["role"], "content": t["content"]} for t in turns]
+
+
+# ----------------------------------------------------------------- policy
+
+
+def sample_pools(prompts: list[dict[str, Any]], cfg: PipelineConfig) -> pd.DataFrame:
+    """``prompt_id, candidate_id, text``: ``n_max`` candidates per prompt, in prompt order."""
+    bon = cfg.best_of_n
+    if bon.policy == "synthetic":
+        rows = [{"prompt_id": p["prompt_id"], "candidate_id": j, "text": text}
+                for p in prompts
+                for j, text in enumerate(synthetic.sample_candidates(p, bon.n_max, error_rate=bon.error_rate,
+                                                                     seed=bon.seed))]
+        frame = pd.DataFrame(rows, columns=["prompt_id", "candidate_id", "text"])
+    else:
+        frame = generate_with_ray(prompts, cfg)
+    return _in_prompt_order(frame, prompts, bon.n_max)
+
+
+def _in_prompt_order(frame: pd.DataFrame, prompts: list[dict[str, Any]], n_max: int) -> pd.DataFrame:
+    """Ray Data gives no row-order guarantee: sort back and check every pool is complete."""
+    order = {p["prompt_id"]: i for i, p in enumerate(prompts)}
+    counts = frame.groupby("prompt_id").size()
+    short = [pid for pid in order if counts.get(pid, 0) != n_max]
+    if short:
+        raise RuntimeError(f"best_of_n: {len(short)} prompt(s) did not get exactly {n_max} candidates, "
+                           f"e.g. {short[:3]}")
+    frame = frame.assign(_order=frame["prompt_id"].map(order), candidate_id=frame["candidate_id"].astype("int64"))
+    return frame.sort_values(["_order", "candidate_id"]).drop(columns="_order").reset_index(drop=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sampling:
+    """What a generation actor needs (plain values: it is pickled to every actor)."""
+
+    model: str
+    n: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int
+    use_gpu: bool
+
+
+def generate_with_ray(prompts: list[dict[str, Any]], cfg: PipelineConfig) -> pd.DataFrame:
+    """Sample ``n_max`` completions per prompt with the ``hf`` policy in a Ray Data actor pool."""
+    import ray
+
+    bon = cfg.best_of_n
+    sampling = Sampling(model=bon.policy_model, n=bon.n_max, temperature=bon.temperature, top_p=bon.top_p,
+                        max_new_tokens=bon.max_new_tokens, seed=bon.seed, use_gpu=cfg.train.use_gpu)
+    # Prompts are tokenised once here, so both engines see identical token ids (no double BOS).
+    tokenizer = modeling.load_tokenizer(bon.policy_model)
+    items = [{"prompt_id": p["prompt_id"], "prompt_ids": render_prompt_ids(tokenizer, p["messages"])}
+             for p in prompts]
+    actors = actor_count(cfg.train.use_gpu, len(items))
+    resources = {"num_gpus": 1} if cfg.train.use_gpu else {"num_cpus": 1}
+    generated = ray.data.from_items(items).map_batches(
+        _generator_class(sampling), fn_constructor_kwargs={"sampling": sampling}, batch_format="pandas",
+        batch_size=max(1, min(8, -(-len(items) // actors))), compute=ray.data.ActorPoolStrategy(size=actors),
+        **resources)
+    return generated.to_pandas()
+
+
+def render_prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    """Prompt token ids: chat template + generation prompt, else ``"User: ...\\n\\nAssistant:"``."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        # The template already writes BOS; letting the tokenizer add another would shift the policy.
+        return list(tokenizer(text, add_special_tokens=False, return_token_type_ids=False)["input_ids"])
+    text = modeling.plain_template(messages) + "\n\nAssistant:"
+    return list(tokenizer(text, return_token_type_ids=False)["input_ids"])
+
+
+def actor_count(use_gpu: bool, work_items: int) -> int:
+    """One actor per GPU; on CPU half the cores, so Ray Data's own tasks are never starved (2-core trap)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    available = int(resources.get("GPU", 0)) if use_gpu else int(resources.get("CPU", 1)) // 2
+    return max(1, min(work_items, available))
+
+
+def _generator_class(sampling: Sampling) -> type:
+    forced = os.environ.get(ENGINE_ENV, "").strip().lower()
+    if forced not in ("", "transformers", "vllm"):
+        raise ConfigError(f"{ENGINE_ENV}={forced!r}: expected transformers or vllm")
+    vllm_ok = importlib.util.find_spec("vllm") is not None
+    if forced == "vllm" and not vllm_ok:
+        raise ConfigError(f"{ENGINE_ENV}=vllm but vllm is not installed")
+    automatic = sampling.use_gpu and vllm_ok and not sampling.model.startswith("tiny:")
+    return VllmGenerator if forced == "vllm" or (not forced and automatic) else HFGenerator
+
+
+def prompt_seed(seed: int, prompt_id: str) -> int:
+    """Per-prompt sampling seed: a prompt's candidates do not depend on which actor or batch drew them."""
+    return int.from_bytes(hashlib.sha256(f"{seed}|{prompt_id}".encode()).digest()[:4], "big")
+
+
+class HFGenerator:
+    """``map_batches`` callable: loads the policy once per actor; ``generate`` samples each prompt's pool."""
+
+    def __init__(self, sampling: Sampling) -> None:
+        import torch
+
+        self.sampling = sampling
+        self.device = "cuda" if sampling.use_gpu else "cpu"
+        self.tokenizer = modeling.load_tokenizer(sampling.model)
+        dtype = torch.bfloat16 if sampling.use_gpu else None
+        model = modeling.build_causal_lm(sampling.model, self.tokenizer, seed=sampling.seed, dtype=dtype)
+        self.model = model.to(self.device).eval()
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        rows = [row for pid, ids in zip(batch["prompt_id"], batch["prompt_ids"], strict=True)
+                for row in self._pool(str(pid), [int(i) for i in ids])]
+        return pd.DataFrame(rows, columns=["prompt_id", "candidate_id", "text"])
+
+    def _pool(self, prompt_id: str, prompt_ids: list[int]) -> list[dict[str, Any]]:
+        import torch
+
+        s = self.sampling
+        torch.manual_seed(prompt_seed(s.seed, prompt_id))
+        input_ids = torch.tensor([prompt_ids], device=self.device)
+        # One prompt per call (no padding): sampling stays reproducible whatever the batching.
+        with torch.no_grad():
+            out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                      do_sample=True, temperature=s.temperature, top_p=s.top_p,
+                                      max_new_tokens=s.max_new_tokens, num_return_sequences=s.n,
+                                      pad_token_id=self.tokenizer.pad_token_id)
+        texts = self.tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
+        return [{"prompt_id": prompt_id, "candidate_id": j, "text": t.strip()} for j, t in enumerate(texts)]
+
+
+class VllmGenerator:
+    """``map_batches`` callable with vLLM as the engine (optional; same contract as :class:`HFGenerator`)."""
+
+    def __init__(self, sampling: Sampling) -> None:
+        from vllm import LLM
+
+        self.sampling = sampling
+        self.llm = LLM(model=modeling.resolve_model_path(sampling.model), seed=sampling.seed)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from vllm import SamplingParams
+
+        s = self.sampling
+        ids = [str(pid) for pid in batch["prompt_id"]]
+        params = [SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+                                 seed=prompt_seed(s.seed, pid)) for pid in ids]
+        inputs = [{"prompt_token_ids": [int(i) for i in toks]} for toks in batch["prompt_ids"]]
+        results = self.llm.generate(inputs, params, use_tqdm=False)
+        rows = [{"prompt_id": pid, "candidate_id": j, "text": c.text.strip()}
+                for pid, result in zip(ids, results, strict=True) for j, c in enumerate(result.outputs)]
+        return pd.DataFrame(rows, columns=["prompt_id", "candidate_id", "text"])
+
+
+# ----------------------------------------------------------------- proxy and gold
+
+
+def score_candidates(candidates: pd.DataFrame, prompts: list[dict[str, Any]], model_path: str,
+                     cfg: PipelineConfig) -> np.ndarray:
+    """Reward-model score of each candidate as ``[*prompt messages, {assistant: text}]``, in row order."""
+    from pipeline.scoring import score_conversations
+
+    messages = {p["prompt_id"]: p["messages"] for p in prompts}
+    rows = [{"prompt_id": pid, "candidate_id": int(cid),
+             "messages": [*messages[pid], {"role": "assistant", "content": text}]}
+            for pid, cid, text in candidates[["prompt_id", "candidate_id", "text"]].itertuples(index=False)]
+    use_gpu = cfg.train.use_gpu
+    # No more actors (each loads the model) than there are batches to score.
+    actors = actor_count(use_gpu, -(-len(rows) // _SCORE_BATCH))
+    scored = score_conversations(rows, model_path, batch_size=_SCORE_BATCH, num_actors=actors, use_gpu=use_gpu)
+    keys = ["prompt_id", "candidate_id"]
+    scored = scored[[*keys, "score"]].astype({"candidate_id": "int64"})
+    # Scores come back in whatever order the actor pool finished: join on the candidate key.
+    joined = candidates[keys].merge(scored, on=keys, how="left", validate="one_to_one")
+    if joined["score"].isna().any():
+        raise RuntimeError(f"best_of_n: {int(joined['score'].isna().sum())} candidate(s) got no score from "
+                           f"{model_path}")
+    return joined["score"].to_numpy(dtype=np.float64)
+
+
+def gold_scores(candidates: pd.DataFrame, prompts: list[dict[str, Any]], cfg: PipelineConfig) -> np.ndarray:
+    """``verifier``: 1.0 iff the candidate's last number is the answer; ``rm``: the gold reward model's score."""
+    bon = cfg.best_of_n
+    if bon.gold == "rm":
+        return score_candidates(candidates, prompts, bon.gold_model, cfg)
+    by_id = {p["prompt_id"]: p for p in prompts}
+    return np.array([synthetic.verify(by_id[pid], text) for pid, text in
+                     candidates[["prompt_id", "text"]].itertuples(index=False)], dtype=np.float64)
+
+
+# ----------------------------------------------------------------- estimation and outputs
+
+
+def estimate(candidates: pd.DataFrame, n_max: int, *, n_boot: int, seed: int) -> pd.DataFrame:
+    """The Best-of-N table over ``n_grid(n_max)`` from one pool per prompt (module docstring, step 5).
+
+    ``candidates`` needs ``prompt_id, proxy, gold``; each prompt's rows form its pool. Returns exactly
+    :data:`pipeline.bon_math.TABLE_COLUMNS`, one row per ``n``.
+    """
+    pools = [(pool["proxy"].to_numpy(np.float64), pool["gold"].to_numpy(np.float64))
+             for _, pool in candidates.groupby("prompt_id", sort=False)]
+    return bon_math.best_of_n_table(pools, bon_math.n_grid(n_max), n_boot=n_boot, seed=seed)
+
+
+def summary_metrics(table: pd.DataFrame) -> dict[str, float]:
+    first, last = table.iloc[0], table.iloc[-1]
+    return {"bon/gold_at_1": float(first["gold_mean"]), "bon/gold_at_nmax": float(last["gold_mean"]),
+            "bon/gain": float(last["gold_mean"] - first["gold_mean"]),
+            "bon/oracle_at_nmax": float(last["oracle_gold_mean"])}
+
+
+def write_outputs(candidates: pd.DataFrame, table: pd.DataFrame, out_dir: Path,
+                  settings: Mapping[str, Any]) -> dict[str, str]:
+    """Write ``candidates.parquet``, ``results.csv`` + ``results.json`` and ``plot.png``; return manifest outputs."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    candidates_path = out_dir / "candidates.parquet"
+    candidates[list(CANDIDATE_COLUMNS)].to_parquet(candidates_path, index=False)
+    results_path = out_dir / "results.csv"
+    table.to_csv(results_path, index=False)
+    write_json(out_dir / "results.json", {**settings, "rows": table.to_dict(orient="records")})
+    plot_path = plot_curves(table, out_dir / "plot.png")
+    return {"candidates": str(candidates_path), "results": str(results_path), "plot": str(plot_path)}
+
+
+def plot_curves(table: pd.DataFrame, path: Path) -> Path:
+    """Gold (with its bootstrap band) and oracle gold against √KL; proxy on a right-hand axis (other units)."""
+    # Explicit Agg canvas: no pyplot global state, works without a display and inside Ray workers.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    x = np.sqrt(table["kl"].to_numpy(np.float64))
+    fig = Figure(figsize=(7.0, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.fill_between(x, table["gold_ci_low"], table["gold_ci_high"], color="C0", alpha=0.2,
+                    label="gold 95% CI (bootstrap over prompts)")
+    ax.plot(x, table["gold_mean"], marker="o", color="C0", label="gold, selected by the reward model")
+    ax.plot(x, table["oracle_gold_mean"], marker="^", linestyle="--", color="C2", label="gold, oracle selection")
+    for xi, yi, n in zip(x, table["gold_mean"], table["n"], strict=True):
+        ax.annotate(f"n={int(n)}", (xi, yi), textcoords="offset points", xytext=(3, -12), fontsize="x-small")
+    proxy_ax = ax.twinx()
+    proxy_ax.plot(x, table["proxy_mean"], marker="s", linestyle=":", color="C1", label="proxy (reward model)")
+    ax.margins(x=0.08)  # room for the n= labels at the ends
+    ax.set_xlabel(KL_AXIS_LABEL)
+    ax.set_ylabel("gold score")
+    proxy_ax.set_ylabel("proxy score")
+    ax.grid(alpha=0.3)
+    handles = ax.get_legend_handles_labels()[0] + proxy_ax.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, fontsize="small", loc="best")
+    ax.set_title("Best-of-N")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=120)
+    return path
+
+
+def track_outputs(ctx: StageContext, outputs: Mapping[str, str], table: pd.DataFrame) -> None:
+    """Artifacts plus the per-n curves as metric series (step = n) for MLflow's charts."""
+    for path in (*outputs.values(), Path(ctx.out_dir) / "results.json"):
+        ctx.tracker.log_artifact(path, "best_of_n")
+    for row in table.itertuples(index=False):
+        ctx.tracker.log_metrics({"bon/curve_gold": row.gold_mean, "bon/curve_proxy": row.proxy_mean,
+                                 "bon/curve_oracle": row.oracle_gold_mean, "bon/curve_kl": row.kl}, step=int(row.n))

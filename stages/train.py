@@ -1,0 +1,504 @@
+"""Train stage: Ray Train (V2) + DeepSpeed ZeRO trains the reward model; resumable; exported as a plain HF folder.
+
+Entry: :func:`train_reward_model` (stage ``train``). The driver builds a ``TorchTrainer``
+(:func:`build_trainer`, shared with the tune stage); the worker function :func:`train_loop_per_worker` gets
+everything from its argument and hands the real work to :func:`run_loop`, which needs neither Ray nor a
+cluster (it runs under ``torchrun`` too: see ``python -m stages.train --help``).
+
+Data order (why every rank reads the whole stream): each worker iterates the full train split in file order,
+shuffles rows inside windows of ``train.length_group_window`` global batches (seeded by seed, epoch, window),
+groups them by length, and cuts *global* batches of ``micro_batch_size × grad_accum × num_workers`` pairs;
+micro-step ``j`` of a step gives rank ``r`` the slice ``[r·m, (r+1)·m)`` of the ``j``-th block. So the pairs
+of every optimizer step are the same whatever the worker count or accumulation (the invariance tests), and a
+resumed run skips exactly the global batches already consumed. The incomplete last global batch is dropped.
+
+NormBT's μ is updated once per optimizer step from the all-reduced mean distance of the whole global batch.
+With ``grad_accum > 1`` that needs the distances before the first backward, so a no-grad pre-pass computes
+them (one extra forward per step, only for NormBT with accumulation).
+
+Checkpoints: every rank calls DeepSpeed ``save_checkpoint`` into its own temp folder and then
+``ray.train.report(..., checkpoint=...)``; Ray merges them. ``client_state`` carries the step, consumed global
+batches, the EMA state and the RNG states. A NaN/Inf loss stops the run naming the step (``train.nan_policy=
+stop``) or skips the step (``skip``); it never reaches a checkpoint.
+
+Outputs (manifest names): ``model`` — a ``save_pretrained`` folder (safetensors, tokenizer, chat template,
+``reward_mean``/``reward_std`` over the validation set in ``config.json``); ``checkpoint`` — the last Ray Train
+checkpoint; ``metrics`` — ``metrics.json`` with the final validation metrics and the effective config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from pipeline import losses, modeling, tracking
+from pipeline.config import PipelineConfig, flatten, from_flat
+from pipeline.runner import StageContext, StageResult
+
+CKPT_TAG = "ckpt"
+_TRAIN_COLUMNS = ["chosen_ids", "rejected_ids", "chosen_len", "rejected_len", "margin"]
+
+
+# ============================================================================ the loop (no Ray needed)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoopPlan:
+    """Everything the loop needs besides the model config: sizes derived on the driver."""
+
+    max_steps: int
+    steps_per_epoch: int
+    world_size: int
+    rank: int
+
+
+def global_batches(windows: Iterable[list[dict]], *, global_batch: int, seed: int, epoch: int) -> Iterator[list[dict]]:
+    """Windows of rows (file order) → shuffled, length-grouped global batches; the incomplete tail is dropped."""
+    carry: list[dict] = []
+    for w, window in enumerate(windows):
+        rows = carry + list(window)
+        rng = random.Random(f"{seed}:{epoch}:{w}")
+        rng.shuffle(rows)
+        full = len(rows) - len(rows) % global_batch
+        rows, carry = rows[:full], rows[full:]
+        rows.sort(key=lambda r: max(r["chosen_len"], r["rejected_len"]))
+        batches = [rows[i: i + global_batch] for i in range(0, full, global_batch)]
+        rng.shuffle(batches)
+        yield from batches
+
+
+def micro_slices(batch: list[dict], *, micro: int, accum: int, world: int, rank: int) -> list[list[dict]]:
+    """The ``accum`` micro-batches this rank trains on within one global batch."""
+    block = micro * world
+    return [batch[j * block + rank * micro: j * block + (rank + 1) * micro] for j in range(accum)]
+
+
+def collate(rows: list[dict], pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Chosen then rejected, padded together (one forward); margins when the data has them."""
+    batch = modeling.collate_pairs([r["chosen_ids"] for r in rows], [r["rejected_ids"] for r in rows], pad_token_id)
+    margins = [r.get("margin") for r in rows]
+    batch = {k: v.to(device) for k, v in batch.items()}
+    if all(m is not None and m == m for m in margins):
+        batch["margin"] = torch.tensor(margins, dtype=torch.float32, device=device)
+    return batch
+
+
+def deepspeed_config(cfg: PipelineConfig, bf16: bool) -> dict[str, Any]:
+    t = cfg.train
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=True)
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def _optimizer(cfg: PipelineConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    # A plain torch optimizer: DeepSpeed's fused/CPU Adam would JIT-compile for ~70 s on CPU.
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def build_engine(cfg: PipelineConfig, plan: LoopPlan, use_gpu: bool) -> tuple[Any, Any, Any]:
+    """``(engine, model, tokenizer)``: the reward-model contract wrapped by ``deepspeed.initialize``."""
+    import deepspeed
+    from transformers import get_scheduler
+
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_gpu)
+    ds_config = deepspeed_config(cfg, bf16)
+    tok = modeling.load_tokenizer(cfg.model.name_or_path, revision=cfg.model.revision,
+                                  trust_remote_code=cfg.model.trust_remote_code)
+    hf_ds = None
+    if cfg.train.zero_stage == 3:  # build under transformers' ZeRO-3 init context (partitioned at construction)
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(ds_config)
+    model = modeling.build_reward_model(cfg.model.name_or_path, tok, revision=cfg.model.revision,
+                                        trust_remote_code=cfg.model.trust_remote_code, seed=cfg.model.seed)
+    optimizer = _optimizer(cfg, model.parameters())
+    warmup = int(round(cfg.train.warmup_ratio * plan.max_steps))
+    scheduler = get_scheduler(cfg.train.scheduler, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=plan.max_steps)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    del hf_ds  # alive, it would make any later model construction run ZeRO collectives (a hang)
+    return engine, model, tok
+
+
+def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
+                                    "min": dist.ReduceOp.MIN}[op])
+    return tensor.tolist()
+
+
+def _fault_injection(step: int) -> None:
+    """Test hook: ``NORMBT_FAIL_AT_STEP=k:/path/marker`` kills this worker once at step ``k``."""
+    spec = os.environ.get("NORMBT_FAIL_AT_STEP")
+    if not spec:
+        return
+    at, _, marker = spec.partition(":")
+    if step == int(at) and marker and not os.path.exists(marker):
+        Path(marker).write_text(str(step))
+        os._exit(17)  # a hard crash: no clean-up, like a killed process
+
+
+def _loss(cfg: PipelineConfig, out: tuple, batch: dict, mu: float | None) -> tuple[torch.Tensor, dict]:
+    rc, rr, hc, hr = out
+    margin = batch.get("margin") if cfg.loss.use_margin else None
+    kw = {"margin": margin, "label_smoothing": cfg.loss.label_smoothing, "center_coef": cfg.loss.center_coef}
+    if cfg.loss.name == "bt":
+        return losses.bt_loss(rc, rr, **kw)
+    return losses.normbt_loss(rc, rr, hc, hr, mu=mu, eps=cfg.loss.eps, **kw)
+
+
+def _step_mu(cfg, engine, model, micro_batches, ema, pad, device, first_out) -> float | None:
+    """μ for this optimizer step from the all-reduced global batch-mean distance (NormBT only)."""
+    if cfg.loss.name != "normbt":
+        return None
+    outs = [first_out] if first_out is not None else []
+    if first_out is None or len(micro_batches) > 1:
+        with torch.no_grad():
+            outs = [modeling.forward_pairs(model, collate(mb, pad, device), engine=engine) for mb in micro_batches]
+    local = [float(losses.pair_distances(o[2], o[3]).sum()) for o in outs]
+    total, count = _all_reduce([sum(local), float(sum(len(mb) for mb in micro_batches))])
+    return ema.update(total / count)
+
+
+def _mean_metrics(per_micro: list[dict]) -> dict[str, float]:
+    """Average over micro-batches and ranks (equal sizes), min/max for the extremes."""
+    keys = sorted(per_micro[0])
+    means = _all_reduce([sum(m[k] for m in per_micro) / len(per_micro) for k in keys])
+    world = _world()
+    out = {k: v / world for k, v in zip(keys, means)}
+    for suffix, op in (("_min", "min"), ("_max", "max")):
+        ks = [k for k in keys if k.endswith(suffix)]
+        if ks:
+            reduce = min if op == "min" else max
+            out.update(zip(ks, _all_reduce([reduce(m[k] for m in per_micro) for k in ks], op)))
+    return out
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def train_one_step(cfg, engine, model, micro_batches, ema, pad, device, step) -> dict[str, float] | None:
+    """Forward/backward every micro-batch, one optimizer step. None when a non-finite loss was skipped."""
+    first = modeling.forward_pairs(model, collate(micro_batches[0], pad, device), engine=engine)
+    mu = _step_mu(cfg, engine, model, micro_batches, ema, pad, device,
+                  first if len(micro_batches) == 1 else None)
+    per_micro = []
+    for j, rows in enumerate(micro_batches):
+        batch = collate(rows, pad, device)
+        out = first if j == 0 else modeling.forward_pairs(model, batch, engine=engine)
+        if os.environ.get("NORMBT_NAN_AT_STEP") == str(step):  # test hook for the NaN guard
+            out = (out[0] * float("nan"), *out[1:])
+        loss, metrics = _loss(cfg, out, batch, mu)
+        bad = _all_reduce([0.0 if torch.isfinite(loss) else 1.0], "max")[0]
+        if bad:
+            if cfg.train.nan_policy == "stop":
+                raise FloatingPointError(f"non-finite loss at optimizer step {step} (micro-batch {j}); "
+                                         f"stopping before any update or checkpoint (train.nan_policy=stop)")
+            return None  # nothing was backpropagated this step (nan_policy=skip requires grad_accum=1)
+        engine.backward(loss)
+        engine.step()
+        per_micro.append(metrics)
+    metrics = _mean_metrics(per_micro)
+    grad_norm = engine.get_global_grad_norm()
+    metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    metrics["lr"] = float(engine.get_lr()[0])
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(cfg, engine, model, rows: Iterable[dict], pad, device, rank: int, world: int) -> dict[str, Any]:
+    """Validation loss, accuracy, reward mean/std, and accuracy by distance quartile (the paper's diagnosis)."""
+    mine = [r for i, r in enumerate(rows) if i % world == rank]
+    local: list[tuple[float, float, float]] = []
+    size = max(1, cfg.train.micro_batch_size * 2)
+    for i in range(0, len(mine), size):
+        rc, rr, hc, hr = modeling.forward_pairs(model, collate(mine[i: i + size], pad, device), engine=engine)
+        d = losses.pair_distances(hc, hr)
+        local += list(zip(rc.float().tolist(), rr.float().tolist(), d.float().tolist()))
+    import torch.distributed as dist
+
+    gathered = [local]
+    if dist.is_available() and dist.is_initialized() and world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, local)
+    return validation_metrics(np.array([t for part in gathered for t in part], dtype=np.float64).reshape(-1, 3))
+
+
+def validation_metrics(table: np.ndarray) -> dict[str, Any]:
+    """``table`` rows are ``(r_chosen, r_rejected, distance)``; BT loss = mean softplus(-(r_c - r_r))."""
+    if len(table) == 0:
+        return {"val_accuracy": float("nan"), "val_loss": float("nan"), "val_pairs": 0}
+    delta = table[:, 0] - table[:, 1]
+    rewards = table[:, :2].reshape(-1)
+    out: dict[str, Any] = {"val_accuracy": float((delta > 0).mean()), "val_loss": float(np.logaddexp(0, -delta).mean()),
+                           "val_pairs": int(len(table)), "val_reward_mean": float(rewards.mean()),
+                           "val_reward_std": float(rewards.std()), "val_distance_mean": float(table[:, 2].mean())}
+    edges = np.quantile(table[:, 2], [0.25, 0.5, 0.75])
+    quartile = np.searchsorted(edges, table[:, 2], side="right")
+    for q in range(4):
+        sel = quartile == q
+        if sel.any():
+            out[f"val_accuracy_dq{q + 1}"] = float((delta[sel] > 0).mean())
+    return out
+
+
+def run_loop(cfg: PipelineConfig, plan: LoopPlan, *, train_windows: Callable[[int], Iterable[list[dict]]],
+             validation_rows: Callable[[], list[dict]], report: Callable[..., None],
+             restore_dir: str | None, use_gpu: bool, logger: tracking.RunLogger) -> None:
+    """The training loop. ``train_windows(epoch)`` yields windows of rows in file order; ``report(metrics,
+    checkpoint_dir=None, final=False)`` publishes metrics (and a checkpoint folder written by every rank)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+    engine, model, tok = build_engine(cfg, plan, use_gpu)
+    ema = losses.DistanceEMA(cfg.loss.beta)
+    step = consumed = 0
+    if restore_dir:
+        _, client = engine.load_checkpoint(restore_dir, tag=CKPT_TAG)
+        step, consumed = client["step"], client["consumed"]
+        ema.load_state_dict(client["ema"])
+        torch.set_rng_state(client["torch_rng"])
+    t = cfg.train
+    global_batch = t.micro_batch_size * t.grad_accum * plan.world_size
+    start, seen = time.time(), step
+    for epoch in range(step // plan.steps_per_epoch, max(1, math.ceil(plan.max_steps / plan.steps_per_epoch))):
+        batches = global_batches(train_windows(epoch), global_batch=global_batch, seed=t.seed, epoch=epoch)
+        for index, batch in enumerate(batches):
+            if epoch * plan.steps_per_epoch + index < consumed:
+                continue  # consumed before a restart: skip, never train twice
+            if step >= plan.max_steps:
+                break
+            _fault_injection(step)
+            micro = micro_slices(batch, micro=t.micro_batch_size, accum=t.grad_accum, world=plan.world_size,
+                                 rank=plan.rank)
+            tick = time.time()
+            metrics = train_one_step(cfg, engine, model, micro, ema, tok.pad_token_id, device, step)
+            step, consumed = step + 1, epoch * plan.steps_per_epoch + index + 1
+            if metrics is None:
+                continue
+            metrics.update(step=step, pairs_per_s=global_batch / max(time.time() - tick, 1e-9),
+                           tokens_per_s=sum(r["chosen_len"] + r["rejected_len"] for r in batch)
+                           / max(time.time() - tick, 1e-9))
+            if t.eval_every and step % t.eval_every == 0 and step < plan.max_steps:
+                metrics.update(evaluate(cfg, engine, model, validation_rows(), tok.pad_token_id, device,
+                                        plan.rank, plan.world_size))
+            if plan.rank == 0 and step % t.log_every == 0:
+                logger.log_metrics(metrics, step=step)
+                _progress(step, plan.max_steps, metrics, start, seen)
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < plan.max_steps:
+                _checkpoint(engine, step, consumed, ema, metrics, report)
+            elif step % t.log_every == 0:
+                report(metrics)
+        if step >= plan.max_steps:
+            break
+    final = evaluate(cfg, engine, model, validation_rows(), tok.pad_token_id, device, plan.rank, plan.world_size)
+    final["step"] = step
+    if plan.rank == 0:
+        logger.log_metrics(final, step=step)
+    _checkpoint(engine, step, consumed, ema, final, report, export=(model, tok, final, cfg))
+
+
+def _progress(step: int, total: int, m: dict, start: float, seen: int) -> None:
+    rate = (step - seen) / max(time.time() - start, 1e-9)
+    eta = (total - step) / rate if rate > 0 else float("inf")
+    print(f"step {step}/{total}  loss {m['loss']:.4f}  acc {m['accuracy']:.3f}  {m['pairs_per_s']:.1f} pairs/s  "
+          f"ETA {eta:.0f}s", flush=True)
+
+
+def _checkpoint(engine, step, consumed, ema, metrics, report, export=None) -> None:
+    """Every rank saves (a rank-0-only DeepSpeed save hangs) into its own folder, then reports it."""
+    folder = tempfile.mkdtemp(prefix="normbt-ckpt-")
+    client = {"step": step, "consumed": consumed, "ema": ema.state_dict(), "torch_rng": torch.get_rng_state()}
+    engine.save_checkpoint(folder, tag=CKPT_TAG, client_state=client)
+    if export is not None:
+        model, tok, final, cfg = export
+        state = engine._zero3_consolidated_16bit_state_dict() if cfg.train.zero_stage == 3 else None
+        if engine.global_rank == 0:
+            modeling.save_reward_model(model, tok, Path(folder) / "model", state_dict=state, extra_config={
+                "reward_mean": final.get("val_reward_mean"), "reward_std": final.get("val_reward_std")})
+    report(metrics, checkpoint_dir=folder, final=export is not None)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+# ============================================================================ Ray worker and driver
+
+
+def _rows(batch: dict[str, np.ndarray]) -> list[dict]:
+    n = len(batch["chosen_len"])
+    out = []
+    for i in range(n):
+        margin = batch["margin"][i]
+        out.append({"chosen_ids": batch["chosen_ids"][i].tolist(), "rejected_ids": batch["rejected_ids"][i].tolist(),
+                    "chosen_len": int(batch["chosen_len"][i]), "rejected_len": int(batch["rejected_len"][i]),
+                    "margin": None if margin is None or margin != margin else float(margin)})
+    return out
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker: everything comes from ``config`` (no module globals)."""
+    import ray.train
+
+    cfg: PipelineConfig = config["cfg"]
+    ctx = ray.train.get_context()
+    plan = LoopPlan(max_steps=config["max_steps"], steps_per_epoch=config["steps_per_epoch"],
+                    world_size=ctx.get_world_size(), rank=ctx.get_world_rank())
+    window_rows = cfg.train.micro_batch_size * cfg.train.grad_accum * plan.world_size * cfg.train.length_group_window
+
+    def train_windows(epoch: int) -> Iterator[list[dict]]:
+        shard = ray.train.get_dataset_shard("train")
+        for batch in shard.iter_batches(batch_size=window_rows, batch_format="numpy", prefetch_batches=1):
+            yield _rows(batch)
+
+    def validation_rows() -> list[dict]:
+        shard = ray.train.get_dataset_shard("validation")
+        return [r for b in shard.iter_batches(batch_size=1024, batch_format="numpy") for r in _rows(b)]
+
+    def report(metrics: dict, checkpoint_dir: str | None = None, final: bool = False) -> None:
+        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        clean["final"] = int(final)
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(clean, checkpoint=checkpoint)
+
+    checkpoint = ray.train.get_checkpoint()
+    logger = tracking.for_rank(plan.rank, config.get("tracking_uri"), config.get("run_id"))
+    if checkpoint is None:
+        run_loop(cfg, plan, train_windows=train_windows, validation_rows=validation_rows, report=report,
+                 restore_dir=None, use_gpu=cfg.train.use_gpu, logger=logger)
+        return
+    with checkpoint.as_directory() as folder:
+        run_loop(cfg, plan, train_windows=train_windows, validation_rows=validation_rows, report=report,
+                 restore_dir=folder, use_gpu=cfg.train.use_gpu, logger=logger)
+
+
+def plan_steps(cfg: PipelineConfig, n_train: int) -> tuple[int, int]:
+    """``(max_steps, steps_per_epoch)`` from the train row count (drop-last global batches)."""
+    t = cfg.train
+    global_batch = t.micro_batch_size * t.grad_accum * t.num_workers
+    steps_per_epoch = n_train // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"the train split has {n_train} pairs, fewer than one global batch ({global_batch} = "
+                         f"train.micro_batch_size × train.grad_accum × train.num_workers)")
+    max_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
+    return max_steps, steps_per_epoch
+
+
+def build_trainer(cfg: PipelineConfig, data: Any, *, name: str, storage_path: str,
+                  tracking_uri: str | None, run_id: str | None, callbacks: list | None = None) -> Any:
+    """The ``TorchTrainer`` for one training run (the train stage, and each Tune trial)."""
+    import ray
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    train_path, val_path = data.output("train"), data.output("validation")
+    n_train = _count_rows(train_path)
+    max_steps, steps_per_epoch = plan_steps(cfg, n_train)
+    # Every rank reads the whole stream in file order (see the module docstring), so nothing is split.
+    datasets = {"train": ray.data.read_parquet(train_path, columns=_TRAIN_COLUMNS),
+                "validation": ray.data.read_parquet(val_path, columns=_TRAIN_COLUMNS)}
+    resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg, "max_steps": max_steps, "steps_per_epoch": steps_per_epoch,
+                           "tracking_uri": tracking_uri, "run_id": run_id},
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path, callbacks=callbacks,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(1, cfg.train.keep_checkpoints))),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=[],
+                                            execution_options=ExecutionOptions(preserve_order=True)),
+    )
+
+
+def _count_rows(path: str) -> int:
+    import pyarrow.dataset as pads
+
+    return pads.dataset(path, format="parquet").count_rows()
+
+
+def effective_config(ctx: StageContext) -> PipelineConfig:
+    """The run's config with the tune stage's best hyperparameters applied when tune ran."""
+    tune = ctx.upstream.get("tune")
+    if tune is None or "best_config" not in tune.outputs:
+        return ctx.cfg
+    best = json.loads(Path(tune.output("best_config")).read_text())
+    return from_flat(best, base=ctx.cfg, where=f"tune best config {tune.output('best_config')}")
+
+
+def storage_of(ctx: StageContext) -> str:
+    return ctx.cfg.ray.storage_path or str((ctx.run_dir / "ray_storage").resolve())
+
+
+def train_reward_model(ctx: StageContext) -> StageResult:
+    from pipeline.raycluster import ensure_ray
+
+    cfg = effective_config(ctx)
+    ensure_ray(cfg)
+    name = f"train-{ctx.run_dir.name}"
+    trainer = build_trainer(cfg, ctx.upstream["data"], name=name, storage_path=storage_of(ctx),
+                            tracking_uri=ctx.tracker.uri, run_id=ctx.tracker.run_id)
+    try:
+        result = trainer.fit()
+    except Exception as err:  # Ray wraps worker errors; surface the worker's own message
+        raise RuntimeError(_worker_message(err)) from err
+    return _export(ctx, cfg, result)
+
+
+def _worker_message(err: Exception) -> str:
+    text = str(err)
+    for marker in ("FloatingPointError: ", "ValueError: ", "RuntimeError: "):
+        if marker in text:
+            return "training failed: " + text.split(marker, 1)[1].splitlines()[0]
+    return f"training failed: {text.splitlines()[0] if text else type(err).__name__}"
+
+
+def _export(ctx: StageContext, cfg: PipelineConfig, result: Any) -> StageResult:
+    checkpoint = result.checkpoint
+    if checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    model_dir = ctx.out_dir / "model"
+    shutil.rmtree(model_dir, ignore_errors=True)
+    with checkpoint.as_directory() as folder:
+        shutil.copytree(Path(folder) / "model", model_dir)
+    final = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    metrics_path = ctx.out_dir / "metrics.json"
+    metrics_path.write_text(json.dumps({"final": final, "config": {k: str(v) for k, v in flatten(cfg).items()}},
+                                       indent=2))
+    ctx.tracker.log_artifact(metrics_path)
+    ctx.tracker.set_tags({"checkpoint": checkpoint.path, "model": str(model_dir)})
+    ctx.log(f"  train: val_accuracy {final.get('val_accuracy', float('nan')):.3f} after {final.get('step')} steps; "
+            f"model at {model_dir}")
+    return StageResult(outputs={"model": str(model_dir), "checkpoint": checkpoint.path, "metrics": str(metrics_path)},
+                       metrics={k: v for k, v in final.items() if k.startswith("val_")})
