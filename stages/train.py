@@ -47,6 +47,7 @@ from pipeline.config import PipelineConfig, flatten, from_flat
 from pipeline.runner import StageContext, StageResult
 
 CKPT_TAG = "ckpt"
+_TEST_HOOKS = ("NORMBT_FAIL_AT_STEP", "NORMBT_NAN_AT_STEP")  # fault injection, read by the worker
 _TRAIN_COLUMNS = ["chosen_ids", "rejected_ids", "chosen_len", "rejected_len", "margin"]
 
 
@@ -434,6 +435,7 @@ def build_trainer(cfg: PipelineConfig, data: Any, *, name: str, storage_path: st
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, callbacks=callbacks,
+            worker_runtime_env={"env_vars": {k: os.environ[k] for k in _TEST_HOOKS if k in os.environ}},
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(1, cfg.train.keep_checkpoints))),
         datasets=datasets,
@@ -502,3 +504,74 @@ def _export(ctx: StageContext, cfg: PipelineConfig, result: Any) -> StageResult:
             f"model at {model_dir}")
     return StageResult(outputs={"model": str(model_dir), "checkpoint": checkpoint.path, "metrics": str(metrics_path)},
                        metrics={k: v for k, v in final.items() if k.startswith("val_")})
+
+
+# ============================================================================ without Ray (torchrun, tests)
+
+
+def _single_process_env() -> None:
+    """DeepSpeed outside torchrun/Ray looks for MPI unless the usual rendezvous variables exist."""
+    if "RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+
+
+def read_rows(path: str) -> list[dict]:
+    """A data-stage split as training rows, in file order."""
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(path, format="parquet").to_table(columns=_TRAIN_COLUMNS)
+    return _rows({c: table.column(c).to_numpy(zero_copy_only=False) for c in _TRAIN_COLUMNS})
+
+
+def train_local(cfg: PipelineConfig, train_rows: list[dict], validation_rows: list[dict], *,
+                report: Callable[..., None], restore_dir: str | None = None,
+                logger: tracking.RunLogger | None = None) -> None:
+    """Run the same loop in this process (one rank, or one rank of ``torchrun``), fed by plain lists."""
+    _single_process_env()
+    if not cfg.train.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    cfg = from_flat({"train.num_workers": world}, base=cfg)
+    max_steps, steps_per_epoch = plan_steps(cfg, len(train_rows))
+    window = cfg.train.micro_batch_size * cfg.train.grad_accum * world * cfg.train.length_group_window
+    windows = lambda epoch: (train_rows[i: i + window] for i in range(0, len(train_rows), window))  # noqa: E731
+    run_loop(cfg, LoopPlan(max_steps=max_steps, steps_per_epoch=steps_per_epoch, world_size=world, rank=rank),
+             train_windows=windows, validation_rows=lambda: validation_rows, report=report,
+             restore_dir=restore_dir, use_gpu=cfg.train.use_gpu, logger=logger or tracking.RunLogger(None, None))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``torchrun --nproc-per-node N -m stages.train --data DIR --out DIR [--config F] [key=value ...]``:
+    the training loop without Ray (e.g. to check a GPU node that has only torch and transformers)."""
+    import argparse
+
+    from pipeline.config import load_config
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--data", required=True, help="the data stage folder (with train/ and validation/)")
+    parser.add_argument("--out", required=True, help="where the exported model and metrics go")
+    parser.add_argument("--config", default=None)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    history: list[dict] = []
+
+    def report(metrics: dict, checkpoint_dir: str | None = None, final: bool = False) -> None:
+        history.append(metrics)
+        if final and int(os.environ.get("RANK", "0")) == 0:
+            shutil.copytree(Path(checkpoint_dir) / "model", Path(args.out) / "model", dirs_exist_ok=True)
+            (Path(args.out) / "history.json").write_text(json.dumps(history, indent=1, default=float))
+
+    train_local(cfg, read_rows(str(Path(args.data) / "train")), read_rows(str(Path(args.data) / "validation")),
+                report=report)
+
+
+if __name__ == "__main__":
+    main()
