@@ -110,6 +110,9 @@ class TuneConfig:
     losses: tuple = _f(({"loss.name": "bt"}, {"loss.name": "normbt"}), "Compare mode: named loss settings.")
     seeds: int = _f(5, "Compare mode: seeds per loss setting.")
     trial_overrides: dict = _f({}, "Dotted overrides applied to every trial (e.g. fewer steps).")
+    eval_reports: int = _f(4, "Search mode: validation passes per trial when train.eval_every is 0 (ASHA's rungs).")
+    reserve_cpus: float = _f(0.5, "CPUs left to Ray Data when max_concurrent_trials is derived.")
+    controller_failure_limit: int = _f(1, "Train controller failures a trial tolerates (a starved trial errors out).")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -278,6 +281,11 @@ def _coerce(key: str, value: Any, annotation: Any, where: str) -> Any:
     target = allowed[0]
     if target is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if target is float and isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if target is tuple and isinstance(value, list):
         return tuple(value)
     if target is bool and not isinstance(value, bool):

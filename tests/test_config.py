@@ -80,3 +80,7 @@ def test_config_hash_depends_only_on_selected_keys():
     assert config_hash(a, ("data",)) == config_hash(b, ("data",))
     assert config_hash(a, ("train",)) != config_hash(b, ("train",))
     assert config_hash(a, ("data",), {"up": "x"}) != config_hash(a, ("data",), {"up": "y"})
+
+
+def test_scientific_notation_without_dot_is_a_float():
+    assert load_config(None, ["train.lr=1e-5"]).train.lr == 1e-5
