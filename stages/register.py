@@ -1,0 +1,413 @@
+"""Register stage: log the final reward model to MLflow as a pyfunc, register it, promote it by score, write the report.
+
+Entry: :func:`register_model` (stage ``register``; needs ``train``, uses ``data``, ``tune``, ``rewardbench``,
+``best_of_n`` when present).
+
+The logged model
+    ``mlflow.pyfunc.log_model(name="reward_model", python_model=<this file>, artifacts={"model": <train's
+    model folder>})`` in the stage's MLflow run. ``predict`` takes a DataFrame with string columns ``prompt``
+    and ``response`` and returns a DataFrame with one float column ``reward``: the exported
+    ``AutoModelForSequenceClassification``'s score of the conversation ``[user: prompt, assistant: response]``,
+    rendered with the model's chat template (plain ``User: ... / Assistant: ...`` template when it has none)
+    and cut to ``max_length`` tokens keeping the first token and the end, exactly as the RewardBench stage
+    scores. Signature, a two-row input example and explicit ``pip_requirements`` (torch, transformers,
+    mlflow) are logged with it.
+
+    This file is the model's code (MLflow "models from code": no pickle). ``mlflow.pyfunc.load_model``
+    executes it in a fresh module, so its MODULE-LEVEL IMPORTS ARE LIMITED TO the standard library,
+    numpy, pandas, torch and mlflow (transformers inside functions); everything from this project is
+    imported inside the stage functions. A loaded model never needs this package installed.
+
+Registry (when ``tracking.enabled``)
+    The model is registered under ``tracking.registered_model_name`` and awaited until READY. The new
+    version gets alias ``candidate``, and also ``champion`` when its score beats the current champion's
+    (strictly) or there is no champion. The score is the RewardBench ``overall`` of the first benchmark
+    (``rewardbench/<benchmark>/overall``), else the train stage's final ``train/val_accuracy``. Scores are
+    compared only under the same ``score_metric``: a champion scored by another metric, or without a
+    score, is kept (the ``decision_reason`` tag says why; move the alias by hand to override). Version
+    tags: ``score_metric``, ``score``, ``previous_champion_version``, ``previous_champion_score``,
+    ``decision`` (``promoted`` | ``kept previous champion``), ``decision_reason``, ``source_run_id``.
+
+Outputs (manifest names → files in the stage folder):
+
+* ``model_uri`` — ``registry.json``: ``{"registered": true, "registered_model", "version", "uri":
+  "models:/<name>/<version>", "aliases", "score_metric", "score", "decision", ...}``; with tracking off
+  ``{"registered": false, "reason", "model_dir", ...}``;
+* ``report`` — ``report.md`` and ``report_html`` — ``report.html`` (:func:`pipeline.report.write_report`),
+  also logged as artifacts (folder ``report``) of the stage run and the pipeline's parent run.
+
+Metrics: ``register/version``, ``register/score``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+
+if TYPE_CHECKING:
+    from pipeline.artifacts import Manifest
+    from pipeline.runner import StageContext, StageResult
+
+MODEL_ARTIFACT = "reward_model"
+CANDIDATE, CHAMPION = "candidate", "champion"
+PROMOTED, KEPT = "promoted", "kept previous champion"
+INPUT_COLUMNS = ("prompt", "response")
+_ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
+_NO_LIMIT = 1_000_000_000
+_READY_TIMEOUT_S = 300.0
+
+
+# ============================================================================ the logged model (self-contained)
+
+
+def render_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    """Token ids of a conversation: the chat template when the tokenizer has one (one BOS), else the plain
+    role-tagged template. Mirrors ``pipeline.modeling.encode_messages`` (tested equal), kept here so the
+    logged model needs nothing from this project."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=False,
+                                            return_dict=False)
+        return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+    text = "\n\n".join(f"{_ROLE_NAMES.get(m['role'], m['role'].title())}: {m['content']}" for m in messages)
+    return list(tokenizer(text, add_special_tokens=True, return_token_type_ids=False)["input_ids"])
+
+
+def cut_ids(ids: list[int], max_length: int, side: str = "left") -> list[int]:
+    """``left`` keeps the first token (BOS/CLS) and the conversation's end (the scored token); ``right``
+    keeps the start. Mirrors ``pipeline.modeling.truncate_ids``."""
+    if len(ids) <= max_length:
+        return ids
+    return ids[:1] + ids[len(ids) - (max_length - 1):] if side == "left" else ids[:max_length]
+
+
+class PairScorer:
+    """Reward of ``(prompt, response)`` pairs with a ``save_pretrained`` reward-model folder (plain transformers)."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, max_length: int = 2048, truncation_side: str = "left",
+                 batch_size: int = 16) -> None:
+        if truncation_side not in ("left", "right"):
+            raise ValueError(f"truncation_side must be 'left' or 'right', got {truncation_side!r}")
+        if max_length < 2 or batch_size < 1:
+            raise ValueError(f"need max_length >= 2 and batch_size >= 1, got {max_length}, {batch_size}")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+        if model.config.pad_token_id is None:  # decoders score the last non-pad token: they need a pad id
+            model.config.pad_token_id = tokenizer.pad_token_id
+        tokenizer.model_max_length = _NO_LIMIT  # we cut ids ourselves; silence the over-length warning
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.device = next(model.parameters()).device
+        self.max_length, self.truncation_side, self.batch_size = max_length, truncation_side, batch_size
+
+    @classmethod
+    def load(cls, folder: str | Path, *, device: str = "auto", **options: Any) -> PairScorer:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        model = AutoModelForSequenceClassification.from_pretrained(str(folder))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return cls(model.to(device), tokenizer, **options)
+
+    def encode(self, prompt: str, response: str) -> list[int]:
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        return cut_ids(render_ids(self.tokenizer, messages), self.max_length, self.truncation_side)
+
+    def rewards(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        """float64 rewards in input order; batches of similar length, right-padded under the attention mask."""
+        ids = [self.encode(p, r) for p, r in zip(prompts, responses, strict=True)]
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        out = np.zeros(len(ids), dtype=np.float64)
+        pad = int(self.model.config.pad_token_id)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start: start + self.batch_size]
+            width = max(len(ids[i]) for i in chunk)
+            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                input_ids[row, : len(ids[i])] = torch.as_tensor(ids[i], dtype=torch.long)
+                mask[row, : len(ids[i])] = 1
+            with torch.inference_mode():
+                logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            out[chunk] = logits[:, 0].double().cpu().numpy()
+        return out
+
+    def score_frame(self, frame: Any) -> pd.DataFrame:
+        """``prompt``/``response`` rows (DataFrame, dict of columns or list of row dicts) → DataFrame ``reward``."""
+        frame = frame if isinstance(frame, pd.DataFrame) else pd.DataFrame(frame)
+        missing = [c for c in INPUT_COLUMNS if c not in frame.columns]
+        if missing:
+            raise ValueError(f"reward model input needs columns {list(INPUT_COLUMNS)}; missing {missing} "
+                             f"(got {list(frame.columns)})")
+        if frame[list(INPUT_COLUMNS)].isna().any().any():
+            raise ValueError("reward model input has empty prompt/response values")
+        rewards = self.rewards([str(p) for p in frame["prompt"]], [str(r) for r in frame["response"]])
+        return pd.DataFrame({"reward": rewards}, index=frame.index)
+
+
+class RewardPyfunc(mlflow.pyfunc.PythonModel):
+    """The pyfunc wrapper MLflow requires (its API is a base class); all the work is in :class:`PairScorer`.
+
+    ``model_config`` keys: ``max_length``, ``truncation_side``, ``batch_size``, ``device`` (``auto``)."""
+
+    def load_context(self, context: Any) -> None:
+        options = dict(context.model_config or {})
+        self.scorer = PairScorer.load(context.artifacts["model"], **options)
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        return self.scorer.score_frame(model_input)
+
+
+if __name__ not in ("stages.register", "__main__"):
+    # Executed by MLflow as the model's code (mlflow.pyfunc.log_model / load_model): hand it the model.
+    mlflow.models.set_model(RewardPyfunc())
+
+
+# ============================================================================ the stage
+
+
+def register_model(ctx: StageContext) -> StageResult:
+    """Stage entry (module docstring): log + register + promote, then write and log the report."""
+    from pipeline.artifacts import write_json
+    from pipeline.report import write_report
+    from pipeline.runner import StageResult
+
+    cfg = ctx.cfg
+    model_dir = Path(ctx.upstream["train"].output("model"))
+    metric, score = select_score(ctx.upstream)
+    ctx.log(f"  register: score {metric} = {_show(score)}")
+    if cfg.tracking.enabled and ctx.tracker.active:
+        record = log_and_register(ctx, model_dir, metric, score)
+        ctx.log(f"  register: {record['uri']} aliases {record['aliases']} ({record['decision']}: "
+                f"{record['decision_reason']})")
+    else:
+        reason = "tracking.enabled is false" if not cfg.tracking.enabled else "no MLflow run for this stage"
+        ctx.log(f"  register: model NOT registered ({reason}); writing the report only")
+        record = {"registered": False, "reason": reason, "registered_model": None, "version": None, "uri": None,
+                  "aliases": [], "model_dir": str(model_dir), "score_metric": metric, "score": score}
+    registry = write_json(ctx.out_dir / "registry.json", record)
+    md_path, html_path = write_report(ctx.run_dir, cfg, dict(ctx.upstream), ctx.out_dir, registry=record,
+                                      tracking_uri=ctx.tracker.uri)
+    _log_report(ctx, [registry, md_path, html_path, md_path.parent / "report_files"])
+    metrics: dict[str, Any] = {}
+    if record.get("version") is not None:
+        metrics["register/version"] = int(record["version"])
+    if score is not None:
+        metrics["register/score"] = score
+    return StageResult(outputs={"model_uri": str(registry), "report": str(md_path), "report_html": str(html_path)},
+                       metrics=metrics)
+
+
+def select_score(upstream: Mapping[str, Manifest]) -> tuple[str, float | None]:
+    """``(score_metric, score)``: RewardBench overall of the first benchmark, else train's final val_accuracy."""
+    bench = upstream.get("rewardbench")
+    if bench is not None and "metrics" in bench.outputs:
+        path = bench.outputs["metrics"]
+        name = next((k[: -len("/metrics")] for k, v in bench.outputs.items()
+                     if k.endswith("/metrics") and v == path), "rewardbench")
+        overall = _number(_read_json(path).get("overall"))
+        if overall is not None:
+            return f"rewardbench/{name}/overall", overall
+    train = upstream.get("train")
+    if train is not None and "metrics" in train.outputs:
+        value = _number(_read_json(train.outputs["metrics"]).get("final", {}).get("val_accuracy"))
+        if value is not None:
+            return "train/val_accuracy", value
+    return "none", None
+
+
+def decide(metric: str, score: float | None, champion: Any | None) -> dict[str, str]:
+    """Version tags of the promotion decision; ``champion`` is the current champion's ModelVersion (or None)."""
+    tags = {"score_metric": metric, "score": _show(score), "previous_champion_version": "none",
+            "previous_champion_score": "none"}
+    if champion is None:
+        return {**tags, "decision": PROMOTED, "decision_reason": "no champion yet"}
+    old_metric = champion.tags.get("score_metric", "none")
+    old_score = _number(champion.tags.get("score"))
+    tags.update(previous_champion_version=str(champion.version), previous_champion_score=_show(old_score))
+    if score is None:
+        reason = "this version has no score"
+    elif old_score is None or old_metric != metric:
+        reason = (f"not comparable: champion v{champion.version} scored by {old_metric} "
+                  f"({_show(old_score)}), this version by {metric}")
+    elif score > old_score:
+        return {**tags, "decision": PROMOTED,
+                "decision_reason": f"{metric} {_show(score)} > {_show(old_score)} of v{champion.version}"}
+    else:
+        reason = f"{metric} {_show(score)} <= {_show(old_score)} of v{champion.version}"
+    return {**tags, "decision": KEPT, "decision_reason": reason}
+
+
+def pip_requirements() -> list[str]:
+    import transformers
+
+    # The public version: a local tag (2.13.0+cpu) does not resolve on PyPI.
+    return [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",
+            f"mlflow=={mlflow.__version__}"]
+
+
+def input_example() -> pd.DataFrame:
+    return pd.DataFrame({"prompt": ["What is 6 times 7?", "Name a primary colour."],
+                         "response": ["6 times 7 is 42.", "Red is a primary colour."]})
+
+
+def scorer_options(ctx: StageContext, model_dir: Path) -> dict[str, Any]:
+    """The pyfunc's ``model_config``: RewardBench's truncation, capped for encoders at their position limit."""
+    from transformers import AutoConfig
+
+    from pipeline import modeling
+
+    rb = ctx.cfg.rewardbench
+    limit = rb.max_length
+    config = AutoConfig.from_pretrained(str(model_dir))
+    position_limit = getattr(config, "max_position_embeddings", None)
+    if modeling.is_encoder(config) and isinstance(position_limit, int) and position_limit > 0:
+        limit = min(limit, position_limit)
+    return {"max_length": int(limit), "truncation_side": rb.truncation_side,
+            "batch_size": int(max(1, min(rb.batch_size, 64))), "device": "auto"}
+
+
+def log_and_register(ctx: StageContext, model_dir: Path, metric: str, score: float | None) -> dict[str, Any]:
+    from mlflow import MlflowClient
+    from mlflow.models import infer_signature
+
+    from pipeline.tracking import redact
+
+    uri, run_id, name = ctx.tracker.uri, ctx.tracker.run_id, ctx.cfg.tracking.registered_model_name
+    options = scorer_options(ctx, model_dir)
+    example = input_example()
+    signature = infer_signature(example, PairScorer.load(model_dir, **options).score_frame(example))
+    started = time.time()
+    with mlflow_globals(uri):
+        with mlflow.start_run(run_id=run_id, nested=True):
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_ARTIFACT, python_model=Path(__file__).resolve(), artifacts={"model": str(model_dir)},
+                model_config=options, signature=signature, input_example=example,
+                pip_requirements=pip_requirements())
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.update_run(run_id, status="RUNNING")  # leaving start_run() ended it; the runner finishes it
+        champion = current_champion(client, name)
+        version = mlflow.register_model(info.model_uri, name, await_registration_for=0).version
+    wait_until_ready(client, name, version)
+    tags = {**decide(metric, score, champion), "source_run_id": run_id, "logged_model_id": info.model_id}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    client.set_registered_model_alias(name, CANDIDATE, version)
+    if tags["decision"] == PROMOTED:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    aliases = sorted(client.get_model_version(name, version).aliases)
+    ctx.tracker.set_tags({"register.model": name, "register.version": version, "register.decision": tags["decision"]})
+    ctx.log(f"  register: logged and registered in {time.time() - started:.1f}s")
+    return {"registered": True, "registered_model": name, "version": int(version),
+            "uri": f"models:/{name}/{version}", "aliases": aliases, "score_metric": metric, "score": score,
+            **{k: tags[k] for k in ("decision", "decision_reason", "previous_champion_version",
+                                    "previous_champion_score")},
+            "logged_model_uri": info.model_uri, "run_id": run_id, "tracking_uri": redact(uri),
+            "model_dir": str(model_dir)}
+
+
+def current_champion(client: Any, name: str) -> Any | None:
+    """The version holding alias ``champion``, or None (no such alias or no such registered model yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def wait_until_ready(client: Any, name: str, version: str | int, timeout_s: float = _READY_TIMEOUT_S) -> None:
+    deadline, delay = time.time() + timeout_s, 0.2
+    while True:
+        mv = client.get_model_version(name, str(version))
+        if mv.status == "READY":
+            return
+        if mv.status == "FAILED_REGISTRATION":
+            raise RuntimeError(f"registering {name} v{version} failed: {mv.status_message}")
+        if time.time() > deadline:
+            raise TimeoutError(f"{name} v{version} still {mv.status} after {timeout_s:.0f}s")
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
+@contextmanager
+def mlflow_globals(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (tracking + registry URI, no active experiment) at ``uri``; restore after.
+
+    The pipeline otherwise never touches MLflow's globals; ``log_model`` only works through them. The
+    setters also write ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI``, restored exactly too, as is the
+    code model MLflow keeps after executing this file. (Private MLflow 3.17 attributes: checked by the tests.)"""
+    from mlflow.models import model as model_module
+    from mlflow.tracking import fluent
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    env_keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")
+    saved_env = {k: os.environ.get(k) for k in env_keys}
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri, fluent._active_experiment_id,
+             model_module.__dict__.get("__mlflow_model__"))  # set_model() of a code model (this file) lands here
+    try:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        fluent._active_experiment_id = None  # start_run(run_id=...) rejects a run of another active experiment
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        registry_utils._registry_uri = saved[1]
+        fluent._active_experiment_id = saved[2]
+        model_module.__dict__["__mlflow_model__"] = saved[3]
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _log_report(ctx: StageContext, paths: Sequence[Path]) -> None:
+    """Report files as artifacts (folder ``report``) of the stage run and of the pipeline's parent run."""
+    if not ctx.tracker.active:
+        return
+    from pipeline.tracking import PARENT_TAG, RunLogger
+
+    loggers = [ctx.tracker]
+    parent_id = ctx.tracker.client.get_run(ctx.tracker.run_id).data.tags.get(PARENT_TAG)
+    if parent_id:
+        loggers.append(RunLogger(ctx.tracker.uri, parent_id))
+    for logger in loggers:
+        for path in paths:
+            if Path(path).is_dir():
+                logger.log_artifact(path, artifact_path=f"report/{Path(path).name}")
+            else:
+                logger.log_artifact(path, artifact_path="report")
+
+
+def _read_json(path: str | Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _show(value: float | None) -> str:
+    return "none" if value is None else repr(float(value))
