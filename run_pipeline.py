@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        from pipeline.raycluster import shutdown_if_started
+
+        shutdown_if_started()
     return 0
 
 

@@ -107,6 +107,11 @@ def run_pipeline(cfg: PipelineConfig, *, run_dir: str | Path | None = None, stag
     unknown = [n for n in names if n not in STAGES]
     if unknown:
         raise PipelineError(f"unknown stage(s) {unknown}; valid: {', '.join(STAGES)}")
+    from pipeline.preflight import problems
+
+    found = problems(cfg, names)
+    if found:
+        raise PipelineError("preflight failed:\n  - " + "\n  - ".join(found))
     log(f"plan: {' -> '.join(names)}   (run dir: {run_dir})")
     parent = tracking.start_pipeline_run(cfg, run_dir)
     manifests: dict[str, Manifest] = {}
@@ -117,7 +122,27 @@ def run_pipeline(cfg: PipelineConfig, *, run_dir: str | Path | None = None, stag
         parent.finish("FAILED")
         raise
     parent.finish("FINISHED")
+    log(summary(cfg, run_dir, manifests, parent))
     return manifests
+
+
+def summary(cfg: PipelineConfig, run_dir: Path, manifests: Mapping[str, Manifest], parent: tracking.RunLogger) -> str:
+    """The closing lines: key metrics, where things are, how to look at them."""
+    lines = ["", "summary:"]
+    for name, manifest in manifests.items():
+        shown = {k: v for k, v in manifest.metrics.items() if isinstance(v, (int, float))}
+        keys = [k for k in shown if any(t in k for t in ("overall", "val_accuracy", "gold", "rows_", "quarantined",
+                                                         "best_val", "version"))][:6]
+        lines.append(f"  {name:12s} " + ", ".join(f"{k}={shown[k]:.4g}" for k in keys))
+    lines.append(f"  run dir: {run_dir.resolve()}")
+    if parent.active:
+        lines.append(f"  MLflow run: {parent.run_id} at {tracking.redact(parent.uri)}")
+        if parent.uri.startswith("sqlite:"):
+            lines.append(f"  open the UI: mlflow ui --backend-store-uri {parent.uri}")
+    report = manifests.get("register")
+    if report and "report" in report.outputs:
+        lines.append(f"  report: {report.outputs['report']}")
+    return "\n".join(lines)
 
 
 def _run_stage(cfg: PipelineConfig, spec: StageSpec, run_dir: Path, parent: tracking.RunLogger, tag: str,

@@ -121,3 +121,16 @@ def test_secrets_never_reach_params(tmp_path):
 def test_only_rank_zero_logs():
     assert tracking.for_rank(0, "sqlite:///x.db", "r").active
     assert not tracking.for_rank(1, "sqlite:///x.db", "r").active
+
+
+@pytest.mark.unit
+def test_preflight_reports_every_problem_at_once(fake, tmp_path):
+    cfg, _ = fake
+    from pipeline.config import from_flat
+
+    bad = from_flat({"data.sources": [{"path": str(tmp_path / "missing.jsonl")}],
+                     "model.name_or_path": str(tmp_path / "no-model")}, base=cfg)
+    with pytest.raises(runner.PipelineError) as err:
+        runner.run_pipeline(bad, log=lambda _: None)
+    assert "missing.jsonl does not exist" in str(err.value) and "no-model does not exist" in str(err.value)
+    assert fake_stages.CALLS == [], "nothing runs before preflight passes"

@@ -1,0 +1,48 @@
+"""Checks before any compute: each failure is one clear message, all reported together."""
+
+from __future__ import annotations
+
+import glob
+import os
+import urllib.request
+from pathlib import Path
+
+from pipeline.config import PipelineConfig
+
+
+def _local_path_missing(value: str) -> bool:
+    """A path-like value (not a hub id, not a URI) that names nothing on this machine."""
+    if "://" in value or value.startswith(("tiny:", "embedded:")):
+        return False
+    looks_local = value.startswith(("/", ".", "~")) or Path(value).suffix in {".jsonl", ".json", ".parquet", ".gz"}
+    return looks_local and not glob.glob(os.path.expanduser(value), recursive=True)
+
+
+def problems(cfg: PipelineConfig, stages: tuple[str, ...]) -> list[str]:
+    found = []
+    if "data" in stages:
+        for i, src in enumerate(cfg.data.sources):
+            path = src.get("path") if isinstance(src, dict) else None
+            if path and _local_path_missing(str(path)):
+                found.append(f"data.sources[{i}].path: {path} does not exist")
+    if _local_path_missing(cfg.model.name_or_path):
+        found.append(f"model.name_or_path: {cfg.model.name_or_path} does not exist")
+    for key, value in (("rewardbench.model", cfg.rewardbench.model), ("best_of_n.reward_model", cfg.best_of_n.reward_model)):
+        if value and _local_path_missing(value):
+            found.append(f"{key}: {value} does not exist")
+    for i, bench in enumerate(cfg.rewardbench.benchmarks):
+        path = bench.get("path") if isinstance(bench, dict) else None
+        if "rewardbench" in stages and path and _local_path_missing(str(path)):
+            found.append(f"rewardbench.benchmarks[{i}].path: {path} does not exist")
+    uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if cfg.tracking.enabled and uri and uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5)  # noqa: S310 - the user's own server
+        except Exception as err:  # noqa: BLE001 - any failure means "not reachable", said once
+            found.append(f"tracking URI {uri} is not reachable ({type(err).__name__}: {err})")
+    if cfg.train.use_gpu and ("train" in stages or "tune" in stages):
+        import torch
+
+        if not torch.cuda.is_available() and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+            found.append("train.use_gpu=true but this machine has no CUDA device and no Ray cluster is configured")
+    return found
