@@ -460,7 +460,15 @@ def effective_config(ctx: StageContext) -> PipelineConfig:
 
 
 def storage_of(ctx: StageContext) -> str:
-    return ctx.cfg.ray.storage_path or str((ctx.run_dir / "ray_storage").resolve())
+    """Ray Train/Tune storage: ``ray.storage_path`` or the run dir. A multi-node cluster needs shared storage
+    (``s3://``, ``gs://``, an NFS mount given as a URI): a node-local path would scatter the checkpoints."""
+    from pipeline.raycluster import cluster_nodes
+
+    path = ctx.cfg.ray.storage_path or str((ctx.run_dir / "ray_storage").resolve())
+    if "://" not in path and cluster_nodes() > 1:
+        raise ValueError(f"the Ray cluster has {cluster_nodes()} nodes but the storage path {path} is local to this "
+                         f"machine; set ray.storage_path to shared storage (e.g. s3://bucket/normbt)")
+    return path
 
 
 def train_reward_model(ctx: StageContext) -> StageResult:
