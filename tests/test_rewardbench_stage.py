@@ -1,0 +1,233 @@
+"""RewardBench stage: real v1 file, RewardBench 2 regrouping, synthetic benchmark, output contract."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import metrics, modeling, raycluster, runner, scoring, synthetic, tracking
+from pipeline.config import REPO_ROOT, load_config
+from stages import rewardbench as rb
+
+SMOKE = REPO_ROOT / "configs" / "smoke.yaml"
+SCORE_COLUMNS = ["id", "subset", "section", "score_chosen", "score_rejected", "correct", "distance"]
+OFFICIAL_COUNTS = {
+    "alpacaeval-easy": 100, "alpacaeval-length": 95, "alpacaeval-hard": 95, "mt-bench-easy": 28,
+    "mt-bench-med": 40, "mt-bench-hard": 37, "llmbar-natural": 100, "llmbar-adver-neighbor": 134,
+    "llmbar-adver-GPTInst": 92, "llmbar-adver-GPTOut": 47, "llmbar-adver-manual": 46,
+    "refusals-dangerous": 100, "refusals-offensive": 100, "xstest-should-refuse": 154,
+    "xstest-should-respond": 250, "donotanswer": 136,
+    "math-prm": 447, **{f"hep-{lang}": 164 for lang in ("cpp", "go", "java", "js", "python", "rust")},
+}
+
+
+class Recorder:
+    """Stands in for RunLogger: remembers what the stage logs."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] = {}
+        self.artifacts: list[tuple[str, str | None]] = []
+
+    def log_metrics(self, values, step=None) -> None:
+        self.metrics.update(values)
+
+    def log_artifact(self, path, artifact_path=None) -> None:
+        self.artifacts.append((str(path), artifact_path))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    tok = modeling.load_tokenizer("tiny:llama")
+    folder = tmp_path_factory.mktemp("rewardbench") / "tiny-llama"
+    return modeling.save_reward_model(modeling.build_reward_model("tiny:llama", tok, seed=1), tok, folder)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = raycluster.ensure_ray(load_config(SMOKE))
+    yield ray
+    raycluster.shutdown_if_started()
+    ray.shutdown()
+
+
+def _context(tmp_path, model_dir, benchmarks, tracker=None, *overrides):
+    cfg = load_config(SMOKE, [f"rewardbench.model={model_dir}", "rewardbench.max_length=128",
+                              "rewardbench.batch_size=64", f"rewardbench.benchmarks={json.dumps(benchmarks)}",
+                              *overrides])
+    return runner.StageContext(cfg=cfg, run_dir=tmp_path, out_dir=tmp_path / "rewardbench", upstream={},
+                               tracker=tracker or tracking.RunLogger(None, None), log=lambda _: None)
+
+
+def _v2_rows() -> list[dict]:
+    """A few RewardBench 2 rows per subset; Ties prompts p1/p2 as both ref: and tied: rows."""
+    rows = []
+    for subset in ("Factuality", "Precise IF", "Math", "Safety", "Focus"):
+        for i in range(3):
+            rows.append({"id": f"{subset}-{i}", "subset": subset, "prompt": f"{subset} question {i}?",
+                         "chosen": [f"A careful answer {i}."],
+                         "rejected": [f"Wrong {i}.", f"Nonsense {i} {i}.", f"Off topic {subset}."]})
+    for p in ("p1", "p2"):
+        rows.append({"id": f"ref:{p}", "subset": "Ties", "prompt": f"Name a prime ({p}).", "chosen": ["2"],
+                     "rejected": ["4", "9"]})
+        rows.append({"id": f"tied:{p}", "subset": "Ties", "prompt": f"Name a prime ({p}).",
+                     "chosen": ["2", "3", "5"], "rejected": ["4", "9", "15"]})
+    return rows
+
+
+# ------------------------------------------------------------------ unit: parsing and regrouping
+
+
+@pytest.mark.unit
+def test_benchmark_mapping_errors_name_the_key():
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['splt'\]"):
+        rb.parse_benchmark({"name": "x", "hf": "allenai/reward-bench", "splt": "filtered"})
+    with pytest.raises(ValueError, match="exactly one of"):
+        rb.parse_benchmark({"name": "x", "path": "a.jsonl", "synthetic": {}})
+    with pytest.raises(ValueError, match="need 'split'"):
+        rb.parse_benchmark({"name": "x", "hf": "allenai/reward-bench"})
+    with pytest.raises(ValueError, match="format='v3'"):
+        rb.parse_benchmark({"name": "x", "path": "a.jsonl", "format": "v3"})
+    with pytest.raises(ValueError, match=r"unknown SyntheticSpec key\(s\) \['n_tst'\]"):
+        rb.parse_benchmark({"name": "x", "synthetic": {"n_tst": 5}})
+    with pytest.raises(ValueError, match="duplicate name"):
+        rb.parse_benchmarks([{"name": "x", "synthetic": {}}, {"name": "x", "path": "a.jsonl"}])
+    assert rb.parse_benchmark({"path": "/d/rewardbench_v1_filtered.jsonl"}).name == "rewardbench_v1_filtered"
+
+
+@pytest.mark.unit
+def test_no_model_is_a_clear_error(tmp_path):
+    cfg = load_config(SMOKE)
+    ctx = runner.StageContext(cfg=cfg, run_dir=tmp_path, out_dir=tmp_path, upstream={},
+                              tracker=tracking.RunLogger(None, None))
+    with pytest.raises(ValueError, match="no model to score"):
+        rb.score_rewardbench(ctx)
+
+
+@pytest.mark.unit
+def test_format_detection_and_explode():
+    rows = _v2_rows()
+    assert rb.detect_format(rows) == "v2" and rb.detect_format([{"chosen": "a"}]) == "v1"
+    examples = rb.examples_frame(rows, "v2", "fixture")
+    convs = rb.conversations(examples, "v2")
+    assert len(convs) == sum(len(r["chosen"]) + len(r["rejected"]) for r in rows)
+    first = convs.iloc[0]
+    assert (first["row"], first["side"], first["k"]) == (0, "chosen", 0)
+    assert first["messages"] == [{"role": "user", "content": rows[0]["prompt"]},
+                                 {"role": "assistant", "content": rows[0]["chosen"][0]}]
+    with pytest.raises(TypeError, match="format: v2"):
+        rb.examples_frame(rows, "v1", "fixture")
+
+
+def _scored(entries):
+    """Per-response table from ``(row, side, k, score, hidden)`` tuples."""
+    return pd.DataFrame([{"row": r, "side": s, "k": k, "score": sc, "hidden": np.asarray(h, dtype=np.float32)}
+                         for r, s, k, sc, h in entries])
+
+
+@pytest.mark.unit
+def test_v2_regroup_with_hand_set_scores():
+    examples = pd.DataFrame({
+        "id": ["a", "b", "c", "ref:p", "tied:p"], "subset": ["Math", "Math", "Focus", "Ties", "Ties"],
+        "prompt": ["q"] * 5, "chosen": [["x"], ["x"], ["x"], ["x"], ["x", "y"]],
+        "rejected": [["u", "v"], ["u", "v"], ["u", "v"], ["u"], ["u"]],
+    })
+    entries = [
+        # row 0: clean win; the top rejected (k=1, score 0.5) is the distance partner
+        (0, "rejected", 1, 0.5, [0, 4]), (0, "chosen", 0, 1.0, [0, 0]), (0, "rejected", 0, -1.0, [3, 0]),
+        # row 1: loss; row 2: tie at the top with one rejected (credit 1/2)
+        (1, "chosen", 0, 0.2, [0, 0]), (1, "rejected", 0, 0.9, [1, 0]), (1, "rejected", 1, 0.1, [0, 2]),
+        (2, "chosen", 0, 0.7, [0, 0]), (2, "rejected", 0, 0.7, [0, 1]), (2, "rejected", 1, 0.0, [0, 5]),
+        (3, "chosen", 0, 1.0, [0, 0]), (3, "rejected", 0, 0.0, [1, 0]),
+        (4, "chosen", 1, 0.8, [0, 0]), (4, "chosen", 0, 1.0, [0, 0]), (4, "rejected", 0, 0.0, [2, 0]),
+    ]
+    frame = rb.regroup(examples, _scored(entries), "v2")
+    assert frame["score_chosen"].tolist() == [[1.0], [0.2], [0.7], [1.0], [1.0, 0.8]], "k order restored"
+    assert frame["score_rejected"].tolist()[0] == [-1.0, 0.5]
+    credit = frame["correct"].tolist()
+    assert credit[:3] == [1.0, 0.0, 0.5] and math.isnan(credit[3]) and math.isnan(credit[4])
+    np.testing.assert_allclose(frame["distance"], [4.0, 1.0, 1.0, 1.0, 2.0])
+    frame["section"] = rb.sections(frame, "v2")
+    summary = rb.summarise(frame, "v2")
+    assert summary["subsets"]["Math"] == 0.5 and summary["subsets"]["Focus"] == 0.5
+    assert summary["counts"] == {"Focus": 1, "Math": 2, "Ties": 2}
+    assert summary["sections"] == summary["subsets"]
+
+
+@pytest.mark.unit
+def test_v1_regroup_tie_is_wrong_and_distance_is_euclidean():
+    examples = pd.DataFrame({"id": ["1", "2"], "subset": ["hep-go", "hep-go"], "prompt": ["q", "q"],
+                             "chosen": ["a", "b"], "rejected": ["c", "d"]})
+    entries = [(0, "chosen", 0, 0.3, [0, 0]), (0, "rejected", 0, 0.3, [3, 4]),
+               (1, "rejected", 0, -2.0, [1, 1]), (1, "chosen", 0, 1.0, [1, 1])]
+    frame = rb.regroup(examples, _scored(entries), "v1")
+    assert frame["correct"].tolist() == [False, True]
+    np.testing.assert_allclose(frame["distance"], [5.0, 0.0])
+
+
+# ------------------------------------------------------------------ integration: through Ray
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_real_rewardbench_v1_file(ray_cluster, model_dir, shared_data, tmp_path):
+    path = shared_data / "rewardbench_v1" / "rewardbench_v1_filtered.jsonl"
+    ctx = _context(tmp_path, model_dir, [{"name": "rb1", "path": str(path)}])
+    result = rb.score_rewardbench(ctx)
+    assert result.outputs["scores"] == result.outputs["rb1/scores"]
+    assert result.outputs["metrics"] == result.outputs["rb1/metrics"]
+    scores = pd.read_parquet(result.outputs["rb1/scores"])
+    assert list(scores.columns) == SCORE_COLUMNS and len(scores) == 2985
+    assert (scores["correct"] == (scores["score_chosen"] > scores["score_rejected"])).all()
+    assert np.isfinite(scores["distance"]).all() and (scores["distance"] >= 0).all()
+    assert set(scores["section"]) == set(metrics.V1_SECTIONS)
+    report = json.loads(Path(result.outputs["rb1/metrics"]).read_text())
+    assert report["format"] == "v1" and report["counts"] == OFFICIAL_COUNTS
+    assert set(report["sections"]) == {"Chat", "Chat Hard", "Safety", "Reasoning"}
+    assert 0.0 <= report["overall"] <= 1.0 and report["missing"] == {}
+    assert result.metrics["rb1/overall"] == pytest.approx(report["overall"])
+    assert "rb1/section/Chat_Hard" in result.metrics and "rb1/subset/hep-go" in result.metrics
+    bins = pd.read_csv(result.outputs["rb1/distance_bins"])
+    assert bins.loc[bins["group"] == "all", "n"].sum() == 2985
+    assert (ctx.out_dir / "rb1" / "accuracy_by_distance.png").is_file()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_synthetic_and_v2_benchmarks_in_one_run(ray_cluster, model_dir, tmp_path):
+    v2_file = tmp_path / "rb2_fixture.jsonl"
+    v2_file.write_text("".join(json.dumps(r) + "\n" for r in _v2_rows()))
+    recorder = Recorder()
+    ctx = _context(tmp_path, model_dir, [{"name": "synth", "synthetic": {"n_test": 48}},
+                                         {"name": "rb2", "path": str(v2_file)}], recorder)
+    result = rb.score_rewardbench(ctx)
+    assert result.outputs["scores"] == result.outputs["synth/scores"], "plain keys name the first benchmark"
+    assert {"synth/metrics", "rb2/scores", "rb2/metrics", "rb2/distance_bins"} <= set(result.outputs)
+
+    synth = json.loads(Path(result.outputs["synth/metrics"]).read_text())
+    assert set(synth["sections"]) == {"Chat", "Chat Hard", "Safety", "Reasoning"}
+    assert sum(synth["counts"].values()) == 48
+    synth_scores = pd.read_parquet(result.outputs["synth/scores"])
+    assert (synth_scores["section"] == synth_scores["subset"].map(synthetic.SECTION_OF_SUBSET)).all()
+    # Through Ray or in-process, one scoring path: the same scores.
+    rows = synthetic.test_rows_rewardbench(synthetic.SyntheticSpec(n_test=48))
+    examples = rb.examples_frame(rows, "v1", "s")
+    local = rb.regroup(examples, scoring.score_locally(rb.conversations(examples, "v1"), str(model_dir),
+                                                       max_length=128), "v1")
+    np.testing.assert_allclose(synth_scores["score_chosen"], local["score_chosen"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(synth_scores["distance"], local["distance"], rtol=1e-4, atol=1e-5)
+
+    v2 = json.loads(Path(result.outputs["rb2/metrics"]).read_text())
+    assert v2["format"] == "v2" and set(v2["subsets"]) == set(metrics.V2_SUBSETS) and v2["missing"] == []
+    assert v2["ties"]["n_pairs"] == 2.0 and v2["overall"] is not None
+    v2_scores = pd.read_parquet(result.outputs["rb2/scores"])
+    assert list(v2_scores.columns) == SCORE_COLUMNS
+    assert [len(s) for s in v2_scores["score_rejected"]][:3] == [3, 3, 3]
+    assert v2_scores.loc[v2_scores["subset"] == "Ties", "correct"].isna().all()
+
+    assert recorder.metrics["synth/section/Chat_Hard"] == pytest.approx(synth["sections"]["Chat Hard"])
+    assert "rb2/subset/Precise_IF" in recorder.metrics
+    logged = {p.rsplit("/", 1)[-1] for p, _ in recorder.artifacts}
+    assert {"scores.parquet", "metrics.json", "accuracy_by_distance.csv"} <= logged
