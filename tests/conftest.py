@@ -42,6 +42,9 @@ def ray_session():
     from pipeline.config import PipelineConfig
     from pipeline.raycluster import ensure_ray
 
+    from pipeline import raycluster
+
     ray = ensure_ray(PipelineConfig())
+    raycluster._STARTED = False  # the fixture owns this instance: run_pipeline.main must not shut it down
     yield ray
     ray.shutdown()
