@@ -165,7 +165,8 @@ class RayConfig:
 class RunConfig:
     name: str = _f("default", "Run name: the run directory is <root>/<name>.")
     root: str = _f("runs", "Folder (or URI) holding run directories and the default MLflow store.")
-    stages: tuple = _f(("data", "tune", "train", "rewardbench", "best_of_n", "register"), "Stages to run, in order.")
+    stages: tuple = _f(("data", "train", "rewardbench", "best_of_n", "register"),
+                       "Stages to run, in order (add 'tune' before 'train' for a hyperparameter search).")
     seed: int = _f(0, "Global seed.")
 
 
