@@ -1,0 +1,708 @@
+"""Tune stage: Ray Tune over Ray Train (V2) trials: a hyperparameter search (ASHA) or a seeded loss comparison.
+
+Entry: :func:`tune_reward_model` (stage ``tune``). Every trial is the Tune *function* trainable
+:func:`run_trial` (Ray Train V2 rejects ``Tuner(trainer)``): it builds the trial's config, opens a nested
+MLflow run ``trial-<trial id>`` under the stage's run (all params of the trial config; the train workers'
+rank 0 logs the per-step and final metrics into it), and fits the stage-shared
+:func:`stages.train.build_trainer` ``TorchTrainer`` with a ``TuneReportCallback``, so every
+``ray.train.report`` of the workers reaches Tune and its scheduler. Trial config = the run's config ←
+``tune.trial_overrides`` ← the trial's own values (searched keys, or a loss setting and seed); the searched
+values win over the overrides.
+
+Search (``tune.mode: search``): ``tune.search_space`` maps dotted keys to ``{uniform: [a, b]}``,
+``{loguniform: [a, b]}``, ``{choice: [...]}`` or ``{randint: [a, b]}`` (``b`` excluded, as in Tune);
+``tune.num_samples`` trials are drawn by Optuna's TPE when ``optuna`` is importable, else by Tune's random
+search, and ASHA stops weak trials early. The objective is ``tune.metric`` (validation accuracy: the train
+stage's held-out validation split, never a test set or RewardBench), maximised.
+
+*When ASHA sees the metric.* The workers report every ``train.log_every`` steps, but ``val_accuracy`` only at
+evaluation steps and in the final report. So when ``train.eval_every`` is 0 (after the overrides) each trial
+gets ``train.eval_every = max(1, max_steps // tune.eval_reports)``. ASHA runs on ``time_attr="step"`` with
+``grace_period = tune.grace_period × eval_every`` steps (``tune.grace_period`` counts validation reports) and
+``max_t`` = the trial's step budget; reports without the metric are skipped by ASHA, and Tune's strict metric
+check, which would reject them, is switched off for the stage (``TUNE_DISABLE_STRICT_METRIC_CHECKING``). Only
+a trial that ran to its end (``final`` report) has a checkpoint, so the best trial is the completed one with the
+highest metric (ties: first trial id); early-stopped trials are listed but only chosen if none completed.
+
+Compare (``tune.mode: compare``): the grid ``tune.losses`` × ``tune.seeds`` (seed ``train.seed + i`` sets
+``train.seed`` and ``model.seed``), one trial each via ``tune.grid_search`` over an index, FIFO (no early
+stopping). Each trial's exported model (``model/`` of its final checkpoint) is then scored on
+``rewardbench.benchmarks`` with :func:`stages.rewardbench.score_benchmark` (files under
+``<out>/scores/<loss>-seed<s>/``, metrics into the trial's MLflow run). For the validation accuracy, each
+benchmark's overall score and each of its sections, the table gives the mean and 95% t-interval over seeds per
+loss setting, and for the paired difference (setting − first setting, paired by seed).
+
+Resources (trap 4 of the shared notes): a trial function reserves 0.1 CPU (:data:`TRIAL_CPUS`), its Train
+workers ``train.num_workers × train.cpus_per_worker``; unless ``tune.max_concurrent_trials`` is set,
+concurrency = ⌊(CPUs − ``tune.reserve_cpus``) / per-trial CPUs⌋ ≥ 1 (:func:`derive_concurrency`; one on 2
+cores). A trial stopped by ASHA gets its placement group released by Ray Train's cleaner, which needs the
+dashboard's State API (:func:`pipeline.raycluster.ensure_ray` keeps it on); should that fail, the next trial's
+worker group cannot start, and ``FailureConfig.controller_failure_limit = tune.controller_failure_limit`` makes
+that trial error out instead of retrying forever. Before that, ``build_trainer``'s ``read_parquet`` samples
+its files with 1-CPU tasks, which would also wait forever; so a trial first waits for one free CPU for as long
+as the controller would wait (``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``, 60 s, × (1 + the limit)) and then
+errors out naming the likely cause. Tune itself never retries a failed trial. (The cleaner finds the cluster by
+auto-detection: with a second Ray instance on the same machine it fails with "Found multiple active Ray
+instances", an early-stopped trial's CPUs stay reserved and later trials error out.) Each trial hands its workers
+the train/validation splits as in-memory datasets read by the trial function itself: the TorchTrainer's own
+``read_parquet`` tasks want a whole CPU, and on 2 cores the trial (0.1) plus its workers (2 × 0.5) leave 0.9,
+so those reads would wait forever.
+
+Resume: Ctrl-C makes Tune save its state and return early; the stage then raises ``KeyboardInterrupt`` (no
+manifest; ``run_pipeline.py`` exits 130). The experiment lives at ``<storage>/tune`` (``storage`` = ``ray.storage_path`` or
+``<run dir>/ray_storage``), each trial's Train run at ``<storage>/tune_trials/trial-<trial id>``. When the
+stage is rerun after an interruption with the same stage hash (``experiment.json`` in the stage folder),
+``Tuner.restore(..., resume_errored=True)`` continues it: finished trials are kept, unfinished ones rerun and
+their Train runs continue from their last checkpoint. A different hash starts afresh (a local stale experiment
+is deleted). Trials finished before the interruption keep their MLflow runs under the earlier attempt's stage
+run (every trial run is tagged ``tune.trial_id`` and ``tune.hash``).
+
+Outputs (stage folder; manifest names in brackets):
+
+* ``trials.csv`` [trials]: one row per trial: ``trial_id``, its values (search: the searched keys; compare:
+  ``loss``, ``seed`` and the setting's keys), ``<metric>``, ``step``, ``status`` (``COMPLETED``: ran to the
+  end; ``STOPPED``: stopped early by ASHA; ``ERROR``), ``best``, ``checkpoint``, ``mlflow_run_id``, ``error``,
+  and in compare mode the benchmark metrics.
+* ``best_config.json`` [best_config]: only the chosen dotted keys → values (search: the searched keys of the
+  best trial; compare: the loss setting with the higher mean validation accuracy). The train stage applies it.
+* [best_checkpoint]: the best trial's final Ray Train checkpoint (search mode, when it completed).
+* compare mode: ``compare.csv`` [compare_table] (``loss, metric, mean, ci_low, ci_high, n``; ``loss`` is a
+  setting's label or ``diff`` — with more than two settings ``diff:<label>-<first label>``) and
+  ``compare.png`` [compare_plot].
+
+Metrics: ``tune/best_<metric>``, ``tune/trials``, ``tune/completed``, ``tune/stopped``, ``tune/errors``;
+compare mode adds ``compare/<loss>/<metric>_mean`` / ``_ci_low`` / ``_ci_high`` (``loss`` also ``diff``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline import tracking
+from pipeline.artifacts import Manifest, write_json
+from pipeline.config import PipelineConfig, from_flat
+from pipeline.runner import STAGES, StageContext, StageResult, stage_hash
+
+TRIAL_CPUS = 0.1  # the trial function only drives its TorchTrainer (0 is rejected by Tune)
+GRID_KEY = "grid_index"  # compare mode's only Tune parameter: the index into the losses × seeds grid
+DOMAINS = ("uniform", "loguniform", "choice", "randint")
+CHECKPOINT_KEY = "checkpoint_path"  # added to the Tune result by TuneReportCallback when Train checkpoints
+EXPERIMENT = "tune"
+TRIALS_FOLDER = "tune_trials"
+STRICT_METRIC_ENV = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
+
+
+# ============================================================================ pure helpers (no Ray)
+
+
+def search_domain(key: str, spec: Any) -> Any:
+    """One ``tune.search_space`` entry → a ``ray.tune`` domain; mistakes name the key."""
+    from ray import tune
+
+    where = f"tune.search_space[{key!r}]"
+    if not isinstance(spec, Mapping) or len(spec) != 1 or next(iter(spec)) not in DOMAINS:
+        raise ValueError(f"{where}: expected one of {{{' | '.join(f'{d}: ...' for d in DOMAINS)}}}, got {spec!r}")
+    kind, args = next(iter(spec.items()))
+    if kind == "choice":
+        if not isinstance(args, (list, tuple)) or not args:
+            raise ValueError(f"{where}: choice needs a non-empty list, got {args!r}")
+        return tune.choice([_plain(a) for a in args])
+    if not isinstance(args, (list, tuple)) or len(args) != 2 or not all(_is_number(a) for a in args):
+        raise ValueError(f"{where}: {kind} needs [low, high], got {args!r}")
+    low, high = args
+    if not low < high:
+        raise ValueError(f"{where}: {kind} needs low < high, got {args!r}")
+    if kind == "uniform":
+        return tune.uniform(float(low), float(high))
+    if kind == "loguniform":
+        if low <= 0:
+            raise ValueError(f"{where}: loguniform needs low > 0, got {args!r}")
+        return tune.loguniform(float(low), float(high))
+    if int(low) != low or int(high) != high:
+        raise ValueError(f"{where}: randint needs integers, got {args!r}")
+    return tune.randint(int(low), int(high))
+
+
+def search_space(space: Mapping[str, Any]) -> dict[str, Any]:
+    """``tune.search_space`` → Tune ``param_space`` (flat, dotted keys)."""
+    return {key: search_domain(key, spec) for key, spec in space.items()}
+
+
+def derive_concurrency(resources: Mapping[str, float], cfg: PipelineConfig) -> int:
+    """Trials at once: ``tune.max_concurrent_trials`` if set, else ⌊(CPUs − reserve) / per-trial CPUs⌋ ≥ 1
+    (per trial: its Train workers plus the trial function), also capped by GPUs when training on GPUs."""
+    if cfg.tune.max_concurrent_trials > 0:
+        return cfg.tune.max_concurrent_trials
+    t = cfg.train
+    per_trial = t.num_workers * t.cpus_per_worker + TRIAL_CPUS
+    n = math.floor((float(resources.get("CPU", 0.0)) - cfg.tune.reserve_cpus) / per_trial + 1e-9)
+    if t.use_gpu:
+        n = min(n, math.floor(float(resources.get("GPU", 0.0)) / t.num_workers + 1e-9))
+    return max(1, n)
+
+
+def eval_cadence(max_steps: int, eval_every: int, reports: int) -> int:
+    """``train.eval_every`` for a search trial: as configured, else ``max(1, max_steps // reports)``."""
+    if eval_every > 0:
+        return eval_every
+    return max(1, max_steps // max(1, reports))
+
+
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float, int]:
+    """``(mean, low, high, n)`` of the Student-t interval over the finite ``values``; bounds NaN when n < 2."""
+    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    n = len(x)
+    if n == 0:
+        return math.nan, math.nan, math.nan, 0
+    mean = float(x.mean())
+    if n < 2:
+        return mean, math.nan, math.nan, 1
+    from scipy import stats
+
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * float(x.std(ddof=1)) / math.sqrt(n)
+    return mean, mean - half, mean + half, n
+
+
+def loss_label(setting: Mapping[str, Any]) -> str:
+    """A short name for a loss setting: ``bt`` for ``{loss.name: bt}``, else ``name=bt,beta=0.5``."""
+    if set(setting) == {"loss.name"}:
+        return str(setting["loss.name"])
+    return ",".join(f"{k.removeprefix('loss.')}={_plain(v)}" for k, v in setting.items()) or "base"
+
+
+def compare_grid(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """The compare trials in grid order: ``{"loss": label, "seed": s, "setting": {...}, "overrides": {...}}``."""
+    settings = [dict(s) for s in cfg.tune.losses]
+    if len(settings) < 2:
+        raise ValueError("tune.losses: compare mode needs at least two loss settings")
+    labels = [loss_label(s) for s in settings]
+    labels = [f"{lab}#{i}" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
+    grid = []
+    for label, setting in zip(labels, settings):
+        for i in range(cfg.tune.seeds):
+            seed = cfg.train.seed + i
+            grid.append({"loss": label, "seed": seed, "setting": setting,
+                         "overrides": {**setting, "train.seed": seed, "model.seed": seed}})
+    return grid
+
+
+def compare_table(records: Sequence[Mapping[str, Any]], metric_names: Sequence[str], labels: Sequence[str],
+                  confidence: float = 0.95) -> pd.DataFrame:
+    """Per metric: mean and t-interval over seeds for each loss label, then the paired difference of each
+    later label minus the first (seeds present in both). ``records`` hold ``loss``, ``seed`` and the metrics."""
+    rows = []
+    frame = pd.DataFrame.from_records(records)
+    first = labels[0]
+    for metric in metric_names:
+        per = {lab: _by_seed(frame, lab, metric) for lab in labels}
+        for lab in labels:
+            mean, low, high, n = t_interval(list(per[lab].values()), confidence)
+            rows.append({"loss": lab, "metric": metric, "mean": mean, "ci_low": low, "ci_high": high, "n": n})
+        for lab in labels[1:]:
+            seeds = sorted(set(per[lab]) & set(per[first]))
+            diffs = [per[lab][s] - per[first][s] for s in seeds]
+            mean, low, high, n = t_interval(diffs, confidence)
+            name = "diff" if len(labels) == 2 else f"diff:{lab}-{first}"
+            rows.append({"loss": name, "metric": metric, "mean": mean, "ci_low": low, "ci_high": high, "n": n})
+    return pd.DataFrame(rows, columns=["loss", "metric", "mean", "ci_low", "ci_high", "n"])
+
+
+def _by_seed(frame: pd.DataFrame, label: str, metric: str) -> dict[int, float]:
+    if frame.empty or metric not in frame:
+        return {}
+    sel = frame[frame["loss"] == label]
+    return {int(s): float(v) for s, v in zip(sel["seed"], sel[metric]) if _finite(v)}
+
+
+def compare_metric_names(names: Sequence[str], metric: str) -> list[str]:
+    """The compared metrics: the validation metric, then per benchmark its overall score and its sections."""
+    bench = [n for n in names if n.endswith("/overall") or "/section/" in n]
+    return [metric, *sorted(bench, key=lambda n: (n.split("/")[0], "/section/" in n, n))]
+
+
+def plot_compare(table: pd.DataFrame, path: str | Path) -> Path:
+    """Bars with 95% CI whiskers: left the loss settings per metric, right the paired difference(s)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    metric_names = list(dict.fromkeys(table["metric"]))
+    is_diff = table["loss"].str.startswith("diff")
+    groups = [list(dict.fromkeys(table.loc[~is_diff, "loss"])), list(dict.fromkeys(table.loc[is_diff, "loss"]))]
+    fig = Figure(figsize=(max(8.0, 1.6 * len(metric_names) * 2), 4.8))
+    FigureCanvasAgg(fig)
+    x = np.arange(len(metric_names))
+    for col, (labels, title) in enumerate(zip(groups, ("mean over seeds (95% CI)", "paired difference (95% CI)"))):
+        ax = fig.add_subplot(1, 2, col + 1)
+        width = 0.8 / max(1, len(labels))
+        for i, label in enumerate(labels):
+            sub = table[table["loss"] == label].set_index("metric").reindex(metric_names)
+            mean = sub["mean"].to_numpy(dtype=float)
+            err = np.vstack([mean - sub["ci_low"].to_numpy(dtype=float), sub["ci_high"].to_numpy(dtype=float) - mean])
+            ax.bar(x + (i - (len(labels) - 1) / 2) * width, np.nan_to_num(mean), width,
+                   yerr=np.nan_to_num(err), capsize=3, label=label)
+        if col == 1:
+            ax.axhline(0.0, color="black", linewidth=0.8)
+        else:
+            ax.set_ylim(0.0, 1.05)
+        ax.set_xticks(x)
+        ax.set_xticklabels([m.replace("/section/", "\n") for m in metric_names], rotation=45, ha="right",
+                           fontsize="small")
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+        if labels:
+            ax.legend(fontsize="small")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png", dpi=120)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars → Python (config coercion and JSON want plain types)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return value is not None and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+# ============================================================================ the trial (runs inside Tune)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrialSetup:
+    """Everything a trial needs, shipped with the trainable (no module globals)."""
+
+    cfg: PipelineConfig  # the run's config ← tune.trial_overrides (← derived train.eval_every in search mode)
+    data: Manifest  # the data stage's manifest, with absolute paths (Tune runs trials in their own folder)
+    storage_path: str  # where each trial's Ray Train run lives
+    tracker: tracking.RunLogger  # the stage's MLflow run: each trial nests under it
+    mode: str
+    digest: str  # the stage hash: tags each trial's MLflow run, so a resumed experiment finds its earlier trials
+    grid: tuple = ()  # compare mode: overrides by grid index
+    controller_failure_limit: int = 1
+    start_timeout_s: float = 120.0  # how long a trial waits for the CPU its dataset setup needs
+
+    def overrides(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        if self.mode == "compare":
+            return dict(self.grid[int(params[GRID_KEY])])
+        return {k: _plain(v) for k, v in params.items()}
+
+
+def run_trial(params: Mapping[str, Any], setup: TrialSetup) -> None:
+    """One Tune trial: nested MLflow run, then the TorchTrainer with its reports forwarded to Tune."""
+    import ray.data
+    import ray.train
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from stages.train import build_trainer
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    data_context = ray.data.DataContext.get_current()  # this trial's datasets carry it to the workers
+    data_context.enable_progress_bars = False
+    data_context.print_on_execution_start = False
+    overrides = setup.overrides(params)
+    cfg = from_flat(overrides, base=setup.cfg, where=f"tune trial {trial_id}")
+    logger = setup.tracker.child(f"trial-{trial_id}", tags={
+        "tune.trial_id": trial_id, "tune.mode": setup.mode, "tune.hash": setup.digest,
+        "tune.overrides": json.dumps(overrides, default=str)})
+    logger.log_params(tracking.params_of(cfg))
+    try:
+        _await_free_cpu(setup.start_timeout_s)
+    except TimeoutError:
+        logger.finish("FAILED")
+        raise
+    trainer = build_trainer(cfg, setup.data, name=f"trial-{trial_id}", storage_path=setup.storage_path,
+                            tracking_uri=logger.uri, run_id=logger.run_id, callbacks=[TuneReportCallback()])
+    # A worker group that cannot start (placement group never freed) is a controller failure: bounded here.
+    if trainer.run_config.failure_config is None:
+        trainer.run_config.failure_config = ray.train.FailureConfig()
+    trainer.run_config.failure_config.controller_failure_limit = setup.controller_failure_limit
+    # The splits go to the workers in memory: a 1-CPU Parquet read task started inside them would wait forever
+    # on a 2-core node (0.9 CPU left next to this trial and its workers; see the module docstring).
+    trainer.datasets = {name: _in_memory(setup.data.output(name)) for name in trainer.datasets}
+    try:
+        result = trainer.fit()
+    except BaseException:
+        logger.finish("FAILED")
+        raise
+    logger.set_tags({"checkpoint": result.checkpoint.path if result.checkpoint else ""})
+    logger.finish("FINISHED")
+
+
+def _await_free_cpu(timeout_s: float, needed: float = 1.0) -> None:
+    """``build_trainer``'s ``read_parquet`` samples its files with 1-CPU tasks before any worker exists; if an
+    earlier trial's placement group was never released (trap 4) they would wait forever: error out instead."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while (free := ray.available_resources().get("CPU", 0.0)) < needed - 1e-6:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {free:.2f} CPU free after {timeout_s:.0f}s, {needed} needed to start this "
+                               f"trial: a stopped trial's placement group was probably not released (its cleaner "
+                               f"needs the dashboard's State API and a single Ray instance per machine)")
+        time.sleep(1.0)
+
+
+def _in_memory(path: str) -> Any:
+    """A data-stage split as a one-block in-memory Dataset, rows in file order (read here, no Ray task)."""
+    import pyarrow.dataset as pads
+    import ray.data
+
+    from stages.train import _TRAIN_COLUMNS
+
+    return ray.data.from_arrow(pads.dataset(path, format="parquet").to_table(columns=_TRAIN_COLUMNS))
+
+
+def make_trainable(setup: TrialSetup) -> Callable[[dict], None]:
+    def normbt_trial(params: dict) -> None:  # the name Tune registers; the same on restore
+        run_trial(params, setup)
+
+    return normbt_trial
+
+
+# ============================================================================ the stage
+
+
+def tune_reward_model(ctx: StageContext) -> StageResult:
+    from pipeline.raycluster import ensure_ray
+    from stages.train import plan_steps, storage_of
+
+    cfg = ctx.cfg
+    if cfg.tune.eval_reports < 1 or cfg.tune.grace_period < 1:
+        raise ValueError("tune.eval_reports and tune.grace_period must be >= 1")
+    ray = ensure_ray(cfg)
+    data = _absolute(ctx.upstream["data"])
+    base = from_flat(dict(cfg.tune.trial_overrides), base=cfg, where="tune.trial_overrides")
+    max_steps, _ = plan_steps(base, _count_rows(data.output("train")))
+    storage = storage_of(ctx).rstrip("/")
+    concurrency = derive_concurrency(ray.cluster_resources(), base)
+    digest = stage_hash(cfg, STAGES["tune"], ctx.upstream)
+    if cfg.tune.mode == "compare":
+        from stages.rewardbench import parse_benchmarks
+
+        benches = parse_benchmarks(cfg.rewardbench.benchmarks)  # config mistakes surface before any training
+        grid = compare_grid(cfg)
+        setup = TrialSetup(cfg=base, data=data, storage_path=f"{storage}/{TRIALS_FOLDER}", tracker=ctx.tracker,
+                           mode="compare", digest=digest, grid=tuple(g["overrides"] for g in grid),
+                           controller_failure_limit=cfg.tune.controller_failure_limit,
+                           start_timeout_s=_start_timeout(cfg))
+        ctx.log(f"  tune: compare {len(grid)} trials ({cfg.tune.seeds} seeds × "
+                f"{', '.join(dict.fromkeys(g['loss'] for g in grid))}), {concurrency} at a time")
+        results = _fit(ctx, setup, param_space={GRID_KEY: _grid_search(len(grid))}, num_samples=1,
+                       scheduler=None, search_alg=None, concurrency=concurrency, storage=storage,
+                       expected=len(grid))
+        return _compare_outputs(ctx, results, grid, benches)
+    eval_every = eval_cadence(max_steps, base.train.eval_every, cfg.tune.eval_reports)
+    base = from_flat({"train.eval_every": eval_every}, base=base)
+    space = search_space(cfg.tune.search_space)
+    setup = TrialSetup(cfg=base, data=data, storage_path=f"{storage}/{TRIALS_FOLDER}", tracker=ctx.tracker,
+                       mode="search", digest=digest, controller_failure_limit=cfg.tune.controller_failure_limit,
+                       start_timeout_s=_start_timeout(cfg))
+    scheduler = _asha(grace=cfg.tune.grace_period * eval_every, max_t=max_steps)
+    search_alg = _optuna()
+    ctx.log(f"  tune: search {cfg.tune.num_samples} trials over {', '.join(space) or '(nothing)'} "
+            f"({'Optuna TPE' if search_alg else 'random search'}, ASHA on {cfg.tune.metric} every {eval_every} "
+            f"steps of {max_steps}), {concurrency} at a time")
+    results = _fit(ctx, setup, param_space=space, num_samples=cfg.tune.num_samples, scheduler=scheduler,
+                   search_alg=search_alg, concurrency=concurrency, storage=storage,
+                   expected=cfg.tune.num_samples)
+    return _search_outputs(ctx, results, list(space))
+
+
+def _start_timeout(cfg: PipelineConfig) -> float:
+    """The patience of the Train controller: its worker-group start timeout × (1 + tolerated failures)."""
+    per_try = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60"))
+    return per_try * (1 + max(0, cfg.tune.controller_failure_limit))
+
+
+def _absolute(manifest: Manifest) -> Manifest:
+    """Local output paths made absolute: Tune runs each trial with its own working directory."""
+    outputs = {k: v if "://" in v else str(Path(v).resolve()) for k, v in manifest.outputs.items()}
+    return dataclasses.replace(manifest, outputs=outputs)
+
+
+def _count_rows(path: str) -> int:
+    import pyarrow.dataset as pads
+
+    return pads.dataset(path, format="parquet").count_rows()
+
+
+def _grid_search(n: int) -> Any:
+    from ray import tune
+
+    return tune.grid_search(list(range(n)))
+
+
+def _asha(*, grace: int, max_t: int) -> Any:
+    from ray.tune.schedulers import ASHAScheduler
+
+    # metric/mode come from TuneConfig; the final report (step == max_t) must not be cut by the scheduler.
+    return ASHAScheduler(time_attr="step", grace_period=grace, max_t=max(max_t, grace), stop_last_trials=False)
+
+
+def _optuna() -> Any:
+    """Optuna's TPE when optuna is importable, else None (Tune's random search)."""
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        return None
+    from ray.tune.search.optuna import OptunaSearch
+
+    class SparseMetricOptunaSearch(OptunaSearch):
+        """Intermediate reports without the metric (non-evaluation steps) are not Optuna's business."""
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if self.metric in result:
+                super().on_trial_result(trial_id, result)
+
+    return SparseMetricOptunaSearch()
+
+
+@contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def _fit(ctx: StageContext, setup: TrialSetup, *, param_space: dict, num_samples: int, scheduler: Any,
+         search_alg: Any, concurrency: int, storage: str, expected: int) -> list[dict[str, Any]]:
+    """Run (or resume) the experiment; one dict per trial (see :func:`_trial_record`)."""
+    from ray import tune
+
+    trainable = tune.with_resources(make_trainable(setup), {"cpu": TRIAL_CPUS})
+    experiment = f"{storage}/{EXPERIMENT}"
+    marker = ctx.out_dir / "experiment.json"
+    digest = setup.digest
+    previous = json.loads(marker.read_text()) if marker.is_file() else {}
+    if previous.get("hash") == digest and tune.Tuner.can_restore(experiment):
+        ctx.log(f"  tune: resuming the interrupted experiment at {experiment}")
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True, param_space=param_space)
+    else:
+        for stale in (experiment, setup.storage_path):
+            if "://" not in stale:
+                shutil.rmtree(stale, ignore_errors=True)
+        write_json(marker, {"hash": digest, "experiment": experiment})
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(metric=ctx.cfg.tune.metric, mode="max", num_samples=num_samples,
+                                        scheduler=scheduler, search_alg=search_alg,
+                                        max_concurrent_trials=concurrency, reuse_actors=False),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage, verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=0)))
+    with _env(STRICT_METRIC_ENV, "1"):  # reports between evaluations carry no val_accuracy (module docstring)
+        grid = tuner.fit()
+    records = sorted((_trial_record(r, ctx.cfg.tune.metric) for r in grid), key=lambda r: r["trial_id"])
+    # Tune turns Ctrl-C into an early return (interrupted trials look TERMINATED, later ones do not exist yet):
+    # pass it on, so the stage is not marked done and a rerun resumes.
+    unfinished = max(0, expected - len(records)) + sum(r["status"] == "UNFINISHED" for r in records)
+    if unfinished:
+        raise KeyboardInterrupt(f"tune: {unfinished} of {expected} trials unfinished; rerun to resume {experiment}")
+    _close_trial_runs(ctx.tracker, digest, records)
+    if not any(r["status"] != "ERROR" for r in records):
+        first = next((r["error"] for r in records if r["error"]), "no trial ran")
+        raise RuntimeError(f"every tune trial failed; first error: {first}")
+    return records
+
+
+def _trial_record(result: Any, metric: str) -> dict[str, Any]:
+    m = dict(result.metrics or {})
+    final = int(m.get("final", 0) or 0) == 1
+    trial_id = str(m.get("trial_id") or _trial_id_from_path(result.path))
+    # A trial that ended (ran out, or stopped by ASHA) has done=True in its last result; one cut by Ctrl-C not.
+    status = "ERROR" if result.error else "UNFINISHED" if not m.get("done") else "COMPLETED" if final else "STOPPED"
+    return {"trial_id": trial_id, "config": dict(result.config or {}), metric: _last_value(result, metric),
+            "step": m.get("step"), "status": status,
+            "checkpoint": str(m.get(CHECKPOINT_KEY, "")) if final else "",
+            "error": _first_line(result.error) if result.error else ""}
+
+
+def _trial_id_from_path(path: Any) -> str:
+    found = re.search(r"_([0-9a-f]{5,}_\d{5})", Path(str(path or "")).name)
+    return found.group(1) if found else Path(str(path or "unknown")).name
+
+
+def _last_value(result: Any, metric: str) -> float:
+    value = (result.metrics or {}).get(metric)
+    if _finite(value):
+        return float(value)
+    frame = result.metrics_dataframe
+    if frame is not None and metric in frame:
+        values = frame[metric].dropna()
+        if len(values):
+            return float(values.iloc[-1])
+    return math.nan
+
+
+def _first_line(err: Any) -> str:
+    text = str(err).strip()
+    return (text.splitlines() or [type(err).__name__])[-1][:500]
+
+
+def _close_trial_runs(tracker: tracking.RunLogger, digest: str, records: list[dict[str, Any]]) -> None:
+    """Attach each trial's MLflow run id (also of trials finished before a resume, nested under the earlier
+    attempt's stage run); mark runs of stopped or crashed trials (killed mid-fit)."""
+    for r in records:
+        r["mlflow_run_id"] = ""
+    if not tracker.active:
+        return
+    client = tracker.client
+    experiment_id = client.get_run(tracker.run_id).info.experiment_id
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`tune.hash` = '{digest}'", max_results=10_000)
+    by_trial: dict[str, Any] = {}
+    for run in sorted(runs, key=lambda run: run.info.start_time or 0):  # the latest attempt wins
+        trial_id = run.data.tags.get("tune.trial_id")
+        if trial_id:
+            by_trial[trial_id] = run
+    for r in records:
+        run = by_trial.get(r["trial_id"])
+        if run is None:
+            continue
+        r["mlflow_run_id"] = run.info.run_id
+        client.set_tag(run.info.run_id, "tune.status", r["status"])
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status="FAILED" if r["status"] == "ERROR" else "KILLED")
+
+
+def _best(records: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
+    """The completed trial with the highest metric (first trial id on ties); early-stopped ones as fallback."""
+    for allowed in (("COMPLETED",), ("COMPLETED", "STOPPED")):
+        pool = [r for r in records if r["status"] in allowed and _finite(r[metric])]
+        if pool:
+            return max(pool, key=lambda r: (r[metric], -records.index(r)))
+    return None
+
+
+def _trials_frame(records: list[dict[str, Any]], metric: str, value_columns: dict[str, list]) -> pd.DataFrame:
+    frame = pd.DataFrame({"trial_id": [r["trial_id"] for r in records], **value_columns})
+    for column in (metric, "step", "status", "best", "checkpoint", "mlflow_run_id", "error"):
+        frame[column] = [r.get(column, "") for r in records]
+    return frame
+
+
+def _search_outputs(ctx: StageContext, records: list[dict[str, Any]], keys: list[str]) -> StageResult:
+    metric = ctx.cfg.tune.metric
+    best = _best(records, metric)
+    if best is None:
+        raise RuntimeError(f"no tune trial reported {metric!r}; see the trial errors in {ctx.out_dir}")
+    for r in records:
+        r["best"] = r is best
+    columns = {k: [_plain(r["config"].get(k)) for r in records] for k in keys}
+    trials = _trials_frame(records, metric, columns)
+    trials_path = ctx.out_dir / "trials.csv"
+    trials.to_csv(trials_path, index=False)
+    best_config = {k: _plain(best["config"][k]) for k in keys}
+    best_path = write_json(ctx.out_dir / "best_config.json", best_config)
+    for path in (trials_path, best_path):
+        ctx.tracker.log_artifact(path)
+    ctx.tracker.set_tags({"tune.best_trial": best["trial_id"], "tune.best_checkpoint": best["checkpoint"]})
+    ctx.log(f"  tune: best trial {best['trial_id']} ({best['status']}) {metric} {best[metric]:.4f}: {best_config}")
+    outputs = {"best_config": str(best_path), "trials": str(trials_path)}
+    if best["checkpoint"]:
+        outputs["best_checkpoint"] = best["checkpoint"]
+    return StageResult(outputs=outputs, metrics={f"tune/best_{metric}": best[metric], **_counts(records)})
+
+
+def _counts(records: list[dict[str, Any]]) -> dict[str, int]:
+    status = [r["status"] for r in records]
+    return {"tune/trials": len(records), "tune/completed": status.count("COMPLETED"),
+            "tune/stopped": status.count("STOPPED"), "tune/errors": status.count("ERROR")}
+
+
+def _compare_outputs(ctx: StageContext, records: list[dict[str, Any]], grid: list[dict[str, Any]],
+                     benches: list[Any]) -> StageResult:
+    from ray.train import Checkpoint
+
+    from stages.rewardbench import score_benchmark
+
+    metric = ctx.cfg.tune.metric
+    bench_names: list[str] = []
+    for r in records:
+        cell = grid[int(r["config"][GRID_KEY])]
+        r.update(loss=cell["loss"], seed=cell["seed"], setting=cell["setting"])
+        if r["status"] != "COMPLETED" or not r["checkpoint"]:
+            ctx.log(f"  tune: trial {r['trial_id']} ({r['loss']}, seed {r['seed']}) {r['status']}: not scored")
+            continue
+        scorer_ctx = dataclasses.replace(ctx, out_dir=ctx.out_dir / "scores" / _safe(f"{r['loss']}-seed{r['seed']}"),
+                                         tracker=tracking.RunLogger(ctx.tracker.uri, r["mlflow_run_id"] or None))
+        with Checkpoint(path=r["checkpoint"]).as_directory() as folder:
+            for bench in benches:
+                _, flat = score_benchmark(bench, str(Path(folder) / "model"), scorer_ctx)
+                for name, value in flat.items():
+                    if name.endswith("/overall") or "/section/" in name:
+                        r[name] = value
+                        bench_names.append(name)
+    labels = list(dict.fromkeys(g["loss"] for g in grid))
+    names = compare_metric_names(list(dict.fromkeys(bench_names)), metric)
+    table = compare_table(records, names, labels)
+    table_path = ctx.out_dir / "compare.csv"
+    table.to_csv(table_path, index=False)
+    plot_path = plot_compare(table, ctx.out_dir / "compare.png")
+    means = {lab: table[(table["loss"] == lab) & (table["metric"] == metric)]["mean"].iloc[0] for lab in labels}
+    scored = [lab for lab in labels if _finite(means[lab])]
+    if not scored:
+        raise RuntimeError(f"no compare trial completed with a finite {metric!r}")
+    winner = max(scored, key=lambda lab: (means[lab], -labels.index(lab)))
+    setting = next(g["setting"] for g in grid if g["loss"] == winner)
+    best_path = write_json(ctx.out_dir / "best_config.json", {k: _plain(v) for k, v in setting.items()})
+    keys = list(dict.fromkeys(k for g in grid for k in g["setting"]))
+    columns = {"loss": [r["loss"] for r in records], "seed": [r["seed"] for r in records],
+               **{k: [_plain(r["setting"].get(k)) for r in records] for k in keys}}
+    for r in records:
+        r["best"] = r["loss"] == winner
+    trials = _trials_frame(records, metric, columns)
+    for name in names[1:]:
+        trials[name] = [r.get(name, math.nan) for r in records]
+    trials_path = ctx.out_dir / "trials.csv"
+    trials.to_csv(trials_path, index=False)
+    for path in (trials_path, table_path, plot_path, best_path):
+        ctx.tracker.log_artifact(path)
+    stage_metrics: dict[str, Any] = {f"tune/best_{metric}": means[winner], **_counts(records)}
+    for row in table.itertuples():
+        for field in ("mean", "ci_low", "ci_high"):
+            if _finite(getattr(row, field)):  # one seed: no interval
+                stage_metrics[f"compare/{row.loss}/{row.metric}_{field}"] = float(getattr(row, field))
+    for row in table[table["loss"].str.startswith("diff")].itertuples():
+        ctx.log(f"  compare {row.loss} {row.metric}: {row.mean:+.4f} [{row.ci_low:+.4f}, {row.ci_high:+.4f}] "
+                f"(n={row.n})")
+    ctx.log(f"  tune: {winner} has the higher mean {metric} ({means[winner]:.4f}); best_config {setting}")
+    return StageResult(outputs={"compare_table": str(table_path), "compare_plot": str(plot_path),
+                                "best_config": str(best_path), "trials": str(trials_path)},
+                       metrics=stage_metrics)
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=,-]+", "_", text)
