@@ -35,27 +35,31 @@ loss setting, and for the paired difference (setting − first setting, paired b
 Resources (trap 4 of the shared notes): a trial function reserves 0.1 CPU (:data:`TRIAL_CPUS`), its Train
 workers ``train.num_workers × train.cpus_per_worker``; unless ``tune.max_concurrent_trials`` is set,
 concurrency = ⌊(CPUs − ``tune.reserve_cpus``) / per-trial CPUs⌋ ≥ 1 (:func:`derive_concurrency`; one on 2
-cores). A trial stopped by ASHA gets its placement group released by Ray Train's cleaner, which needs the
-dashboard's State API (:func:`pipeline.raycluster.ensure_ray` keeps it on); should that fail, the next trial's
-worker group cannot start, and ``FailureConfig.controller_failure_limit = tune.controller_failure_limit`` makes
-that trial error out instead of retrying forever. Before that, ``build_trainer``'s ``read_parquet`` samples
-its files with 1-CPU tasks, which would also wait forever; so a trial first waits for one free CPU for as long
-as the controller would wait (``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``, 60 s, × (1 + the limit)) and then
-errors out naming the likely cause. Tune itself never retries a failed trial. (The cleaner finds the cluster by
-auto-detection: with a second Ray instance on the same machine it fails with "Found multiple active Ray
-instances", an early-stopped trial's CPUs stay reserved and later trials error out.) Each trial hands its workers
-the train/validation splits as in-memory datasets read by the trial function itself: the TorchTrainer's own
-``read_parquet`` tasks want a whole CPU, and on 2 cores the trial (0.1) plus its workers (2 × 0.5) leave 0.9,
-so those reads would wait forever.
+cores). Each trial hands its workers the train/validation splits as in-memory datasets read by the trial
+function itself: the TorchTrainer's own Parquet read tasks want a whole CPU, and on 2 cores the trial (0.1) plus
+its workers (2 × 0.5) leave 0.9, so they would wait forever.
+
+A trial stopped by ASHA is killed with its Train controller; Ray Train's cleaner then releases the workers'
+placement group through the dashboard's State API (:func:`pipeline.raycluster.ensure_ray` keeps the dashboard
+on). That cleaner finds its cluster by auto-detection and fails when a second Ray instance runs on the machine
+("Found multiple active Ray instances"): the CPUs stay reserved and the next trial would starve. So: (1) a trial
+first waits for the one CPU ``build_trainer``'s Parquet sampling needs; when it is the only trial running, this
+job's Train-sized placement groups still there after 10 s are leftovers and are removed (State API with the
+cluster's address given explicitly); past the controller's patience (``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``,
+60 s, × (1 + ``tune.controller_failure_limit``)) it errors out naming the cause; (2) its TorchTrainer gets
+``FailureConfig.controller_failure_limit = tune.controller_failure_limit``, so a worker group that cannot start
+errors the trial out instead of retrying forever; (3) after the experiment, placement groups this job created
+during it and still holds are removed, so later stages get their CPUs back. Tune never retries a failed trial.
 
 Resume: Ctrl-C makes Tune save its state and return early; the stage then raises ``KeyboardInterrupt`` (no
-manifest; ``run_pipeline.py`` exits 130). The experiment lives at ``<storage>/tune`` (``storage`` = ``ray.storage_path`` or
-``<run dir>/ray_storage``), each trial's Train run at ``<storage>/tune_trials/trial-<trial id>``. When the
-stage is rerun after an interruption with the same stage hash (``experiment.json`` in the stage folder),
-``Tuner.restore(..., resume_errored=True)`` continues it: finished trials are kept, unfinished ones rerun and
-their Train runs continue from their last checkpoint. A different hash starts afresh (a local stale experiment
-is deleted). Trials finished before the interruption keep their MLflow runs under the earlier attempt's stage
-run (every trial run is tagged ``tune.trial_id`` and ``tune.hash``).
+manifest; ``run_pipeline.py`` exits 130). The experiment lives at ``<storage>/tune`` (``storage`` =
+``ray.storage_path`` or ``<run dir>/ray_storage``), each trial's Train run at
+``<storage>/tune_trials/trial-<trial id>``. When the stage is rerun after an interruption with the same stage
+hash (``experiment.json`` in the stage folder), ``Tuner.restore(..., resume_errored=True)`` continues it:
+finished trials are kept, unfinished ones rerun and their Train runs continue from their last checkpoint. A
+different hash starts afresh (a local stale experiment is deleted). Trials finished before the interruption
+keep their MLflow runs under the earlier attempt's stage run (every trial run is tagged ``tune.trial_id`` and
+``tune.hash``).
 
 Outputs (stage folder; manifest names in brackets):
 
@@ -307,6 +311,7 @@ class TrialSetup:
     grid: tuple = ()  # compare mode: overrides by grid index
     controller_failure_limit: int = 1
     start_timeout_s: float = 120.0  # how long a trial waits for the CPU its dataset setup needs
+    concurrency: int = 1  # trials at once (1: leftover Train placement groups can be told apart)
 
     def overrides(self, params: Mapping[str, Any]) -> dict[str, Any]:
         if self.mode == "compare":
@@ -334,7 +339,7 @@ def run_trial(params: Mapping[str, Any], setup: TrialSetup) -> None:
         "tune.overrides": json.dumps(overrides, default=str)})
     logger.log_params(tracking.params_of(cfg))
     try:
-        _await_free_cpu(setup.start_timeout_s)
+        _await_free_cpu(setup.start_timeout_s, sole_trial=setup.concurrency == 1)
     except TimeoutError:
         logger.finish("FAILED")
         raise
@@ -356,18 +361,68 @@ def run_trial(params: Mapping[str, Any], setup: TrialSetup) -> None:
     logger.finish("FINISHED")
 
 
-def _await_free_cpu(timeout_s: float, needed: float = 1.0) -> None:
-    """``build_trainer``'s ``read_parquet`` samples its files with 1-CPU tasks before any worker exists; if an
-    earlier trial's placement group was never released (trap 4) they would wait forever: error out instead."""
+# ---------------------------------------------------------------- placement groups left by stopped trials (trap 4)
+
+
+def _await_free_cpu(timeout_s: float, *, sole_trial: bool, needed: float = 1.0, grace_s: float = 10.0) -> None:
+    """Wait until ``needed`` CPU is free: ``build_trainer``'s ``read_parquet`` samples its files with 1-CPU tasks
+    before any worker exists, and would wait forever if an earlier trial's placement group was never released.
+    When this is the only trial running, Train-sized groups of this job that are still there after ``grace_s``
+    can only be such leftovers: they are removed. Past ``timeout_s`` the trial errors out."""
     import ray
 
-    deadline = time.monotonic() + timeout_s
+    start = time.monotonic()
+    released = False
     while (free := ray.available_resources().get("CPU", 0.0)) < needed - 1e-6:
-        if time.monotonic() > deadline:
+        waited = time.monotonic() - start
+        if sole_trial and not released and waited > grace_s:
+            released = True
+            groups = _job_placement_groups()
+            _remove_placement_groups([g for g, bundles in (groups or {}).items() if bundles != _TRIAL_BUNDLES])
+            continue
+        if waited > timeout_s:
             raise TimeoutError(f"only {free:.2f} CPU free after {timeout_s:.0f}s, {needed} needed to start this "
                                f"trial: a stopped trial's placement group was probably not released (its cleaner "
                                f"needs the dashboard's State API and a single Ray instance per machine)")
         time.sleep(1.0)
+
+
+_TRIAL_BUNDLES = [{"CPU": TRIAL_CPUS}]  # the shape of Tune's own placement group for a trial function
+
+
+def _job_placement_groups() -> dict[str, list] | None:
+    """``{id: bundles}`` of this job's placement groups not yet removed; None when the State API cannot tell.
+    The cluster address is passed explicitly, so a second Ray instance on the machine does not confuse it."""
+    import ray
+    from ray.util.state import list_placement_groups
+
+    context = ray.get_runtime_context()
+    for attempt in range(3):  # the dashboard may still be starting
+        try:
+            groups = list_placement_groups(address=context.gcs_address, limit=10_000, detail=True,
+                                           raise_on_missing_output=False,
+                                           filters=[("creator_job_id", "=", context.get_job_id())])
+            break
+        except Exception:  # noqa: BLE001 - no dashboard (State API), e.g. a remote cluster without it
+            if attempt == 2:
+                return None
+            time.sleep(2.0)
+    return {g.placement_group_id: [b.get("unit_resources", b) for b in (g.bundles or [])]
+            for g in groups if g.state != "REMOVED"}
+
+
+def _remove_placement_groups(ids: Sequence[str]) -> list[str]:
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    removed = []
+    for pg_id in ids:
+        try:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+            removed.append(pg_id)
+        except Exception:  # noqa: BLE001, S112 - already gone
+            continue
+    return removed
 
 
 def _in_memory(path: str) -> Any:
@@ -412,7 +467,7 @@ def tune_reward_model(ctx: StageContext) -> StageResult:
         setup = TrialSetup(cfg=base, data=data, storage_path=f"{storage}/{TRIALS_FOLDER}", tracker=ctx.tracker,
                            mode="compare", digest=digest, grid=tuple(g["overrides"] for g in grid),
                            controller_failure_limit=cfg.tune.controller_failure_limit,
-                           start_timeout_s=_start_timeout(cfg))
+                           start_timeout_s=_start_timeout(cfg), concurrency=concurrency)
         ctx.log(f"  tune: compare {len(grid)} trials ({cfg.tune.seeds} seeds × "
                 f"{', '.join(dict.fromkeys(g['loss'] for g in grid))}), {concurrency} at a time")
         results = _fit(ctx, setup, param_space={GRID_KEY: _grid_search(len(grid))}, num_samples=1,
@@ -424,7 +479,7 @@ def tune_reward_model(ctx: StageContext) -> StageResult:
     space = search_space(cfg.tune.search_space)
     setup = TrialSetup(cfg=base, data=data, storage_path=f"{storage}/{TRIALS_FOLDER}", tracker=ctx.tracker,
                        mode="search", digest=digest, controller_failure_limit=cfg.tune.controller_failure_limit,
-                       start_timeout_s=_start_timeout(cfg))
+                       start_timeout_s=_start_timeout(cfg), concurrency=concurrency)
     scheduler = _asha(grace=cfg.tune.grace_period * eval_every, max_t=max_steps)
     search_alg = _optuna()
     ctx.log(f"  tune: search {cfg.tune.num_samples} trials over {', '.join(space) or '(nothing)'} "
@@ -523,8 +578,15 @@ def _fit(ctx: StageContext, setup: TrialSetup, *, param_space: dict, num_samples
                                         max_concurrent_trials=concurrency, reuse_actors=False),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage, verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=0)))
-    with _env(STRICT_METRIC_ENV, "1"):  # reports between evaluations carry no val_accuracy (module docstring)
-        grid = tuner.fit()
+    before = _job_placement_groups()
+    try:
+        with _env(STRICT_METRIC_ENV, "1"):  # reports between evaluations carry no val_accuracy (module docstring)
+            grid = tuner.fit()
+    finally:  # whatever stopped trials left behind goes, so later stages in this job get their CPUs back
+        after = _job_placement_groups() if before is not None else None
+        removed = _remove_placement_groups(sorted(set(after) - set(before))) if after is not None else []
+        if removed:
+            ctx.log(f"  tune: removed {len(removed)} placement group(s) left behind by stopped trials")
     records = sorted((_trial_record(r, ctx.cfg.tune.metric) for r in grid), key=lambda r: r["trial_id"])
     # Tune turns Ctrl-C into an early return (interrupted trials look TERMINATED, later ones do not exist yet):
     # pass it on, so the stage is not marked done and a rerun resumes.

@@ -161,12 +161,11 @@ def _child_runs(cfg, parent_id):
     return client.search_runs([experiment], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'")
 
 
-@pytest.mark.skip(reason="issue 7 open: this Tune-over-Train run hung past 900 s in the last session (2-core "
-                         "machine shared with other Ray jobs); remove this skip "
-                         "after fixing")
+@pytest.mark.skip(reason="issue 7 open: the fixed stage passed these in a helper's run (505 s for the file) but "
+                         "they are not yet verified in CI's time budget; remove this skip to run them")
 @pytest.mark.integration
 @pytest.mark.timeout(900)
-def test_search_picks_the_best_trial_by_validation_accuracy(tmp_path, data_manifest):
+def test_search_picks_the_best_trial_by_validation_accuracy(tmp_path, data_manifest, ray_session):
     cfg, manifest = _run_tune(tmp_path, data_manifest, ["tune.mode=search", "tune.num_samples=3",
                                                         f"tune.search_space={json.dumps(SEARCHED)}"])
     assert set(manifest.outputs) == {"best_config", "trials", "best_checkpoint"}
@@ -196,11 +195,21 @@ def test_search_picks_the_best_trial_by_validation_accuracy(tmp_path, data_manif
         assert run.data.params["train.max_steps"] == "2" and run.data.params["train.eval_every"] == "1"
         assert "loss" in run.data.metrics and "val_accuracy" in run.data.metrics  # from the train worker
         assert run.info.status in ("FINISHED", "KILLED") and run.data.tags["tune.status"] == row["status"]
+    _assert_cpus_released(ray_session)
 
 
-@pytest.mark.skip(reason="issue 7 open: this Tune-over-Train run hung past 900 s in the last session (2-core "
-                         "machine shared with other Ray jobs); remove this skip "
-                         "after fixing")
+def _assert_cpus_released(ray, timeout_s=30.0):
+    """Trap 4: no trial may leave CPUs reserved (a stopped trial's placement group) for what runs next."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0.0) < ray.cluster_resources()["CPU"] - 1e-6:
+        assert time.monotonic() < deadline, f"CPUs still reserved: {ray.available_resources()}"
+        time.sleep(1.0)
+
+
+@pytest.mark.skip(reason="issue 7 open: the fixed stage passed these in a helper's run (505 s for the file) but "
+                         "they are not yet verified in CI's time budget; remove this skip to run them")
 @pytest.mark.integration
 @pytest.mark.timeout(900)
 def test_compare_reports_means_and_paired_intervals(tmp_path, data_manifest):
