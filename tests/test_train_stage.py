@@ -76,6 +76,21 @@ def _weights(folder):
     return load_file(str(Path(folder) / "model.safetensors"))
 
 
+def _plain_validation_rewards(model_dir, data_dir):
+    """Validation rewards from the export loaded by plain transformers, and its config.json."""
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline import modeling
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    rows = T.read_rows(str(data_dir / "validation"))
+    with torch.no_grad():
+        batch = T.collate(rows, model.config.pad_token_id, torch.device("cpu"))
+        rewards, _ = modeling.forward_rewards(model, batch["input_ids"], batch["attention_mask"])
+    return rewards, config
+
+
 def _metric_history(cfg, run_id, key):
     from mlflow import MlflowClient
 
@@ -94,16 +109,7 @@ def baseline(data_dir, tmp_path_factory):
 def test_two_workers_zero2_trains_and_exports_a_plain_hf_model(baseline, data_dir):
     cfg, manifest, run_dir = baseline
     assert set(manifest.outputs) == {"model", "checkpoint", "metrics"}
-    from transformers import AutoModelForSequenceClassification
-
-    from pipeline import modeling
-
-    model = AutoModelForSequenceClassification.from_pretrained(manifest.outputs["model"]).eval()
-    config = json.loads((Path(manifest.outputs["model"]) / "config.json").read_text())
-    rows = T.read_rows(str(data_dir / "validation"))
-    with torch.no_grad():
-        batch = T.collate(rows, model.config.pad_token_id, torch.device("cpu"))
-        rewards, _ = modeling.forward_rewards(model, batch["input_ids"], batch["attention_mask"])
+    rewards, config = _plain_validation_rewards(manifest.outputs["model"], data_dir)
     # The plain-transformers model reproduces the training-time validation rewards stored at export.
     assert abs(rewards.mean().item() - config["reward_mean"]) < 1e-4
     assert abs(rewards.std(unbiased=False).item() - config["reward_std"]) < 1e-4
@@ -145,14 +151,5 @@ def test_zero3_two_workers_trains_and_exports_consolidated_weights(data_dir, tmp
     _, manifest, _ = _ray_train(tmp_path, "z3", ["train.zero_stage=3", "train.max_steps=2"], data_dir)
     weights = _weights(manifest.outputs["model"])
     assert weights["score.weight"].shape == (1, 64) and all(w.numel() > 0 for w in weights.values())
-    from transformers import AutoModelForSequenceClassification
-
-    from pipeline import modeling
-
-    model = AutoModelForSequenceClassification.from_pretrained(manifest.outputs["model"]).eval()
-    config = json.loads((Path(manifest.outputs["model"]) / "config.json").read_text())
-    rows = T.read_rows(str(data_dir / "validation"))
-    with torch.no_grad():
-        batch = T.collate(rows, model.config.pad_token_id, torch.device("cpu"))
-        rewards, _ = modeling.forward_rewards(model, batch["input_ids"], batch["attention_mask"])
+    rewards, config = _plain_validation_rewards(manifest.outputs["model"], data_dir)
     assert abs(rewards.mean().item() - config["reward_mean"]) < 1e-4
