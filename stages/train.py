@@ -79,6 +79,19 @@ def global_batches(windows: Iterable[list[dict]], *, global_batch: int, seed: in
         yield from batches
 
 
+def timed(items: Iterable, waits: list[float]) -> Iterator:
+    """Yield from ``items``, appending to ``waits`` the seconds each item took to arrive (data-wait time)."""
+    it = iter(items)
+    while True:
+        start = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        waits.append(time.perf_counter() - start)
+        yield item
+
+
 def micro_slices(batch: list[dict], *, micro: int, accum: int, world: int, rank: int) -> list[list[dict]]:
     """The ``accum`` micro-batches this rank trains on within one global batch."""
     block = micro * world
@@ -290,9 +303,11 @@ def run_loop(cfg: PipelineConfig, plan: LoopPlan, *, train_windows: Callable[[in
     t = cfg.train
     global_batch = t.micro_batch_size * t.grad_accum * plan.world_size
     start, seen = time.time(), step
+    waits: list[float] = []  # seconds each global batch took to arrive: the loop's data-wait time
+    wait_s = busy_s = 0.0
     for epoch in range(step // plan.steps_per_epoch, max(1, math.ceil(plan.max_steps / plan.steps_per_epoch))):
         batches = global_batches(train_windows(epoch), global_batch=global_batch, seed=t.seed, epoch=epoch)
-        for index, batch in enumerate(batches):
+        for index, batch in enumerate(timed(batches, waits)):
             if epoch * plan.steps_per_epoch + index < consumed:
                 continue  # consumed before a restart: skip, never train twice
             if step >= plan.max_steps:
@@ -303,11 +318,13 @@ def run_loop(cfg: PipelineConfig, plan: LoopPlan, *, train_windows: Callable[[in
             tick = time.time()
             metrics = train_one_step(cfg, engine, model, micro, ema, tok.pad_token_id, device, step)
             step, consumed = step + 1, epoch * plan.steps_per_epoch + index + 1
+            took = max(time.time() - tick, 1e-9)
+            wait_s, busy_s = wait_s + waits[-1], busy_s + took
             if metrics is None:
                 continue
-            metrics.update(step=step, pairs_per_s=global_batch / max(time.time() - tick, 1e-9),
-                           tokens_per_s=sum(r["chosen_len"] + r["rejected_len"] for r in batch)
-                           / max(time.time() - tick, 1e-9))
+            metrics.update(step=step, pairs_per_s=global_batch / took,
+                           tokens_per_s=sum(r["chosen_len"] + r["rejected_len"] for r in batch) / took,
+                           data_wait_fraction=wait_s / (wait_s + busy_s))
             if t.eval_every and step % t.eval_every == 0 and step < plan.max_steps:
                 metrics.update(evaluate(cfg, engine, model, validation_rows(), tok.pad_token_id, device,
                                         plan.rank, plan.world_size))
@@ -322,6 +339,7 @@ def run_loop(cfg: PipelineConfig, plan: LoopPlan, *, train_windows: Callable[[in
             break
     final = evaluate(cfg, engine, model, validation_rows(), tok.pad_token_id, device, plan.rank, plan.world_size)
     final["step"] = step
+    final["data_wait_fraction"] = wait_s / max(wait_s + busy_s, 1e-9)
     if plan.rank == 0:
         logger.log_metrics(final, step=step)
     _checkpoint(engine, step, consumed, ema, final, report, export=(model, tok, final, cfg))

@@ -115,7 +115,9 @@ def test_two_workers_zero2_trains_and_exports_a_plain_hf_model(baseline, data_di
     assert abs(rewards.std(unbiased=False).item() - config["reward_std"]) < 1e-4
     final = json.loads(Path(manifest.outputs["metrics"]).read_text())["final"]
     assert final["step"] == 6 and 0.0 <= final["val_accuracy"] <= 1.0
+    assert 0.0 <= final["data_wait_fraction"] < 1.0  # the data-wait figure is recorded per run
     assert len(_metric_history(cfg, manifest.mlflow_run_id, "loss")) == 6
+    assert len(_metric_history(cfg, manifest.mlflow_run_id, "data_wait_fraction")) == 7  # 6 steps + final
 
 
 def test_one_worker_matches_two_workers(baseline, data_dir, tmp_path):
