@@ -78,7 +78,7 @@ class TrainConfig:
     precision: str = _f("auto", "'auto' (bf16 on GPU, fp32 on CPU), 'fp32' or 'bf16'.")
     micro_batch_size: int = _f(8, "Pairs per worker per forward.")
     grad_accum: int = _f(1, "Gradient accumulation steps.")
-    lr: float = _f(3e-5, "Peak learning rate.")
+    lr: float = _f(1e-4, "Peak learning rate (1e-4 calibrated for the embedded MiniLM default).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     optimizer: str = _f("adamw", "'adamw' or 'sgd' (with momentum).")
     momentum: float = _f(0.9, "SGD momentum.")
@@ -94,23 +94,27 @@ class TrainConfig:
     nan_policy: str = _f("stop", "On a NaN/Inf loss: 'stop' (clear error) or 'skip' the step.")
     length_group_window: int = _f(64, "Batches are grouped by length inside windows of this many micro-batches.")
     seed: int = _f(0, "Seed for data order and initialisation.")
-    log_every: int = _f(1, "Report metrics every N optimizer steps.")
+    log_every: int = _f(5, "Report metrics every N optimizer steps (and at every validation); each report "
+                        "costs a Ray Train round trip.")
+    in_memory_rows: int = _f(100_000, "Splits up to this many pairs reach the workers from one in-memory Arrow block; "
+                             "larger ones stream from Parquet (read_parquet).")
 
 
 @dataclass(frozen=True, kw_only=True)
 class TuneConfig:
     mode: str = _f("search", "'search' (beta, eps, lr by ASHA) or 'compare' (losses x seeds with error bars).")
-    num_samples: int = _f(3, "Trials in search mode.")
+    num_samples: int = _f(2, "Trials in search mode (the embedded default's search is small: 2 short trials).")
     search_space: dict = _f({"loss.beta": {"uniform": [0.5, 0.99]}, "loss.eps": {"loguniform": [1e-4, 1e-1]},
-                             "train.lr": {"loguniform": [1e-5, 1e-4]}},
+                             "train.lr": {"loguniform": [5e-5, 1.5e-4]}},
                             "Dotted key -> {uniform|loguniform|choice|randint: args}.")
     metric: str = _f("val_accuracy", "Validation metric to maximise (never a test set).")
     grace_period: int = _f(1, "ASHA: reports before a trial may be stopped.")
     max_concurrent_trials: int = _f(0, "0: derived from cluster resources.")
     losses: tuple = _f(({"loss.name": "bt"}, {"loss.name": "normbt"}), "Compare mode: named loss settings.")
     seeds: int = _f(5, "Compare mode: seeds per loss setting.")
-    trial_overrides: dict = _f({}, "Dotted overrides applied to every trial (e.g. fewer steps).")
-    eval_reports: int = _f(4, "Search mode: validation passes per trial when train.eval_every is 0 (ASHA's rungs).")
+    trial_overrides: dict = _f({"train.max_steps": 10}, "Dotted overrides applied to every trial (default: "
+                               "short trials; {} trains each trial like the final run).")
+    eval_reports: int = _f(2, "Search mode: validation passes per trial when train.eval_every is 0 (ASHA's rungs).")
     reserve_cpus: float = _f(0.5, "CPUs left to Ray Data when max_concurrent_trials is derived.")
     controller_failure_limit: int = _f(1, "Train controller failures a trial tolerates (a starved trial errors out).")
 
@@ -165,8 +169,8 @@ class RayConfig:
 class RunConfig:
     name: str = _f("default", "Run name: the run directory is <root>/<name>.")
     root: str = _f("runs", "Folder (or URI) holding run directories and the default MLflow store.")
-    stages: tuple = _f(("data", "train", "rewardbench", "best_of_n", "register"),
-                       "Stages to run, in order (add 'tune' before 'train' for a hyperparameter search).")
+    stages: tuple = _f(("data", "tune", "train", "rewardbench", "best_of_n", "register"),
+                       "Stages to run, in order (drop 'tune' to train with the configured hyperparameters).")
     seed: int = _f(0, "Global seed.")
 
 

@@ -40,7 +40,19 @@ def problems(cfg: PipelineConfig, stages: tuple[str, ...]) -> list[str]:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5)  # noqa: S310 - the user's own server
         except Exception as err:  # noqa: BLE001 - any failure means "not reachable", said once
             found.append(f"tracking URI {uri} is not reachable ({type(err).__name__}: {err})")
-    if cfg.train.use_gpu and ("train" in stages or "tune" in stages):
+    if "://" in cfg.run.root:
+        found.append(f"run.root: {cfg.run.root} is a URI; the run directory is written by the driver and must be a "
+                     f"local or mounted folder (Ray Train/Tune storage takes URIs: ray.storage_path; models and "
+                     f"reports also go to MLflow's artifact store)")
+    trains = "train" in stages or "tune" in stages
+    if trains and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        cpus = cfg.ray.num_cpus or os.cpu_count() or 1
+        need = cfg.train.num_workers * cfg.train.cpus_per_worker
+        if need > cpus - 0.5:  # trap 1: workers holding every CPU starve Ray Data's tasks, a silent hang
+            found.append(f"train.num_workers × train.cpus_per_worker = {need:g} CPUs, but the local Ray cluster has "
+                         f"{cpus} and Ray Data needs at least 0.5 beside the workers; lower one of them or set "
+                         f"ray.num_cpus")
+    if cfg.train.use_gpu and trains:
         import torch
 
         if not torch.cuda.is_available() and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):

@@ -459,11 +459,19 @@ def _bench_tables(metrics: Mapping[str, Any]) -> list[Block]:
     return blocks
 
 
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def _best_of_n(manifests: Mapping[str, Manifest]) -> list[Block]:
     m = manifests.get("best_of_n")
     if m is None:
         return _not_run("best_of_n stage")
     blocks: list[Block] = []
+    if "bon/beats_random" in m.metrics:
+        from stages.best_of_n import verdict
+
+        blocks.append(Text(_cap(verdict(m.metrics)) + "."))
     if "results" in m.outputs:
         blocks += _guard("Best-of-N results", lambda: frame_table(_frame(m.outputs["results"])))
     blocks.append(Text("gold_mean: expected gold score of the proxy-best of n (95% bootstrap CI); kl: the analytic "

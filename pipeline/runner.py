@@ -28,6 +28,7 @@ class StageSpec:
     keys: tuple[str, ...]  # config sections/keys that determine the stage's outputs
     needs: tuple[str, ...] = ()  # upstream stages that must have finished
     uses: tuple[str, ...] = ()  # upstream stages used when present (e.g. tune's best config)
+    mode_keys: Callable[[PipelineConfig], tuple[str, ...]] | None = None  # more keys, depending on the config
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,7 +52,9 @@ _TRAIN_KEYS = ("model", "loss", "train", "ray.storage_path")
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec(name="data", entry="stages.data:prepare_preferences", keys=_DATA_KEYS),
-    StageSpec(name="tune", entry="stages.tune:tune_reward_model", keys=(*_TRAIN_KEYS, "tune"), needs=("data",)),
+    # run.seed seeds the searcher; compare mode also scores every trial on the benchmarks
+    StageSpec(name="tune", entry="stages.tune:tune_reward_model", keys=(*_TRAIN_KEYS, "tune", "run.seed"),
+              needs=("data",), mode_keys=lambda cfg: ("rewardbench",) if cfg.tune.mode == "compare" else ()),
     StageSpec(name="train", entry="stages.train:train_reward_model", keys=_TRAIN_KEYS, needs=("data",),
               uses=("tune",)),
     StageSpec(name="rewardbench", entry="stages.rewardbench:score_rewardbench", keys=("rewardbench",),
@@ -94,15 +97,13 @@ def _upstream(spec: StageSpec, run_dir: Path) -> dict[str, Manifest]:
 
 
 def stage_hash(cfg: PipelineConfig, spec: StageSpec, upstream: Mapping[str, Manifest]) -> str:
-    return config_hash(cfg, spec.keys, {name: m.hash for name, m in sorted(upstream.items())})
+    keys = spec.keys + (spec.mode_keys(cfg) if spec.mode_keys else ())
+    return config_hash(cfg, keys, {name: m.hash for name, m in sorted(upstream.items())})
 
 
 def run_pipeline(cfg: PipelineConfig, *, run_dir: str | Path | None = None, stages: tuple[str, ...] | None = None,
                  log: Callable[[str], None] = print) -> dict[str, Manifest]:
     """Run ``stages`` (default ``cfg.run.stages``) and return every stage's manifest."""
-    run_dir = run_dir_of(cfg, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
     names = tuple(stages or cfg.run.stages)
     unknown = [n for n in names if n not in STAGES]
     if unknown:
@@ -110,8 +111,11 @@ def run_pipeline(cfg: PipelineConfig, *, run_dir: str | Path | None = None, stag
     from pipeline.preflight import problems
 
     found = problems(cfg, names)
-    if found:
+    if found:  # before anything is written
         raise PipelineError("preflight failed:\n  - " + "\n  - ".join(found))
+    run_dir = run_dir_of(cfg, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
     log(f"plan: {' -> '.join(names)}   (run dir: {run_dir})")
     parent = tracking.start_pipeline_run(cfg, run_dir)
     manifests: dict[str, Manifest] = {}

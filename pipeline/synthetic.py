@@ -10,8 +10,10 @@ reweighting can be studied without downloading anything:
   slips (a step's result miscalculated: only arithmetic reveals them); half are copy errors (a
   step starts from a miscopied number, from the prompt or from the previous step, and is then
   computed correctly: a mismatch of two numbers reveals them). Tiny representation distance.
-- ``chat`` (section "Chat"): helpful on-topic answer vs. an off-topic answer (``chat-offtopic``)
-  or the same answer cut off mid-sentence (``chat-truncated``). Large distance.
+- ``chat`` (section "Chat"): helpful on-topic answer vs. an off-topic answer (``chat-offtopic``),
+  the same answer cut off mid-sentence (``chat-truncated``), both at a large distance, or the same
+  sentence with another item's fact ("The capital of Peru is Oslo.", ``chat-wrongfact``), which
+  only the backbone's world knowledge can tell apart.
 - ``chat_hard`` (section "Chat Hard"): an instruction's constraint ("exactly three words",
   "in one sentence", "end with a question", "list three", ...) followed vs. subtly violated
   (``chat_hard-constraint``).
@@ -68,6 +70,7 @@ SPLITS: tuple[str, ...] = ("train", "validation", "test")
 SECTION_OF_SUBSET: dict[str, str] = {
     "chat-offtopic": "Chat",
     "chat-truncated": "Chat",
+    "chat-wrongfact": "Chat",
     "chat_hard-constraint": "Chat Hard",
     "safety-refuse": "Safety",
     "safety-comply": "Safety",
@@ -91,14 +94,16 @@ _MAX_ATTEMPTS = 400
 
 
 def _default_mix() -> dict[str, float]:
-    return {c: 1.0 for c in CATEGORIES}
+    # Reasoning is half of the rows, as in RewardBench v1 (math-prm + hep-*: 1431 of 2985), and the
+    # category the paper is about; with a quarter, MiniLM did not learn it in the default training.
+    return {"chat": 1.0, "chat_hard": 1.0, "safety": 1.0, "reasoning": 3.0}
 
 
 @dataclass(frozen=True, kw_only=True)
 class SyntheticSpec:
     """What to generate. All output is a pure function of this spec (and the split name)."""
 
-    n_train: int = field(default=400, metadata={"doc": "Number of rows in the train split."})
+    n_train: int = field(default=800, metadata={"doc": "Number of rows in the train split."})
     n_validation: int = field(default=200, metadata={"doc": "Number of rows in the validation split."})
     n_test: int = field(default=800, metadata={"doc": "Number of rows in the held-out test split."})
     seed: int = field(default=0, metadata={"doc": "Master seed; every random choice derives from it."})
@@ -572,7 +577,21 @@ _OFFTOPIC_FILLER = (
 )
 
 
+def _wrong_fact(t: _Chat, rng: random.Random) -> tuple[str, str, str]:
+    """The question about one item, answered in the same phrasing but with another item's answer."""
+    item = rng.choice(t.items)
+    phrasing = rng.choice(t.answers)
+    # the answer fields: in the phrasing, not in the question (city, author, symbol, ...)
+    keys = [k for k in item if "{" + k + "}" in phrasing and "{" + k + "}" not in t.question]
+    others = [o for o in t.items if any(o[k] != item[k] for k in keys)]
+    other = rng.choice(others)
+    return (t.question.format(**item), _cap(phrasing.format(**item)),
+            _cap(phrasing.format(**{**item, **{k: other[k] for k in keys}})))
+
+
 def _chat_row(t: _Chat, rng: random.Random) -> tuple[str, str, str, str]:
+    if rng.random() < 1 / 3:
+        return (*_wrong_fact(t, rng), "chat-wrongfact")
     prompt, chosen = t.qa(rng)
     if rng.random() < 0.5:
         if rng.random() < 0.5:

@@ -31,10 +31,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import random
 import shutil
 import tempfile
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -90,6 +93,54 @@ def timed(items: Iterable, waits: list[float]) -> Iterator:
             return
         waits.append(time.perf_counter() - start)
         yield item
+
+
+def prefetched(items: Iterable, depth: int = 2) -> Iterator:
+    """Iterate ``items`` in a background thread started now, at most ``depth`` items ahead; errors re-raise here.
+
+    The loop starts reading its first epoch this way before DeepSpeed builds the engine, so the stream's
+    start-up (Ray Data planning, Parquet reads) overlaps model set-up instead of showing up as data wait.
+    """
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop, end = threading.Event(), object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False  # the consumer went away
+
+    def fill() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(end)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            put(_Failure(err))
+
+    threading.Thread(target=fill, name="train-prefetch", daemon=True).start()
+
+    def drain() -> Iterator:
+        try:
+            while (item := buffer.get()) is not end:
+                if isinstance(item, _Failure):
+                    raise item.error
+                yield item
+        finally:
+            stop.set()
+
+    consumer = drain()
+    weakref.finalize(consumer, stop.set)  # never iterated (the caller failed first): stop the thread anyway
+    return consumer
+
+
+@dataclass(frozen=True)
+class _Failure:
+    error: BaseException
 
 
 def micro_slices(batch: list[dict], *, micro: int, accum: int, world: int, rank: int) -> list[list[dict]]:
@@ -292,6 +343,7 @@ def run_loop(cfg: PipelineConfig, plan: LoopPlan, *, train_windows: Callable[[in
     """The training loop. ``train_windows(epoch)`` yields windows of rows in file order; ``report(metrics,
     checkpoint_dir=None, final=False)`` publishes metrics (and a checkpoint folder written by every rank)."""
     device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+    first_epoch = prefetched(train_windows(0)) if restore_dir is None else None  # reads while the engine builds
     engine, model, tok = build_engine(cfg, plan, use_gpu)
     ema = losses.DistanceEMA(cfg.loss.beta)
     step = consumed = 0
@@ -306,7 +358,8 @@ def run_loop(cfg: PipelineConfig, plan: LoopPlan, *, train_windows: Callable[[in
     waits: list[float] = []  # seconds each global batch took to arrive: the loop's data-wait time
     wait_s = busy_s = 0.0
     for epoch in range(step // plan.steps_per_epoch, max(1, math.ceil(plan.max_steps / plan.steps_per_epoch))):
-        batches = global_batches(train_windows(epoch), global_batch=global_batch, seed=t.seed, epoch=epoch)
+        windows = first_epoch if epoch == 0 and first_epoch is not None else train_windows(epoch)
+        batches = global_batches(windows, global_batch=global_batch, seed=t.seed, epoch=epoch)
         for index, batch in enumerate(timed(batches, waits)):
             if epoch * plan.steps_per_epoch + index < consumed:
                 continue  # consumed before a restart: skip, never train twice
@@ -325,15 +378,17 @@ def run_loop(cfg: PipelineConfig, plan: LoopPlan, *, train_windows: Callable[[in
             metrics.update(step=step, pairs_per_s=global_batch / took,
                            tokens_per_s=sum(r["chosen_len"] + r["rejected_len"] for r in batch) / took,
                            data_wait_fraction=wait_s / (wait_s + busy_s))
-            if t.eval_every and step % t.eval_every == 0 and step < plan.max_steps:
+            evaluated = bool(t.eval_every) and step % t.eval_every == 0 and step < plan.max_steps
+            if evaluated:
                 metrics.update(evaluate(cfg, engine, model, validation_rows(), tok.pad_token_id, device,
                                         plan.rank, plan.world_size))
-            if plan.rank == 0 and step % t.log_every == 0:
+            publish = evaluated or step % t.log_every == 0  # validation results always go out (Tune's ASHA)
+            if plan.rank == 0 and publish:
                 logger.log_metrics(metrics, step=step)
                 _progress(step, plan.max_steps, metrics, start, seen)
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < plan.max_steps:
                 _checkpoint(engine, step, consumed, ema, metrics, report)
-            elif step % t.log_every == 0:
+            elif publish:
                 report(metrics)
         if step >= plan.max_steps:
             break
@@ -396,9 +451,13 @@ def train_loop_per_worker(config: dict) -> None:
         for batch in shard.iter_batches(batch_size=window_rows, batch_format="numpy", prefetch_batches=1):
             yield _rows(batch)
 
-    def validation_rows() -> list[dict]:
-        shard = ray.train.get_dataset_shard("validation")
-        return [r for b in shard.iter_batches(batch_size=1024, batch_format="numpy") for r in _rows(b)]
+    cached: list[list[dict]] = []
+
+    def validation_rows() -> list[dict]:  # read once: every evaluation uses the same rows
+        if not cached:
+            shard = ray.train.get_dataset_shard("validation")
+            cached.append([r for b in shard.iter_batches(batch_size=1024, batch_format="numpy") for r in _rows(b)])
+        return cached[0]
 
     def report(metrics: dict, checkpoint_dir: str | None = None, final: bool = False) -> None:
         clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
@@ -430,19 +489,23 @@ def plan_steps(cfg: PipelineConfig, n_train: int) -> tuple[int, int]:
 
 
 def build_trainer(cfg: PipelineConfig, data: Any, *, name: str, storage_path: str,
-                  tracking_uri: str | None, run_id: str | None, callbacks: list | None = None) -> Any:
-    """The ``TorchTrainer`` for one training run (the train stage, and each Tune trial)."""
+                  tracking_uri: str | None, run_id: str | None, callbacks: list | None = None,
+                  in_memory: bool = False, controller_failure_limit: int = -1) -> Any:
+    """The ``TorchTrainer`` for one training run (the train stage, and each Tune trial).
+
+    ``in_memory`` sends the splits from the driver's memory whatever their size (Tune trials: a Parquet read task
+    started next to a trial would want a CPU the trial's workers hold); ``controller_failure_limit`` bounds how
+    often a worker group that cannot start is retried (-1: Ray's default, forever)."""
     import ray
     import ray.train
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    train_path, val_path = data.output("train"), data.output("validation")
-    n_train = _count_rows(train_path)
+    n_train = _count_rows(data.output("train"))
     max_steps, steps_per_epoch = plan_steps(cfg, n_train)
+    in_memory = in_memory or n_train <= cfg.train.in_memory_rows
     # Every rank reads the whole stream in file order (see the module docstring), so nothing is split.
-    datasets = {"train": ray.data.read_parquet(train_path, columns=_TRAIN_COLUMNS),
-                "validation": ray.data.read_parquet(val_path, columns=_TRAIN_COLUMNS)}
+    datasets = {split: split_dataset(data.output(split), in_memory=in_memory) for split in ("train", "validation")}
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
     return TorchTrainer(
         train_loop_per_worker,
@@ -454,12 +517,24 @@ def build_trainer(cfg: PipelineConfig, data: Any, *, name: str, storage_path: st
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, callbacks=callbacks,
             worker_runtime_env={"env_vars": {k: os.environ[k] for k in _TEST_HOOKS if k in os.environ}},
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures,
+                                                   controller_failure_limit=controller_failure_limit),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(1, cfg.train.keep_checkpoints))),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[],
                                             execution_options=ExecutionOptions(preserve_order=True)),
     )
+
+
+def split_dataset(path: str, *, in_memory: bool) -> Any:
+    """A data-stage split as a Ray Dataset of the training columns, rows in file order. In memory: one Arrow block
+    read here (no Ray task; small splits start streaming at once). Otherwise ``read_parquet`` streams it."""
+    import pyarrow.dataset as pads
+    import ray.data
+
+    if in_memory:
+        return ray.data.from_arrow(pads.dataset(path, format="parquet").to_table(columns=_TRAIN_COLUMNS))
+    return ray.data.read_parquet(path, columns=_TRAIN_COLUMNS)
 
 
 def _count_rows(path: str) -> int:

@@ -12,7 +12,7 @@ values win over the overrides.
 Search (``tune.mode: search``): ``tune.search_space`` maps dotted keys to ``{uniform: [a, b]}``,
 ``{loguniform: [a, b]}``, ``{choice: [...]}`` or ``{randint: [a, b]}`` (``b`` excluded, as in Tune);
 ``tune.num_samples`` trials are drawn by Optuna's TPE when ``optuna`` is importable, else by Tune's random
-search, and ASHA stops weak trials early. The objective is ``tune.metric`` (validation accuracy: the train
+search, both seeded with ``run.seed`` (a rerun draws the same trials), and ASHA stops weak trials early. The objective is ``tune.metric`` (validation accuracy: the train
 stage's held-out validation split, never a test set or RewardBench), maximised.
 
 *When ASHA sees the metric.* The workers report every ``train.log_every`` steps, but ``val_accuracy`` only at
@@ -43,7 +43,7 @@ A trial stopped by ASHA is killed with its Train controller; Ray Train's cleaner
 placement group through the dashboard's State API (:func:`pipeline.raycluster.ensure_ray` keeps the dashboard
 on). That cleaner finds its cluster by auto-detection and fails when a second Ray instance runs on the machine
 ("Found multiple active Ray instances"): the CPUs stay reserved and the next trial would starve. So: (1) a trial
-first waits for the one CPU ``build_trainer``'s Parquet sampling needs; when it is the only trial running, this
+first waits until one CPU is free (what its workers need on the default 2 × 0.5); when it is the only trial running, this
 job's Train-sized placement groups still there after 10 s are leftovers and are removed (State API with the
 cluster's address given explicitly); past the controller's patience (``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``,
 60 s, × (1 + ``tune.controller_failure_limit``)) it errors out naming the cause; (2) its TorchTrainer gets
@@ -343,15 +343,12 @@ def run_trial(params: Mapping[str, Any], setup: TrialSetup) -> None:
     except TimeoutError:
         logger.finish("FAILED")
         raise
-    trainer = build_trainer(cfg, setup.data, name=f"trial-{trial_id}", storage_path=setup.storage_path,
-                            tracking_uri=logger.uri, run_id=logger.run_id, callbacks=[TuneReportCallback()])
-    # A worker group that cannot start (placement group never freed) is a controller failure: bounded here.
-    if trainer.run_config.failure_config is None:
-        trainer.run_config.failure_config = ray.train.FailureConfig()
-    trainer.run_config.failure_config.controller_failure_limit = setup.controller_failure_limit
     # The splits go to the workers in memory: a 1-CPU Parquet read task started inside them would wait forever
-    # on a 2-core node (0.9 CPU left next to this trial and its workers; see the module docstring).
-    trainer.datasets = {name: _in_memory(setup.data.output(name)) for name in trainer.datasets}
+    # on a 2-core node (0.9 CPU left next to this trial and its workers; see the module docstring). A worker
+    # group that cannot start (placement group never freed) is a controller failure: bounded.
+    trainer = build_trainer(cfg, setup.data, name=f"trial-{trial_id}", storage_path=setup.storage_path,
+                            tracking_uri=logger.uri, run_id=logger.run_id, callbacks=[TuneReportCallback()],
+                            in_memory=True, controller_failure_limit=setup.controller_failure_limit)
     try:
         result = trainer.fit()
     except BaseException:
@@ -365,8 +362,8 @@ def run_trial(params: Mapping[str, Any], setup: TrialSetup) -> None:
 
 
 def _await_free_cpu(timeout_s: float, *, sole_trial: bool, needed: float = 1.0, grace_s: float = 10.0) -> None:
-    """Wait until ``needed`` CPU is free: ``build_trainer``'s ``read_parquet`` samples its files with 1-CPU tasks
-    before any worker exists, and would wait forever if an earlier trial's placement group was never released.
+    """Wait until ``needed`` CPU is free (the trial's Train workers need it), which never happens if an earlier
+    trial's placement group was never released.
     When this is the only trial running, Train-sized groups of this job that are still there after ``grace_s``
     can only be such leftovers: they are removed. Past ``timeout_s`` the trial errors out."""
     import ray
@@ -425,16 +422,6 @@ def _remove_placement_groups(ids: Sequence[str]) -> list[str]:
     return removed
 
 
-def _in_memory(path: str) -> Any:
-    """A data-stage split as a one-block in-memory Dataset, rows in file order (read here, no Ray task)."""
-    import pyarrow.dataset as pads
-    import ray.data
-
-    from stages.train import _TRAIN_COLUMNS
-
-    return ray.data.from_arrow(pads.dataset(path, format="parquet").to_table(columns=_TRAIN_COLUMNS))
-
-
 def make_trainable(setup: TrialSetup) -> Callable[[dict], None]:
     def normbt_trial(params: dict) -> None:  # the name Tune registers; the same on restore
         run_trial(params, setup)
@@ -481,9 +468,9 @@ def tune_reward_model(ctx: StageContext) -> StageResult:
                        mode="search", digest=digest, controller_failure_limit=cfg.tune.controller_failure_limit,
                        start_timeout_s=_start_timeout(cfg), concurrency=concurrency)
     scheduler = _asha(grace=cfg.tune.grace_period * eval_every, max_t=max_steps)
-    search_alg = _optuna()
+    search_alg, searcher = _searcher(cfg.run.seed, concurrency)
     ctx.log(f"  tune: search {cfg.tune.num_samples} trials over {', '.join(space) or '(nothing)'} "
-            f"({'Optuna TPE' if search_alg else 'random search'}, ASHA on {cfg.tune.metric} every {eval_every} "
+            f"({searcher} seeded by run.seed, ASHA on {cfg.tune.metric} every {eval_every} "
             f"steps of {max_steps}), {concurrency} at a time")
     results = _fit(ctx, setup, param_space=space, num_samples=cfg.tune.num_samples, scheduler=scheduler,
                    search_alg=search_alg, concurrency=concurrency, storage=storage,
@@ -522,12 +509,15 @@ def _asha(*, grace: int, max_t: int) -> Any:
     return ASHAScheduler(time_attr="step", grace_period=grace, max_t=max(max_t, grace), stop_last_trials=False)
 
 
-def _optuna() -> Any:
-    """Optuna's TPE when optuna is importable, else None (Tune's random search)."""
+def _searcher(seed: int, concurrency: int) -> tuple[Any, str]:
+    """Optuna's TPE when optuna is importable, else Tune's random search; both seeded, so a rerun of the same
+    config draws the same trials."""
     try:
         import optuna  # noqa: F401
     except ImportError:
-        return None
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(max_concurrent=concurrency, random_state=seed), "random search"
     from ray.tune.search.optuna import OptunaSearch
 
     class SparseMetricOptunaSearch(OptunaSearch):
@@ -537,7 +527,7 @@ def _optuna() -> Any:
             if self.metric in result:
                 super().on_trial_result(trial_id, result)
 
-    return SparseMetricOptunaSearch()
+    return SparseMetricOptunaSearch(seed=seed), "Optuna TPE"
 
 
 @contextmanager

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -48,3 +55,69 @@ def ray_session():
     raycluster._STARTED = False  # the fixture owns this instance: run_pipeline.main must not shut it down
     yield ray
     ray.shutdown()
+
+
+# ---------------------------------------------------------------- a loopback MLflow server
+
+HEALTH_TIMEOUT_S = float(os.environ.get("NORMBT_MLFLOW_SERVER_TIMEOUT", "60"))  # measured: ~25 s on 2 cores
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
+            return reply.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, monkeypatch):
+    """``http://127.0.0.1:<port>`` of a fresh ``mlflow server`` (REST tracking + registry + proxied artifacts):
+    loopback only, a free port, its SQLite store and artifacts in tmp_path, always terminated (process group)
+    at teardown; its log is shown if it fails to come up."""
+    monkeypatch.chdir(tmp_path)
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
+           "--artifacts-destination", str(tmp_path / "art"), "--serve-artifacts"]
+    # No background job runner (7 huey consumers): it doubles the start-up time on 2 cores and is not needed.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with open(log_path, "wb") as log:
+        # Own process group: the server's worker processes are stopped with it.
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env,
+                                start_new_session=True)
+    try:
+        deadline = time.time() + HEALTH_TIMEOUT_S
+        while not _healthy(url):
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            if time.time() > deadline:
+                pytest.fail(f"mlflow server not healthy after {HEALTH_TIMEOUT_S:.0f}s:\n"
+                            f"{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (created by this fixture: start_new_session), SIGKILL what remains."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return  # the whole group is gone
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue

@@ -77,6 +77,22 @@ def test_write_outputs_contract_without_ray(tmp_path):
     assert metrics["bon/gain"] == pytest.approx(metrics["bon/gold_at_nmax"] - metrics["bon/gold_at_1"])
 
 
+@pytest.mark.unit
+def test_verdict_compares_the_best_n_interval_with_random_selection():
+    # n=4 has the highest mean but n=2 the interval that clears random selection (as measured on the default)
+    table = pd.DataFrame({"n": [1, 2, 4], "kl": 0.0, "gold_mean": [0.50, 0.546, 0.55],
+                          "gold_ci_low": [0.47, 0.508, 0.495], "gold_ci_high": [0.53, 0.58, 0.6],
+                          "proxy_mean": 0.0, "oracle_gold_mean": 1.0})
+    metrics = best_of_n.summary_metrics(table)
+    assert (metrics["bon/peak_n"], metrics["bon/clearest_n"], metrics["bon/beats_random"]) == (4, 2, 1.0)
+    assert best_of_n.verdict(metrics).startswith("the reward model beats random selection: gold 0.546 at n=2")
+    table.loc[1, "gold_ci_low"] = 0.49  # no interval clears 0.50 any more
+    metrics = best_of_n.summary_metrics(table)
+    assert metrics["bon/beats_random"] == 0.0 and "does NOT beat" in best_of_n.verdict(metrics)
+    only_random = table.iloc[:1]
+    assert best_of_n.summary_metrics(only_random)["bon/beats_random"] == 0.0
+
+
 class _RecordingTracker:
     """Stands in for tracking.RunLogger: records what the stage logs."""
 
@@ -221,7 +237,10 @@ def test_offline_default_path_synthetic_policy_verifier_gold(ray_cluster, tiny_r
     assert set(candidates["gold"]) <= {0.0, 1.0} and np.isfinite(candidates["proxy"]).all()
     assert candidates.groupby("prompt_id")["candidate_id"].apply(sorted).map(list).eq([list(range(8))] * 16).all()
     assert table["gold_mean"].iloc[0] == pytest.approx(candidates["gold"].mean())  # n=1: the policy's accuracy
-    assert set(result.metrics) == {"bon/gold_at_1", "bon/gold_at_nmax", "bon/gain", "bon/oracle_at_nmax"}
+    assert set(result.metrics) == {"bon/gold_at_1", "bon/gold_at_nmax", "bon/gain", "bon/oracle_at_nmax",
+                                   "bon/peak_n", "bon/gold_at_peak", "bon/clearest_n", "bon/clearest_gold",
+                                   "bon/clearest_ci_low", "bon/beats_random"}
+    assert any(line.startswith("best-of-n: the reward model") for line in lines)
     assert result.metrics["bon/gold_at_1"] == pytest.approx(table["gold_mean"].iloc[0])
     assert any(line.startswith("best-of-n: gold@1=") and "oracle" in line for line in lines)
 

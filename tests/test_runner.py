@@ -129,8 +129,25 @@ def test_preflight_reports_every_problem_at_once(fake, tmp_path):
     from pipeline.config import from_flat
 
     bad = from_flat({"data.sources": [{"path": str(tmp_path / "missing.jsonl")}],
-                     "model.name_or_path": str(tmp_path / "no-model")}, base=cfg)
+                     "model.name_or_path": str(tmp_path / "no-model"), "ray.num_cpus": 2, "train.num_workers": 2,
+                     "train.cpus_per_worker": 1.0}, base=cfg)
     with pytest.raises(runner.PipelineError) as err:
-        runner.run_pipeline(bad, log=lambda _: None)
+        runner.run_pipeline(bad, stages=("data", "train"), log=lambda _: None)
     assert "missing.jsonl does not exist" in str(err.value) and "no-model does not exist" in str(err.value)
+    assert "train.num_workers × train.cpus_per_worker = 2 CPUs, but the local Ray cluster has 2" in str(err.value)
+    with pytest.raises(runner.PipelineError, match="run.root: s3://bucket/runs is a URI"):
+        runner.run_pipeline(from_flat({"run.root": "s3://bucket/runs"}, base=cfg), log=lambda _: None)
     assert fake_stages.CALLS == [], "nothing runs before preflight passes"
+
+
+@pytest.mark.unit
+def test_tune_hash_follows_the_benchmarks_only_in_compare_mode():
+    spec = runner.STAGES["tune"]
+
+    def digest(*overrides):
+        return runner.stage_hash(load_config(None, list(overrides)), spec, {})
+
+    bench = "rewardbench.max_length=512"
+    assert digest() == digest(bench)  # a search never scores benchmarks: rescoring config keeps it
+    assert digest("tune.mode=compare") != digest("tune.mode=compare", bench)
+    assert digest() != digest("run.seed=1")  # the searcher's seed

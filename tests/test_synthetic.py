@@ -42,8 +42,8 @@ def rows() -> dict[str, list[dict]]:
 
 def test_spec_defaults():
     spec = SyntheticSpec()
-    assert (spec.n_train, spec.n_validation, spec.n_test, spec.seed) == (400, 200, 800, 0)
-    assert spec.mix == {c: 1.0 for c in S.CATEGORIES}
+    assert (spec.n_train, spec.n_validation, spec.n_test, spec.seed) == (800, 200, 800, 0)
+    assert spec.mix == {"chat": 1.0, "chat_hard": 1.0, "safety": 1.0, "reasoning": 3.0}
     assert SyntheticSpec().mix is not SyntheticSpec().mix  # no shared mutable default
 
 
@@ -102,7 +102,7 @@ def test_different_seed_different_output(rows):
 
 
 def test_counts_per_split(rows):
-    assert {s: len(r) for s, r in rows.items()} == {"train": 400, "validation": 200, "test": 800}
+    assert {s: len(r) for s, r in rows.items()} == {"train": 800, "validation": 200, "test": 800}
     small = SyntheticSpec(n_train=7, n_validation=0, n_test=13)
     assert [len(generate(small, s)) for s in SPLITS] == [7, 0, 13]
 
@@ -144,9 +144,9 @@ def test_mix_allocation_exact():
     skew = SyntheticSpec(n_train=0, n_validation=0, n_test=40, mix={"chat": 3, "safety": 1})
     sections = Counter(SECTION_OF_SUBSET[r["subset"]] for r in generate(skew, "test"))
     assert sections == {"Chat": 30, "Safety": 10}
-    # default: equal shares
+    # default: reasoning 3/6, the other sections 1/6 each
     sections = Counter(SECTION_OF_SUBSET[r["subset"]] for r in generate(SPEC, "test"))
-    assert sections == {s: 200 for s in SECTIONS}
+    assert sections == {"Reasoning": 400, "Chat": 134, "Chat Hard": 133, "Safety": 133}  # largest remainder
 
 
 # ---------------------------------------------------------------------------------- held-out design

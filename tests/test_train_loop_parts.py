@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from stages.train import global_batches, micro_slices, timed
+from stages.train import global_batches, micro_slices, prefetched, timed
 
 pytestmark = pytest.mark.unit
 
@@ -42,3 +42,43 @@ def test_timed_records_how_long_each_item_took_to_arrive():
     waits: list[float] = []
     assert list(timed(slow(), waits)) == ["fast", "slow"]
     assert len(waits) == 2 and waits[1] >= 0.04 > waits[0]
+
+
+def test_prefetched_reads_ahead_in_order_and_reraises_errors():
+    pulled: list[int] = []
+
+    def source():
+        for i in range(5):
+            pulled.append(i)
+            yield i
+
+    items = prefetched(source(), depth=2)
+    deadline = time.time() + 5
+    while len(pulled) < 2 and time.time() < deadline:  # the thread starts reading before the first next()
+        time.sleep(0.01)
+    assert pulled[:2] == [0, 1]
+    assert list(items) == [0, 1, 2, 3, 4]
+
+    def broken():
+        yield 1
+        raise ValueError("row 7: bad chosen_ids")
+
+    with pytest.raises(ValueError, match="row 7"):
+        list(prefetched(broken()))
+
+
+def test_prefetched_thread_stops_when_the_consumer_is_dropped_unread():
+    import gc
+    import threading
+
+    def endless():
+        while True:
+            yield 0
+
+    items = prefetched(endless(), depth=1)
+    del items
+    gc.collect()
+    deadline = time.time() + 5
+    while any(t.name == "train-prefetch" for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "train-prefetch" for t in threading.enumerate())
