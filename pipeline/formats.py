@@ -197,7 +197,7 @@ def _text(value: Any, where: str, field: str) -> str:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise BadRow(INVALID_UTF8, f"{where} is not valid UTF-8 ({exc.reason} at {exc.start})", field)
+            raise BadRow(INVALID_UTF8, f"{where} is not valid UTF-8 ({exc.reason} at {exc.start})", field) from None
     return str(value)  # plain str even if a subclass (numpy.str_) came in
 
 
@@ -406,7 +406,7 @@ def _key(turns: list[Message]) -> list[tuple[str, str]]:
 
 def _common_prefix_len(left: list[Message], right: list[Message]) -> int:
     count = 0
-    for a, b in zip(_key(left), _key(right)):
+    for a, b in zip(_key(left), _key(right), strict=False):
         if a != b:
             break
         count += 1

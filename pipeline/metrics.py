@@ -324,7 +324,7 @@ def _paired_margin_components(
     return {
         "correctness_preferred": float(np.mean(cim_tied > dcm)),
         "correctness_preferred_hard": float(np.mean(cim_min > dcm)),
-        "correctness_margin_score": float(np.mean([_margin_term(c, d) for c, d in zip(cim_min, dcm)])),
+        "correctness_margin_score": float(np.mean([_margin_term(c, d) for c, d in zip(cim_min, dcm, strict=True)])),
         "n_pairs": float(len(paired)),
     }
 

@@ -138,7 +138,7 @@ def _normalise_file(item: dict, *, fmt: str, label: str, strict: bool) -> list[d
 def _normalise_indexed(batch: dict[str, np.ndarray], *, fmt: str, label: str, strict: bool) -> dict[str, list]:
     columns = [c for c in batch if c != "__index"]
     raws = [{c: _plain(batch[c][i]) for c in columns} for i in range(len(batch["__index"]))]
-    located = [(formats.location_for_index(label, int(i)), raw) for i, raw in zip(batch["__index"], raws)]
+    located = [(formats.location_for_index(label, int(i)), raw) for i, raw in zip(batch["__index"], raws, strict=True)]
     records, bad = formats.normalise_batch(located, fmt=fmt, source=label, strict=strict)
     return _columns([_row(r, None) for r in records] + [_row(None, b) for b in bad])
 

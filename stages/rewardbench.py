@@ -384,7 +384,8 @@ def _json_safe(value: Any) -> Any:
 
 def score_benchmark(bench: Benchmark, model_path: str, ctx: StageContext
                     ) -> tuple[dict[str, str], dict[str, float]]:
-    """Score one benchmark, write its files; ``(outputs, metrics)`` keyed by the benchmark name."""
+    """Score one benchmark, write its files and log them as artifacts; ``(outputs, metrics)`` keyed by the
+    benchmark name (the caller logs the metrics)."""
     rb = ctx.cfg.rewardbench
     started = time.time()
     rows = read_rows(bench)
@@ -403,8 +404,7 @@ def score_benchmark(bench: Benchmark, model_path: str, ctx: StageContext
         "format": fmt, "model": model_path, **summary, "distance_bins": table.to_dict("records")})
     for path in files.values():
         ctx.tracker.log_artifact(path, artifact_path=bench.name)
-    flat = metric_keys(bench.name, summary)
-    ctx.tracker.log_metrics(flat)
+    flat = metric_keys(bench.name, summary)  # logged by the caller (the runner logs a stage's metrics once)
     ctx.log(f"rewardbench[{bench.name}]: {len(examples)} examples ({fmt}), {len(convs)} responses in "
             f"{time.time() - started:.1f}s; overall {summary['overall']:.4f}")
     return {f"{bench.name}/{key}": str(path) for key, path in files.items()}, flat

@@ -257,12 +257,12 @@ def _mean_metrics(per_micro: list[dict]) -> dict[str, float]:
     keys = sorted(per_micro[0])
     means = _all_reduce([sum(m[k] for m in per_micro) / len(per_micro) for k in keys])
     world = _world()
-    out = {k: v / world for k, v in zip(keys, means)}
+    out = {k: v / world for k, v in zip(keys, means, strict=True)}
     for suffix, op in (("_min", "min"), ("_max", "max")):
         ks = [k for k in keys if k.endswith(suffix)]
         if ks:
             reduce = min if op == "min" else max
-            out.update(zip(ks, _all_reduce([reduce(m[k] for m in per_micro) for k in ks], op)))
+            out.update(zip(ks, _all_reduce([reduce(m[k] for m in per_micro) for k in ks], op), strict=True))
     return out
 
 
@@ -309,7 +309,7 @@ def evaluate(cfg, engine, model, rows: Iterable[dict], pad, device, rank: int, w
     for i in range(0, len(mine), size):
         rc, rr, hc, hr = modeling.forward_pairs(model, collate(mine[i: i + size], pad, device), engine=engine)
         d = losses.pair_distances(hc, hr)
-        local += list(zip(rc.float().tolist(), rr.float().tolist(), d.float().tolist()))
+        local += list(zip(rc.float().tolist(), rr.float().tolist(), d.float().tolist(), strict=True))
     import torch.distributed as dist
 
     gathered = [local]

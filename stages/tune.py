@@ -195,7 +195,7 @@ def compare_grid(cfg: PipelineConfig) -> list[dict[str, Any]]:
     labels = [loss_label(s) for s in settings]
     labels = [f"{lab}#{i}" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
     grid = []
-    for label, setting in zip(labels, settings):
+    for label, setting in zip(labels, settings, strict=True):
         for i in range(cfg.tune.seeds):
             seed = cfg.train.seed + i
             grid.append({"loss": label, "seed": seed, "setting": setting,
@@ -228,7 +228,7 @@ def _by_seed(frame: pd.DataFrame, label: str, metric: str) -> dict[int, float]:
     if frame.empty or metric not in frame:
         return {}
     sel = frame[frame["loss"] == label]
-    return {int(s): float(v) for s, v in zip(sel["seed"], sel[metric]) if _finite(v)}
+    return {int(s): float(v) for s, v in zip(sel["seed"], sel[metric], strict=True) if _finite(v)}
 
 
 def compare_metric_names(names: Sequence[str], metric: str) -> list[str]:
@@ -248,7 +248,8 @@ def plot_compare(table: pd.DataFrame, path: str | Path) -> Path:
     fig = Figure(figsize=(max(8.0, 1.6 * len(metric_names) * 2), 4.8))
     FigureCanvasAgg(fig)
     x = np.arange(len(metric_names))
-    for col, (labels, title) in enumerate(zip(groups, ("mean over seeds (95% CI)", "paired difference (95% CI)"))):
+    titles = ("mean over seeds (95% CI)", "paired difference (95% CI)")
+    for col, (labels, title) in enumerate(zip(groups, titles, strict=True)):
         ax = fig.add_subplot(1, 2, col + 1)
         width = 0.8 / max(1, len(labels))
         for i, label in enumerate(labels):
@@ -713,6 +714,7 @@ def _compare_outputs(ctx: StageContext, records: list[dict[str, Any]], grid: lis
         with Checkpoint(path=r["checkpoint"]).as_directory() as folder:
             for bench in benches:
                 _, flat = score_benchmark(bench, str(Path(folder) / "model"), scorer_ctx)
+                scorer_ctx.tracker.log_metrics(flat)
                 for name, value in flat.items():
                     if name.endswith("/overall") or "/section/" in name:
                         r[name] = value
