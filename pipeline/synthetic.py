@@ -640,6 +640,20 @@ _NUMBER_QA = (
     ("How many players are on a soccer team on the field?", "11", "Each team has 11 players."),
 )
 
+_DESCRIBE3_HELDOUT = (
+    ("a volcano", "hot", "loud", "dangerous"), ("the night sky", "dark", "vast", "starry"),
+    ("a garden", "green", "fresh", "quiet"), ("an old castle", "old", "grand", "cold"),
+    ("a rainforest", "wet", "dense", "alive"), ("a bakery", "warm", "sweet", "busy"),
+)  # fmt: skip
+
+_TIPS_HELDOUT = (
+    ("learning to swim", "Practice floating on your back before you try to kick."),
+    ("painting a room", "Tape the edges and paint the trim before the walls."),
+    ("planting tomatoes", "Plant them deep so the stems grow extra roots."),
+    ("learning to type", "Keep your fingers on the home row and watch the screen."),
+    ("packing for a trip", "Roll your clothes instead of folding them to save space."),
+)
+
 _TIPS = (
     ("studying for exams", "Study in short sessions and test yourself often."),
     ("saving money", "Set aside a fixed amount every payday."),
@@ -719,14 +733,22 @@ _AVOID_WORD = (
 )  # fmt: skip
 
 
-def _ch_three_words(rng: random.Random) -> tuple[str, str, str]:
-    thing, *ws = rng.choice(_DESCRIBE3)
+def _three_words(items: tuple[tuple[str, ...], ...], prompt: str, rng: random.Random) -> tuple[str, str, str]:
+    thing, *ws = rng.choice(items)
     chosen = f"{_cap(ws[0])}, {ws[1]}, {ws[2]}."
     if rng.random() < 0.5:
         rejected = f"{_cap(ws[0])}, {ws[1]}, and {ws[2]}."
     else:
         rejected = f"Very {ws[0]}, {ws[1]}, {ws[2]}."
-    return f"Describe {thing} in exactly three words.", chosen, rejected
+    return prompt.format(thing=thing), chosen, rejected
+
+
+def _ch_three_words(rng: random.Random) -> tuple[str, str, str]:
+    return _three_words(_DESCRIBE3, "Describe {thing} in exactly three words.", rng)
+
+
+def _ch_three_words_heldout(rng: random.Random) -> tuple[str, str, str]:
+    return _three_words(_DESCRIBE3_HELDOUT, "Give me three words, no more and no fewer, for {thing}.", rng)
 
 
 def _ch_one_sentence(rng: random.Random) -> tuple[str, str, str]:
@@ -735,11 +757,18 @@ def _ch_one_sentence(rng: random.Random) -> tuple[str, str, str]:
     return f"In one sentence, tell me what {thing} is.", chosen, f"{chosen} {rng.choice(_EXTRA_SENTENCES)}"
 
 
-def _ch_end_question(rng: random.Random) -> tuple[str, str, str]:
-    activity, tip = rng.choice(_TIPS)
-    prompt = f"Give me one tip for {activity}, and end your reply with a question."
+def _end_question(tips: tuple[tuple[str, str], ...], prompt: str, rng: random.Random) -> tuple[str, str, str]:
+    activity, tip = rng.choice(tips)
     rejected = tip if rng.random() < 0.3 else f"{tip} {rng.choice(_CLOSING_S)}"
-    return prompt, f"{tip} {rng.choice(_CLOSING_Q)}", rejected
+    return prompt.format(activity=activity), f"{tip} {rng.choice(_CLOSING_Q)}", rejected
+
+
+def _ch_end_question(rng: random.Random) -> tuple[str, str, str]:
+    return _end_question(_TIPS, "Give me one tip for {activity}, and end your reply with a question.", rng)
+
+
+def _ch_end_question_heldout(rng: random.Random) -> tuple[str, str, str]:
+    return _end_question(_TIPS_HELDOUT, "Offer one piece of advice about {activity} and close with a question.", rng)
 
 
 def _ch_list_three(rng: random.Random) -> tuple[str, str, str]:
@@ -814,6 +843,9 @@ _CHAT_HARD: tuple[_ChatHard, ...] = (
     _ChatHard("chat_hard/five-words", "heldout", _ch_five_words),
     _ChatHard("chat_hard/name-two", "heldout", _ch_name_two),
     _ChatHard("chat_hard/avoid-word", "heldout", _ch_avoid_word),
+    # held-out wordings and items of two held-in constraint kinds: does the learnt rule transfer?
+    _ChatHard("chat_hard/three-words-reworded", "heldout", _ch_three_words_heldout),
+    _ChatHard("chat_hard/end-question-reworded", "heldout", _ch_end_question_heldout),
 )
 
 

@@ -290,6 +290,8 @@ def test_reasoning_rejected_has_one_error_of_a_known_kind(rows):
 def test_chat_hard_constraints(rows):
     checks = {
         "chat_hard/three-words": lambda t: len(t.split()) == 3,
+        "chat_hard/three-words-reworded": lambda t: len(t.split()) == 3,
+        "chat_hard/end-question-reworded": lambda t: t.endswith("?"),
         "chat_hard/five-words": lambda t: len(t.split()) == 5,
         "chat_hard/one-sentence": lambda t: t.count(".") == 1 and t.endswith("."),
         "chat_hard/number-only": lambda t: t.isdigit(),
