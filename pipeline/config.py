@@ -108,6 +108,8 @@ class TuneConfig:
                              "train.lr": {"loguniform": [5e-5, 1.5e-4]}},
                             "Dotted key -> {uniform|loguniform|choice|randint: args}.")
     metric: str = _f("val_accuracy", "Validation metric to maximise (never a test set).")
+    start_from_config: bool = _f(True, "Search mode: the first trial uses the configured values of the searched keys "
+                                 "(a baseline the search must beat on validation).")
     grace_period: int = _f(1, "ASHA: reports before a trial may be stopped.")
     max_concurrent_trials: int = _f(0, "0: derived from cluster resources.")
     losses: tuple = _f(({"loss.name": "bt"}, {"loss.name": "normbt"}), "Compare mode: named loss settings.")
@@ -138,7 +140,7 @@ class BestOfNConfig:
     policy: str = _f("synthetic", "'synthetic' (built-in sampler) or 'hf' (a causal LM).")
     policy_model: str = _f("", "Hub id or path of the causal LM when policy is 'hf' ('tiny:llama' for tests).")
     prompts: dict = _f({"synthetic": {}}, "Prompt source: {path|hf|synthetic: ...}.")
-    num_prompts: int = _f(64, "Prompts sampled from the source.")
+    num_prompts: int = _f(128, "Prompts sampled from the source.")
     n_max: int = _f(16, "Candidates drawn per prompt (largest n).")
     temperature: float = _f(1.0, "Sampling temperature (hf policy).")
     top_p: float = _f(1.0, "Nucleus sampling (hf policy).")

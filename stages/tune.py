@@ -12,7 +12,8 @@ values win over the overrides.
 Search (``tune.mode: search``): ``tune.search_space`` maps dotted keys to ``{uniform: [a, b]}``,
 ``{loguniform: [a, b]}``, ``{choice: [...]}`` or ``{randint: [a, b]}`` (``b`` excluded, as in Tune);
 ``tune.num_samples`` trials are drawn by Optuna's TPE when ``optuna`` is importable, else by Tune's random
-search, both seeded with ``run.seed`` (a rerun draws the same trials), and ASHA stops weak trials early. The objective is ``tune.metric`` (validation accuracy: the train
+search, both seeded with ``run.seed`` (a rerun draws the same trials); with ``tune.start_from_config`` the
+first trial runs the configured values of the searched keys, a baseline the others must beat; and ASHA stops weak trials early. The objective is ``tune.metric`` (validation accuracy: the train
 stage's held-out validation split, never a test set or RewardBench), maximised.
 
 *When ASHA sees the metric.* The workers report every ``train.log_every`` steps, but ``val_accuracy`` only at
@@ -97,7 +98,7 @@ import pandas as pd
 
 from pipeline import tracking
 from pipeline.artifacts import Manifest, write_json
-from pipeline.config import PipelineConfig, from_flat
+from pipeline.config import PipelineConfig, flatten, from_flat
 from pipeline.runner import STAGES, StageContext, StageResult, stage_hash
 
 TRIAL_CPUS = 0.1  # the trial function only drives its TorchTrainer (0 is rejected by Tune)
@@ -469,7 +470,8 @@ def tune_reward_model(ctx: StageContext) -> StageResult:
                        mode="search", digest=digest, controller_failure_limit=cfg.tune.controller_failure_limit,
                        start_timeout_s=_start_timeout(cfg), concurrency=concurrency)
     scheduler = _asha(grace=cfg.tune.grace_period * eval_every, max_t=max_steps)
-    search_alg, searcher = _searcher(cfg.run.seed, concurrency)
+    start = [{k: flatten(base)[k] for k in space}] if cfg.tune.start_from_config else None
+    search_alg, searcher = _searcher(cfg.run.seed, concurrency, start)
     ctx.log(f"  tune: search {cfg.tune.num_samples} trials over {', '.join(space) or '(nothing)'} "
             f"({searcher} seeded by run.seed, ASHA on {cfg.tune.metric} every {eval_every} "
             f"steps of {max_steps}), {concurrency} at a time")
@@ -510,15 +512,16 @@ def _asha(*, grace: int, max_t: int) -> Any:
     return ASHAScheduler(time_attr="step", grace_period=grace, max_t=max(max_t, grace), stop_last_trials=False)
 
 
-def _searcher(seed: int, concurrency: int) -> tuple[Any, str]:
+def _searcher(seed: int, concurrency: int, start: list[dict] | None) -> tuple[Any, str]:
     """Optuna's TPE when optuna is importable, else Tune's random search; both seeded, so a rerun of the same
-    config draws the same trials."""
+    config draws the same trials, and both try the ``start`` points first."""
     try:
         import optuna  # noqa: F401
     except ImportError:
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        return BasicVariantGenerator(max_concurrent=concurrency, random_state=seed), "random search"
+        return (BasicVariantGenerator(points_to_evaluate=start, max_concurrent=concurrency, random_state=seed),
+                "random search")
     from ray.tune.search.optuna import OptunaSearch
 
     class SparseMetricOptunaSearch(OptunaSearch):
@@ -528,7 +531,7 @@ def _searcher(seed: int, concurrency: int) -> tuple[Any, str]:
             if self.metric in result:
                 super().on_trial_result(trial_id, result)
 
-    return SparseMetricOptunaSearch(seed=seed), "Optuna TPE"
+    return SparseMetricOptunaSearch(points_to_evaluate=start, seed=seed), "Optuna TPE"
 
 
 @contextmanager
