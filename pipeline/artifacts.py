@@ -61,6 +61,15 @@ def write_manifest(run_dir: Path, manifest: Manifest) -> Path:
     return path
 
 
+def save_png(fig: Any, path: str | Path, *, dpi: int = 120) -> Path:
+    """Lay out a matplotlib figure and write it as a PNG (parent folders created); the path written."""
+    path = Path(path)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=dpi)
+    return path
+
+
 def write_json(path: Path, payload: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
+from pipeline.artifacts import save_png
+
 logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------
@@ -465,11 +467,7 @@ def plot_accuracy_by_distance(table: pd.DataFrame, path: str | Path) -> Path:
     ax.set_ylim(0.0, 1.0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png", dpi=120)
-    return out
+    return save_png(fig, path)
 
 
 def _tick_labels(table: pd.DataFrame) -> list[str]:

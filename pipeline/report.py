@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import Manifest
+from pipeline.artifacts import Manifest, save_png
 from pipeline.config import PipelineConfig
 
 FILES_DIR = "report_files"
@@ -243,10 +243,7 @@ def _figure(panels: Sequence[tuple[str, Mapping[str, tuple[list[float], list[flo
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=100)
-    return path
+    return save_png(fig, path, dpi=100)
 
 
 def metric_history(tracking_uri: str, run_id: str, keys: Sequence[str]) -> dict[str, tuple[list[float], list[float]]]:
@@ -459,10 +456,6 @@ def _bench_tables(metrics: Mapping[str, Any]) -> list[Block]:
     return blocks
 
 
-def _cap(text: str) -> str:
-    return text[:1].upper() + text[1:]
-
-
 def _best_of_n(manifests: Mapping[str, Manifest]) -> list[Block]:
     m = manifests.get("best_of_n")
     if m is None:
@@ -471,7 +464,8 @@ def _best_of_n(manifests: Mapping[str, Manifest]) -> list[Block]:
     if "bon/beats_random" in m.metrics:
         from stages.best_of_n import verdict
 
-        blocks.append(Text(_cap(verdict(m.metrics)) + "."))
+        line = verdict(m.metrics)
+        blocks.append(Text(line[:1].upper() + line[1:] + "."))
     if "results" in m.outputs:
         blocks += _guard("Best-of-N results", lambda: frame_table(_frame(m.outputs["results"])))
     blocks.append(Text("gold_mean: expected gold score of the proxy-best of n (95% bootstrap CI); kl: the analytic "

@@ -48,6 +48,7 @@ import random
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from functools import partial
 from typing import Any
 
 __all__ = [
@@ -743,14 +744,6 @@ def _three_words(items: tuple[tuple[str, ...], ...], prompt: str, rng: random.Ra
     return prompt.format(thing=thing), chosen, rejected
 
 
-def _ch_three_words(rng: random.Random) -> tuple[str, str, str]:
-    return _three_words(_DESCRIBE3, "Describe {thing} in exactly three words.", rng)
-
-
-def _ch_three_words_heldout(rng: random.Random) -> tuple[str, str, str]:
-    return _three_words(_DESCRIBE3_HELDOUT, "Give me three words, no more and no fewer, for {thing}.", rng)
-
-
 def _ch_one_sentence(rng: random.Random) -> tuple[str, str, str]:
     thing, text = rng.choice(_DEFINITIONS)
     chosen = _cap(text)
@@ -761,14 +754,6 @@ def _end_question(tips: tuple[tuple[str, str], ...], prompt: str, rng: random.Ra
     activity, tip = rng.choice(tips)
     rejected = tip if rng.random() < 0.3 else f"{tip} {rng.choice(_CLOSING_S)}"
     return prompt.format(activity=activity), f"{tip} {rng.choice(_CLOSING_Q)}", rejected
-
-
-def _ch_end_question(rng: random.Random) -> tuple[str, str, str]:
-    return _end_question(_TIPS, "Give me one tip for {activity}, and end your reply with a question.", rng)
-
-
-def _ch_end_question_heldout(rng: random.Random) -> tuple[str, str, str]:
-    return _end_question(_TIPS_HELDOUT, "Offer one piece of advice about {activity} and close with a question.", rng)
 
 
 def _ch_list_three(rng: random.Random) -> tuple[str, str, str]:
@@ -832,9 +817,11 @@ class _ChatHard:
 
 
 _CHAT_HARD: tuple[_ChatHard, ...] = (
-    _ChatHard("chat_hard/three-words", "heldin", _ch_three_words),
+    _ChatHard("chat_hard/three-words", "heldin",
+              partial(_three_words, _DESCRIBE3, "Describe {thing} in exactly three words.")),
     _ChatHard("chat_hard/one-sentence", "heldin", _ch_one_sentence),
-    _ChatHard("chat_hard/end-with-question", "heldin", _ch_end_question),
+    _ChatHard("chat_hard/end-with-question", "heldin",
+              partial(_end_question, _TIPS, "Give me one tip for {activity}, and end your reply with a question.")),
     _ChatHard("chat_hard/list-three", "heldin", _ch_list_three),
     _ChatHard("chat_hard/one-word", "heldin", _ch_one_word),
     _ChatHard("chat_hard/yes-no-only", "heldin", _ch_yes_no),
@@ -844,8 +831,11 @@ _CHAT_HARD: tuple[_ChatHard, ...] = (
     _ChatHard("chat_hard/name-two", "heldout", _ch_name_two),
     _ChatHard("chat_hard/avoid-word", "heldout", _ch_avoid_word),
     # held-out wordings and items of two held-in constraint kinds: does the learnt rule transfer?
-    _ChatHard("chat_hard/three-words-reworded", "heldout", _ch_three_words_heldout),
-    _ChatHard("chat_hard/end-question-reworded", "heldout", _ch_end_question_heldout),
+    _ChatHard("chat_hard/three-words-reworded", "heldout",
+              partial(_three_words, _DESCRIBE3_HELDOUT, "Give me three words, no more and no fewer, for {thing}.")),
+    _ChatHard("chat_hard/end-question-reworded", "heldout",
+              partial(_end_question, _TIPS_HELDOUT, "Offer one piece of advice about {activity} and close with a "
+                      "question.")),
 )
 
 

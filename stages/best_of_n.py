@@ -63,7 +63,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import bon_math, formats, modeling, synthetic
-from pipeline.artifacts import write_json
+from pipeline.artifacts import save_png, write_json
 from pipeline.config import BestOfNConfig, ConfigError, PipelineConfig
 from pipeline.raycluster import ensure_ray
 from pipeline.runner import StageContext, StageResult
@@ -522,10 +522,7 @@ def plot_curves(table: pd.DataFrame, path: Path) -> Path:
     handles = ax.get_legend_handles_labels()[0] + proxy_ax.get_legend_handles_labels()[0]
     ax.legend(handles=handles, fontsize="small", loc="best")
     ax.set_title("Best-of-N")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=120)
-    return path
+    return save_png(fig, path)
 
 
 def track_outputs(ctx: StageContext, outputs: Mapping[str, str], table: pd.DataFrame) -> None:

@@ -97,7 +97,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.artifacts import Manifest, write_json
+from pipeline.artifacts import Manifest, save_png, write_json
 from pipeline.config import PipelineConfig, flatten, from_flat
 from pipeline.runner import STAGES, StageContext, StageResult, stage_hash
 
@@ -270,11 +270,7 @@ def plot_compare(table: pd.DataFrame, path: str | Path) -> Path:
         ax.grid(axis="y", alpha=0.3)
         if labels:
             ax.legend(fontsize="small")
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png", dpi=120)
-    return out
+    return save_png(fig, path)
 
 
 def _plain(value: Any) -> Any:
@@ -470,7 +466,8 @@ def tune_reward_model(ctx: StageContext) -> StageResult:
                        mode="search", digest=digest, controller_failure_limit=cfg.tune.controller_failure_limit,
                        start_timeout_s=_start_timeout(cfg), concurrency=concurrency)
     scheduler = _asha(grace=cfg.tune.grace_period * eval_every, max_t=max_steps)
-    start = [{k: flatten(base)[k] for k in space}] if cfg.tune.start_from_config else None
+    configured = flatten(base)
+    start = [{k: configured[k] for k in space}] if cfg.tune.start_from_config else None
     search_alg, searcher = _searcher(cfg.run.seed, concurrency, start)
     ctx.log(f"  tune: search {cfg.tune.num_samples} trials over {', '.join(space) or '(nothing)'} "
             f"({searcher} seeded by run.seed, ASHA on {cfg.tune.metric} every {eval_every} "
