@@ -39,13 +39,13 @@ import torch
 from pipeline import modeling
 
 #: Rough fixed cost of one forward in token-equivalents (Python, dispatch and launch overhead over
-#: the cost of one token). Small on CPU, where time is per token; large on GPU, where a small forward
-#: leaves the device idle. It only decides how a batch is split into sub-batches.
-FORWARD_OVERHEAD_TOKENS = {"cpu": 64, "cuda": 4096}
+#: the cost of one token). Small on CPU, where time is per token and small forwards stay in cache
+#: (16 ran 4-5% faster than 64 on RewardBench rows, 1 and 2 threads; benchmarks/README.md); large on
+#: GPU, where a small forward leaves the device idle. It only decides how a batch is split.
+FORWARD_OVERHEAD_TOKENS = {"cpu": 16, "cuda": 4096}
 OUTPUT_COLUMNS = ("score", "hidden", "length")
 _ROW = "__scoring_row__"  # position of a row in the caller's input, to restore order
 _NO_LIMIT = 1_000_000_000
-_BLOCKS_PER_ACTOR = 4  # enough to balance actors; each input block costs Ray Data a task
 
 
 class RewardScorer:
@@ -168,12 +168,16 @@ def _as_frame(rows: Sequence[Mapping[str, Any]] | pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def approx_lengths(frame: pd.DataFrame) -> np.ndarray:
+    """:func:`approx_length` of every row's ``messages``, as int64."""
+    return np.array([approx_length(m) for m in frame["messages"]], dtype=np.int64)
+
+
 def length_sorted_batches(frame: pd.DataFrame, batch_size: int) -> list[np.ndarray]:
     """Row positions, longest (by :func:`approx_length`) first, cut into chunks of ``batch_size``."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    approx = np.array([approx_length(m) for m in frame["messages"]], dtype=np.int64)
-    order = np.argsort(-approx, kind="stable")
+    order = np.argsort(-approx_lengths(frame), kind="stable")
     return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
 
 
@@ -228,21 +232,29 @@ def score_locally(rows: Sequence[Mapping[str, Any]] | pd.DataFrame, model_path: 
     return _attach(frame, np.concatenate(positions), np.concatenate(scores), hidden, np.concatenate(lengths))
 
 
-def _blocks(frame: pd.DataFrame, batch_size: int, n_blocks: int) -> list[pa.Table]:
-    """Arrow blocks of whole length-sorted batches: block ``b`` holds batches ``b, b + n, b + 2n, ...``.
+def _blocks(frame: pd.DataFrame, batch_size: int, num_actors: int) -> list[pa.Table]:
+    """Arrow blocks of whole length-sorted batches, longest first, each about ``1 / (2 * num_actors)``
+    of the work still left (guided self-scheduling; work = padded characters).
 
-    Every block except the one ending with the last (short) batch is a multiple of ``batch_size``
-    rows, so ``map_batches`` cuts exactly the driver's batches; round-robin gives each block a
-    similar share of long and short rows. A few blocks per actor, not one per batch: Ray Data
-    runs a metadata task per input block.
+    Ray Data hands blocks to whichever actor is free, so a run ends when its last block does. Shrinking
+    blocks send the long batches out first in large blocks and leave a tail of single short batches:
+    the actors finish within about one short batch of each other, where equal blocks can leave one
+    actor idle for a whole block at the end. Every block except the one ending with the last (short)
+    batch is a multiple of ``batch_size`` rows, so ``map_batches`` cuts exactly the driver's batches.
     """
     batches = length_sorted_batches(frame, batch_size)
-    n_blocks = max(1, min(n_blocks, len(batches)))
+    approx = approx_lengths(frame)
+    costs = np.array([len(b) * approx[b].max() for b in batches], dtype=np.float64)
     messages = [as_messages(m) for m in frame["messages"]]
-    blocks = []
-    for b in range(n_blocks):
-        rows = np.concatenate(batches[b::n_blocks])
+    blocks, start, left = [], 0, costs.sum()
+    while start < len(batches):
+        stop, taken = start + 1, costs[start]
+        while stop < len(batches) and taken + costs[stop] <= left / (2 * num_actors):
+            taken += costs[stop]
+            stop += 1
+        rows = np.concatenate(batches[start:stop])
         blocks.append(pa.table({_ROW: rows, "messages": [messages[i] for i in rows]}))
+        start, left = stop, left - taken
     return blocks
 
 
@@ -266,7 +278,7 @@ def score_conversations(rows: Sequence[Mapping[str, Any]] | pd.DataFrame, model_
     frame = _as_frame(rows)
     if frame.empty:
         return _empty_result(frame)
-    blocks = _blocks(frame, batch_size, n_blocks=_BLOCKS_PER_ACTOR * num_actors)
+    blocks = _blocks(frame, batch_size, num_actors)
     resources: dict[str, float] = {"num_cpus": cpus_per_actor}
     if use_gpu:
         resources["num_gpus"] = 1
@@ -279,6 +291,8 @@ def score_conversations(rows: Sequence[Mapping[str, Any]] | pd.DataFrame, model_
         batch_format="numpy",
         **resources,
     )
-    out = scored.select_columns([_ROW, *OUTPUT_COLUMNS]).to_pandas()
+    # The scorer returns only the row position and the outputs. No select_columns: it would be a
+    # separate CPU task that waits until the actors free their CPUs, holding back every output to the end.
+    out = scored.to_pandas()
     return _attach(frame, out[_ROW].to_numpy(dtype=np.int64), out["score"].to_numpy(dtype=np.float64),
                    list(out["hidden"]), out["length"].to_numpy(dtype=np.int64))

@@ -122,3 +122,20 @@ def test_bad_inputs_and_empty_input(tiny, monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     with pytest.raises(RuntimeError, match="ensure_ray"):
         scoring.score_conversations(ROWS, folder)
+
+
+@pytest.mark.parametrize("num_actors", [1, 2, 4])
+def test_blocks_cover_each_row_once_in_whole_batches_and_shrink(num_actors):
+    rng = np.random.default_rng(num_actors)
+    frame = pd.DataFrame({"messages": [_conv("q", "x" * int(n)) for n in rng.integers(1, 3000, size=803)]})
+    blocks = scoring._blocks(frame, batch_size=8, num_actors=num_actors)
+    rows = np.concatenate([b.column(scoring._ROW).to_numpy() for b in blocks])
+    assert sorted(rows.tolist()) == list(range(len(frame)))
+    order = np.concatenate(scoring.length_sorted_batches(frame, 8))
+    assert rows.tolist() == order.tolist(), "blocks keep the longest-first batch order"
+    assert all(b.num_rows % 8 == 0 for b in blocks[:-1]) and blocks[-1].num_rows == 803 % 8
+    approx = scoring.approx_lengths(frame)
+    work = [len(r) * approx[r].max() for r in (b.column(scoring._ROW).to_numpy() for b in blocks)]
+    assert work[0] <= sum(work) / (2 * num_actors) + 8 * approx.max(), "first block: about 1/(2k) of the work"
+    assert blocks[-1].num_rows <= 8 and blocks[-2].num_rows == 8, "the tail is single batches"
+    assert len(blocks) < len(order) / 8, "fewer blocks than batches: each block costs Ray Data a task"
