@@ -95,7 +95,8 @@ def stage_padding(frame: pd.DataFrame, batch_size: int) -> int:
     lengths = frame["length"].to_numpy()
     padded = 0
     for chunk in scoring.length_sorted_batches(frame, batch_size):
-        for group in scoring.length_groups(lengths[chunk], scoring.FORWARD_OVERHEAD_TOKENS["cpu"]):
+        for group in scoring.length_groups(lengths[chunk], scoring.FORWARD_OVERHEAD_TOKENS["cpu"],
+                                           scoring.MAX_TOKENS_PER_FORWARD["cpu"]):
             padded += len(group) * int(lengths[chunk][group].max())
     return padded
 

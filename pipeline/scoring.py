@@ -22,8 +22,8 @@ sequence scores the same alone or right-padded under its attention mask:
 1. driver: rows are sorted by an approximate length (characters of all contents, longest first)
    and cut into batches of ``batch_size``, so a batch holds similar lengths;
 2. scorer: inside a batch, sequences are sorted by exact token count and split into the
-   sub-batches of least estimated cost (padded tokens plus a fixed cost per forward,
-   :func:`length_groups`); results are put back in input order.
+   sub-batches of least estimated cost (padded tokens plus a fixed cost per forward, each
+   sub-batch within a token budget, :func:`length_groups`); results are put back in input order.
 """
 
 from __future__ import annotations
@@ -43,6 +43,11 @@ from pipeline import modeling
 #: (16 ran 4-5% faster than 64 on RewardBench rows, 1 and 2 threads; benchmarks/README.md); large on
 #: GPU, where a small forward leaves the device idle. It only decides how a batch is split.
 FORWARD_OVERHEAD_TOKENS = {"cpu": 16, "cuda": 4096}
+#: Most padded tokens in one forward (a single longer sequence still runs alone). On CPU a forward's
+#: activations should stay near the caches: with MiniLM at 1 thread, 32 x 512-token forwards (16k
+#: tokens) ran 25-30% slower per token than 2-4k-token ones (benchmarks/README.md). No cap on GPU,
+#: where larger forwards only fill the device better (the batch size bounds them).
+MAX_TOKENS_PER_FORWARD = {"cpu": 3072, "cuda": None}
 OUTPUT_COLUMNS = ("score", "hidden", "length")
 _ROW = "__scoring_row__"  # position of a row in the caller's input, to restore order
 _NO_LIMIT = 1_000_000_000
@@ -75,6 +80,7 @@ class RewardScorer:
         self.max_length = usable_length(model, tokenizer, max_length)
         self.truncation_side = truncation_side
         self.overhead_tokens = FORWARD_OVERHEAD_TOKENS[self.device.type]
+        self.max_tokens = MAX_TOKENS_PER_FORWARD[self.device.type]
         # We truncate ids ourselves (keeping the end): silence the tokenizer's "longer than the
         # maximum length ... indexing errors" warning, which is false here.
         tokenizer.model_max_length = _NO_LIMIT
@@ -89,7 +95,7 @@ class RewardScorer:
         lengths = np.array([len(x) for x in ids], dtype=np.int64)
         scores = np.zeros(len(ids), dtype=np.float64)
         hidden = np.zeros((len(ids), self.hidden_size), dtype=np.float32)
-        for group in length_groups(lengths, self.overhead_tokens):
+        for group in length_groups(lengths, self.overhead_tokens, self.max_tokens):
             scores[group], hidden[group] = self._forward([ids[i] for i in group])
         # ``messages`` is consumed: callers keep their rows, and sending every conversation back
         # through Arrow would cost more than scoring a small model (Ray pickles it as objects).
@@ -125,21 +131,27 @@ def as_messages(conversation: Iterable[Mapping[str, Any]]) -> list[dict[str, str
         raise ValueError(f"each message needs 'role' and 'content'; got {conversation!r:.200}") from None
 
 
-def length_groups(lengths: np.ndarray, overhead_tokens: float) -> list[np.ndarray]:
+def length_groups(lengths: np.ndarray, overhead_tokens: float, max_tokens: int | None = None
+                  ) -> list[np.ndarray]:
     """Split one batch into sub-batches (index arrays, longest first) of least estimated cost
 
         cost = sum over sub-batches g of ( |g| * max_{i in g} len_i  +  overhead_tokens ),
 
-    i.e. padded tokens plus a fixed cost per forward. With lengths sorted in decreasing order
-    ``l_0 >= l_1 >= ...`` an optimal split uses contiguous runs (exchange argument), found by
-    ``best[j] = min_{i<j} best[i] + (j - i) * l_i + overhead_tokens``: O(n^2) for a batch of n.
+    i.e. padded tokens plus a fixed cost per forward, subject to ``|g| * max_{i in g} len_i <=
+    max_tokens`` for every sub-batch of two or more (``None``: no limit). With lengths sorted in
+    decreasing order ``l_0 >= l_1 >= ...`` an optimal split uses contiguous runs (exchange argument:
+    it never raises a run's maximum or size), found by
+    ``best[j] = min_{i<j, allowed} best[i] + (j - i) * l_i + overhead_tokens``: O(n^2) for a batch of n.
     """
     order = np.argsort(-np.asarray(lengths), kind="stable")
     ordered = np.asarray(lengths, dtype=np.float64)[order]
     best = np.zeros(len(order) + 1)
     start = np.zeros(len(order) + 1, dtype=np.int64)
     for j in range(1, len(order) + 1):
-        cost = best[:j] + (j - np.arange(j)) * ordered[:j] + overhead_tokens
+        padded = (j - np.arange(j)) * ordered[:j]
+        cost = best[:j] + padded + overhead_tokens
+        if max_tokens is not None:
+            cost[:j - 1][padded[:j - 1] > max_tokens] = np.inf  # a run of one is always allowed
         start[j] = int(np.argmin(cost))
         best[j] = cost[start[j]]
     groups: list[np.ndarray] = []

@@ -92,15 +92,23 @@ def _cost(lengths, groups, overhead):
     return sum(len(g) * max(lengths[i] for i in g) + overhead for g in groups)
 
 
+@pytest.mark.parametrize("max_tokens", [None, 250, 100])
 @pytest.mark.parametrize("overhead", [0, 8, 30, 1000])
-def test_length_groups_find_the_cheapest_split(overhead):
+def test_length_groups_find_the_cheapest_split(overhead, max_tokens):
     lengths = np.array([5, 100, 80, 7, 60, 99, 6, 45])
-    groups = scoring.length_groups(lengths, overhead)
+    groups = scoring.length_groups(lengths, overhead, max_tokens)
     assert sorted(np.concatenate(groups).tolist()) == list(range(len(lengths)))
-    best = min(_cost(lengths, p, overhead) for p in _partitions(list(range(len(lengths)))))  # all 4140 splits
-    assert _cost(lengths, groups, overhead) == best
-    if overhead == 1000:
+
+    def allowed(group):
+        return max_tokens is None or len(group) == 1 or len(group) * max(lengths[i] for i in group) <= max_tokens
+
+    splits = [p for p in _partitions(list(range(len(lengths)))) if all(allowed(g) for g in p)]  # of 4140
+    assert all(allowed(g) for g in groups)
+    assert _cost(lengths, groups, overhead) == min(_cost(lengths, p, overhead) for p in splits)
+    if overhead == 1000 and max_tokens is None:
         assert len(groups) == 1, "a costly forward is never split off"
+    if max_tokens == 100:
+        assert [len(g) for g in groups[:3]] == [1, 1, 1], "100, 99 and 80 run alone under the cap"
 
 
 def test_encoder_length_is_capped_at_its_positions(tmp_path):
