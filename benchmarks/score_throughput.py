@@ -15,7 +15,10 @@ The naive loop uses torch's default thread count in this process; Ray gives each
 ``--cpus-per-actor`` threads (OMP_NUM_THREADS), so compare ``--num-actors`` × ``--cpus-per-actor`` with
 the machine's cores.
 
-    .venv/bin/python benchmarks/score_throughput.py [--limit N] [--num-actors 2]
+    .venv/bin/python benchmarks/score_throughput.py [--limit N] [--num-actors K]
+
+By default the stage gets one actor per core (``cpus // --cpus-per-actor``), the same hardware as the naive
+loop's threads.
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", default="embedded:minilm", help="backbone built as a reward model and saved")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-actors", type=int, default=1)
+    p.add_argument("--num-actors", type=int, default=None,
+                   help="stage actors (default: one per core, cpus // --cpus-per-actor)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=1, help="alternate naive / stage runs this many times")
     return p.parse_args()
@@ -107,6 +111,8 @@ def _runs(seconds: list[float]) -> str:
 
 def main() -> None:
     args = parse_args()
+    if args.num_actors is None:
+        args.num_actors = max(1, int(os.cpu_count() // args.cpus_per_actor))
     load_before = os.getloadavg()[0]
     n_pairs, convs = load_conversations(args.data, args.limit)
     ray = raycluster.ensure_ray(load_config(None))
