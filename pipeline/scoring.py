@@ -45,7 +45,7 @@ from pipeline import modeling
 FORWARD_OVERHEAD_TOKENS = {"cpu": 16, "cuda": 4096}
 #: Most padded tokens in one forward (a single longer sequence still runs alone). On CPU a forward's
 #: activations should stay near the caches: with MiniLM at 1 thread, 32 x 512-token forwards (16k
-#: tokens) ran 25-30% slower per token than 2-4k-token ones (benchmarks/README.md). No cap on GPU,
+#: tokens) ran 15-30% slower per token than 2-4k-token ones (benchmarks/README.md). No cap on GPU,
 #: where larger forwards only fill the device better (the batch size bounds them).
 MAX_TOKENS_PER_FORWARD = {"cpu": 3072, "cuda": None}
 OUTPUT_COLUMNS = ("score", "hidden", "length")
