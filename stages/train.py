@@ -180,8 +180,10 @@ def _optimizer(cfg: PipelineConfig, params: Iterable[torch.nn.Parameter]) -> tor
     t = cfg.train
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    # A plain torch optimizer: DeepSpeed's fused/CPU Adam would JIT-compile for ~70 s on CPU.
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    # A plain torch optimizer: DeepSpeed's fused/CPU Adam would JIT-compile for ~70 s on CPU. torch's own
+    # fused kernel needs no compile and runs on CPU and CUDA; on CPU torch would otherwise pick its per-tensor
+    # loop, 18% of a MiniLM step (benchmarks/README.md).
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=True)
 
 
 def build_engine(cfg: PipelineConfig, plan: LoopPlan, use_gpu: bool) -> tuple[Any, Any, Any]:
