@@ -43,8 +43,8 @@ def make_rows(model: str, n: int, max_length: int) -> list[dict]:
 
 
 def ours(model: str, rows: list[dict], steps: int, batch: int, loss: str) -> list[float]:
-    """Seconds of each optimizer step of ``stages.train.run_loop`` (one process) after the first two."""
-    from stages.train import train_local
+    """Seconds of each optimizer step of ``pipeline.train_loop.run_loop`` (one process) after the first two."""
+    from pipeline.train_loop import train_local
 
     cfg = load_config(None, [f"model.name_or_path={model}", f"loss.name={loss}", "train.zero_stage=0",
                              f"train.micro_batch_size={batch}", f"train.max_steps={steps}", "train.lr=1e-5",

@@ -4,7 +4,7 @@ Entry: :func:`tune_reward_model` (stage ``tune``). Every trial is the Tune *func
 :func:`run_trial` (Ray Train V2 rejects ``Tuner(trainer)``): it builds the trial's config, opens a nested
 MLflow run ``trial-<trial id>`` under the stage's run (all params of the trial config; the train workers'
 rank 0 logs the per-step and final metrics into it), and fits the stage-shared
-:func:`stages.train.build_trainer` ``TorchTrainer`` with a ``TuneReportCallback``, so every
+:func:`pipeline.ray_train.build_trainer` ``TorchTrainer`` with a ``TuneReportCallback``, so every
 ``ray.train.report`` of the workers reaches Tune and its scheduler. Trial config = the run's config ←
 ``tune.trial_overrides`` ← the trial's own values (searched keys, or a loss setting and seed); the searched
 values win over the overrides.
@@ -324,7 +324,7 @@ def run_trial(params: Mapping[str, Any], setup: TrialSetup) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from stages.train import build_trainer
+    from pipeline.ray_train import build_trainer
 
     trial_id = ray.tune.get_context().get_trial_id()
     data_context = ray.data.DataContext.get_current()  # this trial's datasets carry it to the workers
@@ -432,7 +432,8 @@ def make_trainable(setup: TrialSetup) -> Callable[[dict], None]:
 
 def tune_reward_model(ctx: StageContext) -> StageResult:
     from pipeline.raycluster import ensure_ray
-    from stages.train import plan_steps, storage_of
+    from pipeline.ray_train import storage_of
+    from pipeline.train_loop import plan_steps
 
     cfg = ctx.cfg
     if cfg.tune.eval_reports < 1 or cfg.tune.grace_period < 1:
@@ -441,7 +442,7 @@ def tune_reward_model(ctx: StageContext) -> StageResult:
     data = _absolute(ctx.upstream["data"])
     base = from_flat(dict(cfg.tune.trial_overrides), base=cfg, where="tune.trial_overrides")
     max_steps, _ = plan_steps(base, _count_rows(data.output("train")))
-    storage = storage_of(ctx).rstrip("/")
+    storage = storage_of(cfg, ctx.run_dir).rstrip("/")
     concurrency = derive_concurrency(ray.cluster_resources(), base)
     digest = stage_hash(cfg, STAGES["tune"], ctx.upstream)
     if cfg.tune.mode == "compare":

@@ -25,7 +25,7 @@ def _rows(n):
 @pytest.mark.parametrize("zero", [2, 3])
 def test_train_loop_on_cuda_in_bf16(zero):
     """The worker loop without Ray, as under torchrun: bf16 DeepSpeed on one GPU (NCCL process group)."""
-    from stages.train import train_local
+    from pipeline.train_loop import train_local
 
     history = []
     cfg = load_config(REPO / "configs" / "smoke.yaml", ["train.use_gpu=true", "train.precision=auto",

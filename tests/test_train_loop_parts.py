@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from stages.train import global_batches, micro_slices, prefetched, timed
+from pipeline.train_loop import global_batches, micro_slices, prefetched, timed
 
 pytestmark = pytest.mark.unit
 

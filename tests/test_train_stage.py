@@ -9,7 +9,7 @@ import torch
 
 from pipeline import runner
 from pipeline.config import load_config
-from stages import train as T
+from pipeline import train_loop as T
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[1]

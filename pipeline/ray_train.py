@@ -1,0 +1,127 @@
+"""Ray Train (V2) around the loop: the driver builds a ``TorchTrainer`` (:func:`build_trainer`, used by the train
+stage and by every Tune trial); the worker function :func:`train_loop_per_worker` gets everything from its
+argument and hands the work to :func:`pipeline.train_loop.run_loop`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+
+from pipeline import tracking
+from pipeline.config import PipelineConfig
+from pipeline.train_loop import TRAIN_COLUMNS, LoopPlan, plan_steps, rows_from_columns, run_loop
+
+_TEST_HOOKS = ("NORMBT_FAIL_AT_STEP", "NORMBT_NAN_AT_STEP")  # fault injection, read by the worker
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker: everything comes from ``config`` (no module globals)."""
+    import ray.train
+
+    cfg: PipelineConfig = config["cfg"]
+    ctx = ray.train.get_context()
+    plan = LoopPlan(max_steps=config["max_steps"], steps_per_epoch=config["steps_per_epoch"],
+                    world_size=ctx.get_world_size(), rank=ctx.get_world_rank())
+    window_rows = cfg.train.micro_batch_size * cfg.train.grad_accum * plan.world_size * cfg.train.length_group_window
+
+    def train_windows(epoch: int) -> Iterator[list[dict]]:
+        shard = ray.train.get_dataset_shard("train")
+        for batch in shard.iter_batches(batch_size=window_rows, batch_format="numpy", prefetch_batches=1):
+            yield rows_from_columns(batch)
+
+    cached: list[list[dict]] = []
+
+    def validation_rows() -> list[dict]:  # read once: every evaluation uses the same rows
+        if not cached:
+            shard = ray.train.get_dataset_shard("validation")
+            cached.append([r for b in shard.iter_batches(batch_size=1024, batch_format="numpy") for r in rows_from_columns(b)])
+        return cached[0]
+
+    def report(metrics: dict, checkpoint_dir: str | None = None, final: bool = False) -> None:
+        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        clean["final"] = int(final)
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(clean, checkpoint=checkpoint)
+
+    checkpoint = ray.train.get_checkpoint()
+    logger = tracking.for_rank(plan.rank, config.get("tracking_uri"), config.get("run_id"))
+    if checkpoint is None:
+        run_loop(cfg, plan, train_windows=train_windows, validation_rows=validation_rows, report=report,
+                 restore_dir=None, use_gpu=cfg.train.use_gpu, logger=logger)
+        return
+    with checkpoint.as_directory() as folder:
+        run_loop(cfg, plan, train_windows=train_windows, validation_rows=validation_rows, report=report,
+                 restore_dir=folder, use_gpu=cfg.train.use_gpu, logger=logger)
+
+
+def build_trainer(cfg: PipelineConfig, data: Any, *, name: str, storage_path: str,
+                  tracking_uri: str | None, run_id: str | None, callbacks: list | None = None,
+                  in_memory: bool = False, controller_failure_limit: int = -1) -> Any:
+    """The ``TorchTrainer`` for one training run (the train stage, and each Tune trial).
+
+    ``in_memory`` sends the splits from the driver's memory whatever their size (Tune trials: a Parquet read task
+    started next to a trial would want a CPU the trial's workers hold); ``controller_failure_limit`` bounds how
+    often a worker group that cannot start is retried (-1: Ray's default, forever)."""
+    import ray
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    n_train = _count_rows(data.output("train"))
+    max_steps, steps_per_epoch = plan_steps(cfg, n_train)
+    in_memory = in_memory or n_train <= cfg.train.in_memory_rows
+    # Every rank reads the whole stream in file order (see the module docstring), so nothing is split.
+    datasets = {split: split_dataset(data.output(split), in_memory=in_memory) for split in ("train", "validation")}
+    resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg, "max_steps": max_steps, "steps_per_epoch": steps_per_epoch,
+                           "tracking_uri": tracking_uri, "run_id": run_id},
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path, callbacks=callbacks,
+            worker_runtime_env={"env_vars": {k: os.environ[k] for k in _TEST_HOOKS if k in os.environ}},
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures,
+                                                   controller_failure_limit=controller_failure_limit),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(1, cfg.train.keep_checkpoints))),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=[],
+                                            execution_options=ExecutionOptions(preserve_order=True)),
+    )
+
+
+def split_dataset(path: str, *, in_memory: bool) -> Any:
+    """A data-stage split as a Ray Dataset of the training columns, rows in file order. In memory: one Arrow block
+    read here (no Ray task; small splits start streaming at once). Otherwise ``read_parquet`` streams it."""
+    import pyarrow.dataset as pads
+    import ray.data
+
+    if in_memory:
+        return ray.data.from_arrow(pads.dataset(path, format="parquet").to_table(columns=TRAIN_COLUMNS))
+    return ray.data.read_parquet(path, columns=TRAIN_COLUMNS)
+
+
+def _count_rows(path: str) -> int:
+    import pyarrow.dataset as pads
+
+    return pads.dataset(path, format="parquet").count_rows()
+
+
+def storage_of(cfg: PipelineConfig, run_dir: Path) -> str:
+    """Ray Train/Tune storage: ``ray.storage_path`` or the run dir. A multi-node cluster needs shared storage
+    (``s3://``, ``gs://``, an NFS mount given as a URI): a node-local path would scatter the checkpoints."""
+    from pipeline.raycluster import cluster_nodes
+
+    path = cfg.ray.storage_path or str((Path(run_dir) / "ray_storage").resolve())
+    if "://" not in path and cluster_nodes() > 1:
+        raise ValueError(f"the Ray cluster has {cluster_nodes()} nodes but the storage path {path} is local to this "
+                         f"machine; set ray.storage_path to shared storage (e.g. s3://bucket/normbt)")
+    return path
+
+

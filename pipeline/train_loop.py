@@ -1,0 +1,507 @@
+"""The training loop, without Ray: runs inside a Ray Train worker (:mod:`pipeline.ray_train`), under ``torchrun``
+(``python -m pipeline.train_loop``) or in one process (tests).
+
+Data order (why every rank reads the whole stream): each worker iterates the full train split in file order,
+shuffles rows inside windows of ``train.length_group_window`` global batches (seeded by seed, epoch, window),
+groups them by length, and cuts *global* batches of ``micro_batch_size × grad_accum × num_workers`` pairs;
+micro-step ``j`` of a step gives rank ``r`` the slice ``[r·m, (r+1)·m)`` of the ``j``-th block. So the pairs
+of every optimizer step are the same whatever the worker count or accumulation (the invariance tests), and a
+resumed run skips exactly the global batches already consumed. The incomplete last global batch is dropped.
+
+NormBT's μ is updated once per optimizer step from the all-reduced mean distance of the whole global batch.
+With ``grad_accum > 1`` that needs the distances before the first backward, so a no-grad pre-pass computes
+them (one extra forward per step, only for NormBT with accumulation).
+
+Checkpoints: every rank calls DeepSpeed ``save_checkpoint`` into its own temp folder and then ``report(...,
+checkpoint_dir=...)``; Ray merges them. ``client_state`` carries the step, consumed global batches, the EMA
+state and the RNG states. A NaN/Inf loss stops the run naming the step (``train.nan_policy=stop``) or skips the
+step (``skip``); it never reaches a checkpoint. The final checkpoint holds ``model/``, the exported
+``save_pretrained`` folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import random
+import shutil
+import tempfile
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from pipeline import losses, modeling, tracking
+from pipeline.config import PipelineConfig, from_flat
+
+CKPT_TAG = "ckpt"
+TRAIN_COLUMNS = ["chosen_ids", "rejected_ids", "chosen_len", "rejected_len", "margin"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoopPlan:
+    """Everything the loop needs besides the model config: sizes derived on the driver."""
+
+    max_steps: int
+    steps_per_epoch: int
+    world_size: int
+    rank: int
+
+
+def global_batches(windows: Iterable[list[dict]], *, global_batch: int, seed: int, epoch: int) -> Iterator[list[dict]]:
+    """Windows of rows (file order) → shuffled, length-grouped global batches; the incomplete tail is dropped."""
+    carry: list[dict] = []
+    for w, window in enumerate(windows):
+        rows = carry + list(window)
+        rng = random.Random(f"{seed}:{epoch}:{w}")
+        rng.shuffle(rows)
+        full = len(rows) - len(rows) % global_batch
+        rows, carry = rows[:full], rows[full:]
+        rows.sort(key=lambda r: max(r["chosen_len"], r["rejected_len"]))
+        batches = [rows[i: i + global_batch] for i in range(0, full, global_batch)]
+        rng.shuffle(batches)
+        yield from batches
+
+
+def timed(items: Iterable, waits: list[float]) -> Iterator:
+    """Yield from ``items``, appending to ``waits`` the seconds each item took to arrive (data-wait time)."""
+    it = iter(items)
+    while True:
+        start = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        waits.append(time.perf_counter() - start)
+        yield item
+
+
+def prefetched(items: Iterable, depth: int = 2) -> Iterator:
+    """Iterate ``items`` in a background thread started now, at most ``depth`` items ahead; errors re-raise here.
+
+    The loop starts reading its first epoch this way before DeepSpeed builds the engine, so the stream's
+    start-up (Ray Data planning, Parquet reads) overlaps model set-up instead of showing up as data wait.
+    """
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop, end = threading.Event(), object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False  # the consumer went away
+
+    def fill() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(end)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            put(_Failure(err))
+
+    threading.Thread(target=fill, name="train-prefetch", daemon=True).start()
+
+    def drain() -> Iterator:
+        try:
+            while (item := buffer.get()) is not end:
+                if isinstance(item, _Failure):
+                    raise item.error
+                yield item
+        finally:
+            stop.set()
+
+    consumer = drain()
+    weakref.finalize(consumer, stop.set)  # never iterated (the caller failed first): stop the thread anyway
+    return consumer
+
+
+@dataclass(frozen=True)
+class _Failure:
+    error: BaseException
+
+
+def micro_slices(batch: list[dict], *, micro: int, accum: int, world: int, rank: int) -> list[list[dict]]:
+    """The ``accum`` micro-batches this rank trains on within one global batch."""
+    block = micro * world
+    return [batch[j * block + rank * micro: j * block + (rank + 1) * micro] for j in range(accum)]
+
+
+def collate(rows: list[dict], pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Chosen then rejected, padded together (one forward); margins when the data has them."""
+    batch = modeling.collate_pairs([r["chosen_ids"] for r in rows], [r["rejected_ids"] for r in rows], pad_token_id)
+    margins = [r.get("margin") for r in rows]
+    batch = {k: v.to(device) for k, v in batch.items()}
+    if all(m is not None and m == m for m in margins):
+        batch["margin"] = torch.tensor(margins, dtype=torch.float32, device=device)
+    return batch
+
+
+def deepspeed_config(cfg: PipelineConfig, bf16: bool) -> dict[str, Any]:
+    t = cfg.train
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=True)
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def _optimizer(cfg: PipelineConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    # A plain torch optimizer: DeepSpeed's fused/CPU Adam would JIT-compile for ~70 s on CPU. torch's own
+    # fused kernel needs no compile and runs on CPU and CUDA; on CPU torch would otherwise pick its per-tensor
+    # loop, 18% of a MiniLM step (benchmarks/README.md).
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=True)
+
+
+def build_engine(cfg: PipelineConfig, plan: LoopPlan, use_gpu: bool) -> tuple[Any, Any, Any]:
+    """``(engine, model, tokenizer)``: the reward-model contract wrapped by ``deepspeed.initialize``."""
+    import deepspeed
+    from transformers import get_scheduler
+
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_gpu)
+    ds_config = deepspeed_config(cfg, bf16)
+    tok = modeling.load_tokenizer(cfg.model.name_or_path, revision=cfg.model.revision,
+                                  trust_remote_code=cfg.model.trust_remote_code)
+    hf_ds = None
+    if cfg.train.zero_stage == 3:  # build under transformers' ZeRO-3 init context (partitioned at construction)
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(ds_config)
+    model = modeling.build_reward_model(cfg.model.name_or_path, tok, revision=cfg.model.revision,
+                                        trust_remote_code=cfg.model.trust_remote_code, seed=cfg.model.seed)
+    optimizer = _optimizer(cfg, model.parameters())
+    warmup = int(round(cfg.train.warmup_ratio * plan.max_steps))
+    scheduler = get_scheduler(cfg.train.scheduler, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=plan.max_steps)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    del hf_ds  # alive, it would make any later model construction run ZeRO collectives (a hang)
+    return engine, model, tok
+
+
+def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
+                                    "min": dist.ReduceOp.MIN}[op])
+    return tensor.tolist()
+
+
+def _fault_injection(step: int) -> None:
+    """Test hook: ``NORMBT_FAIL_AT_STEP=k:/path/marker`` kills this worker once at step ``k``."""
+    spec = os.environ.get("NORMBT_FAIL_AT_STEP")
+    if not spec:
+        return
+    at, _, marker = spec.partition(":")
+    if step == int(at) and marker and not os.path.exists(marker):
+        Path(marker).write_text(str(step))
+        os._exit(17)  # a hard crash: no clean-up, like a killed process
+
+
+def _loss(cfg: PipelineConfig, out: tuple, batch: dict, mu: float | None) -> tuple[torch.Tensor, dict]:
+    rc, rr, hc, hr = out
+    margin = batch.get("margin") if cfg.loss.use_margin else None
+    kw = {"margin": margin, "label_smoothing": cfg.loss.label_smoothing, "center_coef": cfg.loss.center_coef}
+    if cfg.loss.name == "bt":
+        return losses.bt_loss(rc, rr, **kw)
+    return losses.normbt_loss(rc, rr, hc, hr, mu=mu, eps=cfg.loss.eps, **kw)
+
+
+def _step_mu(cfg, engine, model, micro_batches, ema, pad, device, first_out) -> float | None:
+    """μ for this optimizer step from the all-reduced global batch-mean distance (NormBT only)."""
+    if cfg.loss.name != "normbt":
+        return None
+    outs = [first_out] if first_out is not None else []
+    if first_out is None or len(micro_batches) > 1:
+        with torch.no_grad():
+            outs = [modeling.forward_pairs(model, collate(mb, pad, device), engine=engine) for mb in micro_batches]
+    local = [float(losses.pair_distances(o[2], o[3]).sum()) for o in outs]
+    total, count = _all_reduce([sum(local), float(sum(len(mb) for mb in micro_batches))])
+    return ema.update(total / count)
+
+
+def _mean_metrics(per_micro: list[dict]) -> dict[str, float]:
+    """Average over micro-batches and ranks (equal sizes), min/max for the extremes."""
+    keys = sorted(per_micro[0])
+    means = _all_reduce([sum(m[k] for m in per_micro) / len(per_micro) for k in keys])
+    world = _world()
+    out = {k: v / world for k, v in zip(keys, means, strict=True)}
+    for suffix, op in (("_min", "min"), ("_max", "max")):
+        ks = [k for k in keys if k.endswith(suffix)]
+        if ks:
+            reduce = min if op == "min" else max
+            out.update(zip(ks, _all_reduce([reduce(m[k] for m in per_micro) for k in ks], op), strict=True))
+    return out
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def train_one_step(cfg, engine, model, micro_batches, ema, pad, device, step) -> dict[str, float] | None:
+    """Forward/backward every micro-batch, one optimizer step. None when a non-finite loss was skipped."""
+    first = modeling.forward_pairs(model, collate(micro_batches[0], pad, device), engine=engine)
+    mu = _step_mu(cfg, engine, model, micro_batches, ema, pad, device,
+                  first if len(micro_batches) == 1 else None)
+    per_micro = []
+    for j, rows in enumerate(micro_batches):
+        batch = collate(rows, pad, device)
+        out = first if j == 0 else modeling.forward_pairs(model, batch, engine=engine)
+        if os.environ.get("NORMBT_NAN_AT_STEP") == str(step):  # test hook for the NaN guard
+            out = (out[0] * float("nan"), *out[1:])
+        loss, metrics = _loss(cfg, out, batch, mu)
+        bad = _all_reduce([0.0 if torch.isfinite(loss) else 1.0], "max")[0]
+        if bad:
+            if cfg.train.nan_policy == "stop":
+                raise FloatingPointError(f"non-finite loss at optimizer step {step} (micro-batch {j}); "
+                                         f"stopping before any update or checkpoint (train.nan_policy=stop)")
+            return None  # nothing was backpropagated this step (nan_policy=skip requires grad_accum=1)
+        engine.backward(loss)
+        engine.step()
+        per_micro.append(metrics)
+    metrics = _mean_metrics(per_micro)
+    grad_norm = engine.get_global_grad_norm()
+    metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    metrics["lr"] = float(engine.get_lr()[0])
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(cfg, engine, model, rows: Iterable[dict], pad, device, rank: int, world: int) -> dict[str, Any]:
+    """Validation loss, accuracy, reward mean/std, and accuracy by distance quartile (the paper's diagnosis)."""
+    mine = [r for i, r in enumerate(rows) if i % world == rank]
+    local: list[tuple[float, float, float]] = []
+    size = max(1, cfg.train.micro_batch_size * 2)
+    for i in range(0, len(mine), size):
+        rc, rr, hc, hr = modeling.forward_pairs(model, collate(mine[i: i + size], pad, device), engine=engine)
+        d = losses.pair_distances(hc, hr)
+        local += list(zip(rc.float().tolist(), rr.float().tolist(), d.float().tolist(), strict=True))
+    import torch.distributed as dist
+
+    gathered = [local]
+    if dist.is_available() and dist.is_initialized() and world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, local)
+    return validation_metrics(np.array([t for part in gathered for t in part], dtype=np.float64).reshape(-1, 3))
+
+
+def validation_metrics(table: np.ndarray) -> dict[str, Any]:
+    """``table`` rows are ``(r_chosen, r_rejected, distance)``; BT loss = mean softplus(-(r_c - r_r))."""
+    if len(table) == 0:
+        return {"val_accuracy": float("nan"), "val_loss": float("nan"), "val_pairs": 0}
+    delta = table[:, 0] - table[:, 1]
+    rewards = table[:, :2].reshape(-1)
+    out: dict[str, Any] = {"val_accuracy": float((delta > 0).mean()), "val_loss": float(np.logaddexp(0, -delta).mean()),
+                           "val_pairs": int(len(table)), "val_reward_mean": float(rewards.mean()),
+                           "val_reward_std": float(rewards.std()), "val_distance_mean": float(table[:, 2].mean())}
+    edges = np.quantile(table[:, 2], [0.25, 0.5, 0.75])
+    quartile = np.searchsorted(edges, table[:, 2], side="right")
+    for q in range(4):
+        sel = quartile == q
+        if sel.any():
+            out[f"val_accuracy_dq{q + 1}"] = float((delta[sel] > 0).mean())
+    return out
+
+
+def run_loop(cfg: PipelineConfig, plan: LoopPlan, *, train_windows: Callable[[int], Iterable[list[dict]]],
+             validation_rows: Callable[[], list[dict]], report: Callable[..., None],
+             restore_dir: str | None, use_gpu: bool, logger: tracking.RunLogger) -> None:
+    """The training loop. ``train_windows(epoch)`` yields windows of rows in file order; ``report(metrics,
+    checkpoint_dir=None, final=False)`` publishes metrics (and a checkpoint folder written by every rank)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+    first_epoch = prefetched(train_windows(0)) if restore_dir is None else None  # reads while the engine builds
+    engine, model, tok = build_engine(cfg, plan, use_gpu)
+    ema = losses.DistanceEMA(cfg.loss.beta)
+    step = consumed = 0
+    if restore_dir:
+        _, client = engine.load_checkpoint(restore_dir, tag=CKPT_TAG)
+        step, consumed = client["step"], client["consumed"]
+        ema.load_state_dict(client["ema"])
+        torch.set_rng_state(client["torch_rng"])
+    t = cfg.train
+    global_batch = t.micro_batch_size * t.grad_accum * plan.world_size
+    start, seen = time.time(), step
+    waits: list[float] = []  # seconds each global batch took to arrive: the loop's data-wait time
+    wait_s = busy_s = 0.0
+    for epoch in range(step // plan.steps_per_epoch, max(1, math.ceil(plan.max_steps / plan.steps_per_epoch))):
+        windows = first_epoch if epoch == 0 and first_epoch is not None else train_windows(epoch)
+        batches = global_batches(windows, global_batch=global_batch, seed=t.seed, epoch=epoch)
+        for index, batch in enumerate(timed(batches, waits)):
+            if epoch * plan.steps_per_epoch + index < consumed:
+                continue  # consumed before a restart: skip, never train twice
+            if step >= plan.max_steps:
+                break
+            _fault_injection(step)
+            micro = micro_slices(batch, micro=t.micro_batch_size, accum=t.grad_accum, world=plan.world_size,
+                                 rank=plan.rank)
+            tick = time.time()
+            metrics = train_one_step(cfg, engine, model, micro, ema, tok.pad_token_id, device, step)
+            step, consumed = step + 1, epoch * plan.steps_per_epoch + index + 1
+            took = max(time.time() - tick, 1e-9)
+            wait_s, busy_s = wait_s + waits[-1], busy_s + took
+            if metrics is None:
+                continue
+            metrics.update(step=step, pairs_per_s=global_batch / took,
+                           tokens_per_s=sum(r["chosen_len"] + r["rejected_len"] for r in batch) / took,
+                           data_wait_fraction=wait_s / (wait_s + busy_s))
+            evaluated = bool(t.eval_every) and step % t.eval_every == 0 and step < plan.max_steps
+            if evaluated:
+                metrics.update(evaluate(cfg, engine, model, validation_rows(), tok.pad_token_id, device,
+                                        plan.rank, plan.world_size))
+            publish = evaluated or step % t.log_every == 0  # validation results always go out (Tune's ASHA)
+            if plan.rank == 0 and publish:
+                logger.log_metrics(metrics, step=step)
+                _progress(step, plan.max_steps, metrics, start, seen)
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < plan.max_steps:
+                _checkpoint(engine, step, consumed, ema, metrics, report)
+            elif publish:
+                report(metrics)
+        if step >= plan.max_steps:
+            break
+    final = evaluate(cfg, engine, model, validation_rows(), tok.pad_token_id, device, plan.rank, plan.world_size)
+    final["step"] = step
+    final["data_wait_fraction"] = wait_s / max(wait_s + busy_s, 1e-9)
+    if plan.rank == 0:
+        logger.log_metrics(final, step=step)
+    _checkpoint(engine, step, consumed, ema, final, report, export=(model, tok, final, cfg))
+
+
+def _progress(step: int, total: int, m: dict, start: float, seen: int) -> None:
+    rate = (step - seen) / max(time.time() - start, 1e-9)
+    eta = (total - step) / rate if rate > 0 else float("inf")
+    print(f"step {step}/{total}  loss {m['loss']:.4f}  acc {m['accuracy']:.3f}  {m['pairs_per_s']:.1f} pairs/s  "
+          f"ETA {eta:.0f}s", flush=True)
+
+
+def _checkpoint(engine, step, consumed, ema, metrics, report, export=None) -> None:
+    """Every rank saves (a rank-0-only DeepSpeed save hangs) into its own folder, then reports it."""
+    folder = tempfile.mkdtemp(prefix="normbt-ckpt-")
+    client = {"step": step, "consumed": consumed, "ema": ema.state_dict(), "torch_rng": torch.get_rng_state()}
+    engine.save_checkpoint(folder, tag=CKPT_TAG, client_state=client)
+    if export is not None:
+        model, tok, final, cfg = export
+        state = engine._zero3_consolidated_16bit_state_dict() if cfg.train.zero_stage == 3 else None
+        if engine.global_rank == 0:
+            modeling.save_reward_model(model, tok, Path(folder) / "model", state_dict=state, extra_config={
+                "reward_mean": final.get("val_reward_mean"), "reward_std": final.get("val_reward_std")})
+    report(metrics, checkpoint_dir=folder, final=export is not None)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def plan_steps(cfg: PipelineConfig, n_train: int) -> tuple[int, int]:
+    """``(max_steps, steps_per_epoch)`` from the train row count (drop-last global batches)."""
+    t = cfg.train
+    global_batch = t.micro_batch_size * t.grad_accum * t.num_workers
+    steps_per_epoch = n_train // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"the train split has {n_train} pairs, fewer than one global batch ({global_batch} = "
+                         f"train.micro_batch_size × train.grad_accum × train.num_workers)")
+    max_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
+    return max_steps, steps_per_epoch
+
+
+def rows_from_columns(batch: dict[str, np.ndarray]) -> list[dict]:
+    """Columns of a train split (numpy) as the loop's row dicts; a NaN margin means none."""
+    n = len(batch["chosen_len"])
+    out = []
+    for i in range(n):
+        margin = batch["margin"][i]
+        out.append({"chosen_ids": batch["chosen_ids"][i].tolist(), "rejected_ids": batch["rejected_ids"][i].tolist(),
+                    "chosen_len": int(batch["chosen_len"][i]), "rejected_len": int(batch["rejected_len"][i]),
+                    "margin": None if margin is None or margin != margin else float(margin)})
+    return out
+
+
+# ============================================================================ without Ray (torchrun, tests)
+
+
+def _single_process_env() -> None:
+    """DeepSpeed outside torchrun/Ray looks for MPI unless the usual rendezvous variables exist."""
+    if "RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+
+
+def read_rows(path: str) -> list[dict]:
+    """A data-stage split as training rows, in file order."""
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(path, format="parquet").to_table(columns=TRAIN_COLUMNS)
+    return rows_from_columns({c: table.column(c).to_numpy(zero_copy_only=False) for c in TRAIN_COLUMNS})
+
+
+def train_local(cfg: PipelineConfig, train_rows: list[dict], validation_rows: list[dict], *,
+                report: Callable[..., None], restore_dir: str | None = None,
+                logger: tracking.RunLogger | None = None) -> None:
+    """Run the same loop in this process (one rank, or one rank of ``torchrun``), fed by plain lists."""
+    _single_process_env()
+    if not cfg.train.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    cfg = from_flat({"train.num_workers": world}, base=cfg)
+    max_steps, steps_per_epoch = plan_steps(cfg, len(train_rows))
+    window = cfg.train.micro_batch_size * cfg.train.grad_accum * world * cfg.train.length_group_window
+    windows = lambda epoch: (train_rows[i: i + window] for i in range(0, len(train_rows), window))  # noqa: E731
+    run_loop(cfg, LoopPlan(max_steps=max_steps, steps_per_epoch=steps_per_epoch, world_size=world, rank=rank),
+             train_windows=windows, validation_rows=lambda: validation_rows, report=report,
+             restore_dir=restore_dir, use_gpu=cfg.train.use_gpu, logger=logger or tracking.RunLogger(None, None))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``torchrun --nproc-per-node N -m pipeline.train_loop --data DIR --out DIR [--config F] [key=value ...]``:
+    the training loop without Ray (e.g. to check a GPU node that has only torch and transformers)."""
+    import argparse
+
+    from pipeline.config import load_config
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--data", required=True, help="the data stage folder (with train/ and validation/)")
+    parser.add_argument("--out", required=True, help="where the exported model and metrics go")
+    parser.add_argument("--config", default=None)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    history: list[dict] = []
+
+    def report(metrics: dict, checkpoint_dir: str | None = None, final: bool = False) -> None:
+        history.append(metrics)
+        if final and int(os.environ.get("RANK", "0")) == 0:
+            shutil.copytree(Path(checkpoint_dir) / "model", Path(args.out) / "model", dirs_exist_ok=True)
+            (Path(args.out) / "history.json").write_text(json.dumps(history, indent=1, default=float))
+
+    train_local(cfg, read_rows(str(Path(args.data) / "train")), read_rows(str(Path(args.data) / "validation")),
+                report=report)
+
+
+if __name__ == "__main__":
+    main()
