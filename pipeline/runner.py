@@ -47,7 +47,7 @@ class StageContext:
     log: Callable[[str], None] = print
 
 
-_DATA_KEYS = ("data", "model.name_or_path", "model.revision", "model.trust_remote_code", "model.pooling")
+_DATA_KEYS = ("data", "model.name_or_path", "model.revision", "model.trust_remote_code")
 _TRAIN_KEYS = ("model", "loss", "train", "ray.storage_path")
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in (

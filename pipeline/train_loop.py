@@ -40,8 +40,10 @@ import torch
 
 from pipeline import losses, modeling, tracking
 from pipeline.config import PipelineConfig, from_flat
+from pipeline.distributed import Collectives, compute_device
 
 CKPT_TAG = "ckpt"
+VALIDATION_REWARDS = "validation_rewards.parquet"  # beside model/ in the final checkpoint
 TRAIN_COLUMNS = ["chosen_ids", "rejected_ids", "chosen_len", "rejected_len", "margin"]
 
 
@@ -138,12 +140,11 @@ def micro_slices(batch: list[dict], *, micro: int, accum: int, world: int, rank:
 
 
 def collate(rows: list[dict], pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Chosen then rejected, padded together (one forward); margins when the data has them."""
+    """Chosen then rejected, padded together (one forward); ``margin [B]`` with NaN where a pair has none."""
     batch = modeling.collate_pairs([r["chosen_ids"] for r in rows], [r["rejected_ids"] for r in rows], pad_token_id)
-    margins = [r.get("margin") for r in rows]
+    margins = [math.nan if r.get("margin") is None else float(r["margin"]) for r in rows]
     batch = {k: v.to(device) for k, v in batch.items()}
-    if all(m is not None and m == m for m in margins):
-        batch["margin"] = torch.tensor(margins, dtype=torch.float32, device=device)
+    batch["margin"] = torch.tensor(margins, dtype=torch.float32, device=device)
     return batch
 
 
@@ -164,14 +165,27 @@ def deepspeed_config(cfg: PipelineConfig, bf16: bool) -> dict[str, Any]:
     }
 
 
-def _optimizer(cfg: PipelineConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """transformers' convention: weight decay on weight matrices only. Biases and norm weights (every parameter
+    with fewer than two dimensions) and the score head (its scale is the reward scale) are not decayed."""
+    head = {id(p) for p in modeling.score_head(model).parameters()}
+    decay, plain = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 partitions keep their full shape here
+            (plain if len(shape) < 2 or id(param) in head else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def _optimizer(cfg: PipelineConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     t = cfg.train
+    groups = param_groups(model, t.weight_decay)
     if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
     # A plain torch optimizer: DeepSpeed's fused/CPU Adam would JIT-compile for ~70 s on CPU. torch's own
     # fused kernel needs no compile and runs on CPU and CUDA; on CPU torch would otherwise pick its per-tensor
     # loop, 18% of a MiniLM step (benchmarks/README.md).
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=True)
+    return torch.optim.AdamW(groups, lr=t.lr, fused=True)
 
 
 def build_engine(cfg: PipelineConfig, plan: LoopPlan, use_gpu: bool) -> tuple[Any, Any, Any]:
@@ -182,31 +196,25 @@ def build_engine(cfg: PipelineConfig, plan: LoopPlan, use_gpu: bool) -> tuple[An
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_gpu)
     ds_config = deepspeed_config(cfg, bf16)
     tok = modeling.load_tokenizer(cfg.model.name_or_path, revision=cfg.model.revision,
-                                  trust_remote_code=cfg.model.trust_remote_code)
+                                  trust_remote_code=cfg.model.trust_remote_code, template_date=cfg.data.template_date)
     hf_ds = None
-    if cfg.train.zero_stage == 3:  # build under transformers' ZeRO-3 init context (partitioned at construction)
+    if cfg.train.zero_stage == 3 and not modeling.tiny_arch(cfg.model.name_or_path):
+        # Pretrained weights are loaded straight into ZeRO-3 partitions (transformers' init context), so no rank
+        # holds the whole model. Random tiny models are small: built whole, they start from the same weights as
+        # under ZeRO 0-2 (a partitioned random init draws differently).
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds = HfDeepSpeedConfig(ds_config)
     model = modeling.build_reward_model(cfg.model.name_or_path, tok, revision=cfg.model.revision,
                                         trust_remote_code=cfg.model.trust_remote_code, seed=cfg.model.seed)
-    optimizer = _optimizer(cfg, model.parameters())
+    optimizer = _optimizer(cfg, model)
     warmup = int(round(cfg.train.warmup_ratio * plan.max_steps))
     scheduler = get_scheduler(cfg.train.scheduler, optimizer, num_warmup_steps=warmup,
                               num_training_steps=plan.max_steps)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     del hf_ds  # alive, it would make any later model construction run ZeRO collectives (a hang)
+    engine.eval()  # dropout off in training too (modeling.disable_dropout): eval mode is the rule, not a flag
     return engine, model, tok
-
-
-def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
-    import torch.distributed as dist
-
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
-                                    "min": dist.ReduceOp.MIN}[op])
-    return tensor.tolist()
 
 
 def _fault_injection(step: int) -> None:
@@ -222,15 +230,19 @@ def _fault_injection(step: int) -> None:
 
 def _loss(cfg: PipelineConfig, out: tuple, batch: dict, mu: float | None) -> tuple[torch.Tensor, dict]:
     rc, rr, hc, hr = out
-    margin = batch.get("margin") if cfg.loss.use_margin else None
+    margin = batch["margin"] if cfg.loss.use_margin else None
+    if margin is not None and bool(torch.isnan(margin).any()):
+        # The data stage refuses or zero-fills margin-less pairs under loss.use_margin; never fall back to BT here.
+        raise ValueError(f"loss.use_margin=true but {int(torch.isnan(margin).sum())} pair(s) of this batch have no "
+                         f"margin; rerun the data stage (data.missing_margin decides what happens to them)")
     kw = {"margin": margin, "label_smoothing": cfg.loss.label_smoothing, "center_coef": cfg.loss.center_coef}
     if cfg.loss.name == "bt":
         return losses.bt_loss(rc, rr, **kw)
     return losses.normbt_loss(rc, rr, hc, hr, mu=mu, eps=cfg.loss.eps, **kw)
 
 
-def _step_mu(cfg, engine, model, micro_batches, ema, pad, device, first_out) -> float | None:
-    """μ for this optimizer step from the all-reduced global batch-mean distance (NormBT only)."""
+def _step_distance(cfg, engine, model, micro_batches, pad, device, first_out, comm: Collectives) -> float | None:
+    """The all-reduced global batch-mean distance of this optimizer step (NormBT only; μ is not touched here)."""
     if cfg.loss.name != "normbt":
         return None
     outs = [first_out] if first_out is not None else []
@@ -238,35 +250,34 @@ def _step_mu(cfg, engine, model, micro_batches, ema, pad, device, first_out) -> 
         with torch.no_grad():
             outs = [modeling.forward_pairs(model, collate(mb, pad, device), engine=engine) for mb in micro_batches]
     local = [float(losses.pair_distances(o[2], o[3]).sum()) for o in outs]
-    total, count = _all_reduce([sum(local), float(sum(len(mb) for mb in micro_batches))])
-    return ema.update(total / count)
+    total, count = comm.all_reduce([sum(local), float(sum(len(mb) for mb in micro_batches))])
+    return total / count
 
 
-def _mean_metrics(per_micro: list[dict]) -> dict[str, float]:
+def _mean_metrics(per_micro: list[dict], comm: Collectives) -> dict[str, float]:
     """Average over micro-batches and ranks (equal sizes), min/max for the extremes."""
     keys = sorted(per_micro[0])
-    means = _all_reduce([sum(m[k] for m in per_micro) / len(per_micro) for k in keys])
-    world = _world()
-    out = {k: v / world for k, v in zip(keys, means, strict=True)}
+    means = comm.all_reduce([sum(m[k] for m in per_micro) / len(per_micro) for k in keys])
+    out = {k: v / comm.world for k, v in zip(keys, means, strict=True)}
     for suffix, op in (("_min", "min"), ("_max", "max")):
         ks = [k for k in keys if k.endswith(suffix)]
         if ks:
             reduce = min if op == "min" else max
-            out.update(zip(ks, _all_reduce([reduce(m[k] for m in per_micro) for k in ks], op), strict=True))
+            out.update(zip(ks, comm.all_reduce([reduce(m[k] for m in per_micro) for k in ks], op), strict=True))
     return out
 
 
-def _world() -> int:
-    import torch.distributed as dist
+def train_one_step(cfg, engine, model, micro_batches, ema, pad, device, step, comm: Collectives
+                   ) -> dict[str, float] | None:
+    """Forward/backward every micro-batch, one optimizer step. None when a non-finite loss was skipped.
 
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def train_one_step(cfg, engine, model, micro_batches, ema, pad, device, step) -> dict[str, float] | None:
-    """Forward/backward every micro-batch, one optimizer step. None when a non-finite loss was skipped."""
+    Order: the candidate μ is computed from this step's distances, every loss is checked (all ranks agree) before
+    its backward, and μ is committed only once the step has been taken, so a skipped step leaves μ as it was.
+    A skipped step still advances the LR schedule, which stays a function of the step counter."""
     first = modeling.forward_pairs(model, collate(micro_batches[0], pad, device), engine=engine)
-    mu = _step_mu(cfg, engine, model, micro_batches, ema, pad, device,
-                  first if len(micro_batches) == 1 else None)
+    distance = _step_distance(cfg, engine, model, micro_batches, pad, device,
+                              first if len(micro_batches) == 1 else None, comm)
+    mu = ema.peek(distance) if distance is not None else None
     per_micro = []
     for j, rows in enumerate(micro_batches):
         batch = collate(rows, pad, device)
@@ -274,39 +285,50 @@ def train_one_step(cfg, engine, model, micro_batches, ema, pad, device, step) ->
         if os.environ.get("NORMBT_NAN_AT_STEP") == str(step):  # test hook for the NaN guard
             out = (out[0] * float("nan"), *out[1:])
         loss, metrics = _loss(cfg, out, batch, mu)
-        bad = _all_reduce([0.0 if torch.isfinite(loss) else 1.0], "max")[0]
+        bad = comm.all_reduce([0.0 if torch.isfinite(loss) else 1.0], "max")[0]
         if bad:
             if cfg.train.nan_policy == "stop":
                 raise FloatingPointError(f"non-finite loss at optimizer step {step} (micro-batch {j}); "
                                          f"stopping before any update or checkpoint (train.nan_policy=stop)")
-            return None  # nothing was backpropagated this step (nan_policy=skip requires grad_accum=1)
+            # Nothing was backpropagated this step (nan_policy=skip requires grad_accum=1).
+            engine.lr_scheduler.step()
+            return None
         engine.backward(loss)
         engine.step()
         per_micro.append(metrics)
-    metrics = _mean_metrics(per_micro)
+    if distance is not None:
+        ema.update(distance)
+    metrics = _mean_metrics(per_micro, comm)
     grad_norm = engine.get_global_grad_norm()
     metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     metrics["lr"] = float(engine.get_lr()[0])
     return metrics
 
 
-@torch.no_grad()
-def evaluate(cfg, engine, model, rows: Iterable[dict], pad, device, rank: int, world: int) -> dict[str, Any]:
-    """Validation loss, accuracy, reward mean/std, and accuracy by distance quartile (the paper's diagnosis)."""
-    mine = [r for i, r in enumerate(rows) if i % world == rank]
-    local: list[tuple[float, float, float]] = []
-    size = max(1, cfg.train.micro_batch_size * 2)
-    for i in range(0, len(mine), size):
-        rc, rr, hc, hr = modeling.forward_pairs(model, collate(mine[i: i + size], pad, device), engine=engine)
-        d = losses.pair_distances(hc, hr)
-        local += list(zip(rc.float().tolist(), rr.float().tolist(), d.float().tolist(), strict=True))
-    import torch.distributed as dist
+def eval_batches(n_rows: int, world: int, rank: int, size: int) -> list[list[int]]:
+    """Row indices of this rank's validation forwards: rows ``rank, rank + world, ...`` in chunks of ``size``,
+    padded with empty chunks so every rank runs the same number of forwards (under ZeRO-3 each forward gathers
+    parameters collectively: a rank with one forward more would wait forever, or meet the wrong collective)."""
+    mine = list(range(rank, n_rows, world))
+    forwards = math.ceil(math.ceil(n_rows / world) / size) if n_rows else 0
+    return [mine[i * size: (i + 1) * size] for i in range(forwards)]
 
-    gathered = [local]
-    if dist.is_available() and dist.is_initialized() and world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, local)
-    return validation_metrics(np.array([t for part in gathered for t in part], dtype=np.float64).reshape(-1, 3))
+
+@torch.no_grad()
+def evaluate(cfg, engine, model, rows: list[dict], pad, device, comm: Collectives) -> tuple[dict[str, Any], np.ndarray]:
+    """Validation metrics (loss, accuracy, reward mean/std, accuracy by distance quartile: the paper's diagnosis)
+    and the per-pair table ``[n, 4]`` = ``(row, r_chosen, r_rejected, distance)`` in row order, the same on
+    every rank. A padding forward (see :func:`eval_batches`) scores the first row and discards the result."""
+    local: list[tuple[float, float, float, float]] = []
+    for chunk in eval_batches(len(rows), comm.world, comm.rank, max(1, cfg.train.micro_batch_size * 2)):
+        batch_rows = [rows[i] for i in chunk] or rows[:1]
+        rc, rr, hc, hr = modeling.forward_pairs(model, collate(batch_rows, pad, device), engine=engine)
+        if chunk:
+            d = losses.pair_distances(hc, hr)
+            local += list(zip(chunk, rc.tolist(), rr.tolist(), d.float().tolist(), strict=True))
+    table = comm.all_gather_rows(np.array(local, dtype=np.float64).reshape(-1, 4))
+    table = table[np.argsort(table[:, 0], kind="stable")]
+    return validation_metrics(table[:, 1:]), table
 
 
 def validation_metrics(table: np.ndarray) -> dict[str, Any]:
@@ -332,9 +354,10 @@ def run_loop(cfg: PipelineConfig, plan: LoopPlan, *, train_windows: Callable[[in
              restore_dir: str | None, use_gpu: bool, logger: tracking.RunLogger) -> None:
     """The training loop. ``train_windows(epoch)`` yields windows of rows in file order; ``report(metrics,
     checkpoint_dir=None, final=False)`` publishes metrics (and a checkpoint folder written by every rank)."""
-    device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+    device = compute_device(use_gpu)
     first_epoch = prefetched(train_windows(0)) if restore_dir is None else None  # reads while the engine builds
     engine, model, tok = build_engine(cfg, plan, use_gpu)
+    comm = Collectives(device)  # after deepspeed.initialize, which creates the process group under torchrun
     ema = losses.DistanceEMA(cfg.loss.beta)
     step = consumed = 0
     if restore_dir:
@@ -359,7 +382,7 @@ def run_loop(cfg: PipelineConfig, plan: LoopPlan, *, train_windows: Callable[[in
             micro = micro_slices(batch, micro=t.micro_batch_size, accum=t.grad_accum, world=plan.world_size,
                                  rank=plan.rank)
             tick = time.time()
-            metrics = train_one_step(cfg, engine, model, micro, ema, tok.pad_token_id, device, step)
+            metrics = train_one_step(cfg, engine, model, micro, ema, tok.pad_token_id, device, step, comm)
             step, consumed = step + 1, epoch * plan.steps_per_epoch + index + 1
             took = max(time.time() - tick, 1e-9)
             wait_s, busy_s = wait_s + waits[-1], busy_s + took
@@ -370,8 +393,7 @@ def run_loop(cfg: PipelineConfig, plan: LoopPlan, *, train_windows: Callable[[in
                            data_wait_fraction=wait_s / (wait_s + busy_s))
             evaluated = bool(t.eval_every) and step % t.eval_every == 0 and step < plan.max_steps
             if evaluated:
-                metrics.update(evaluate(cfg, engine, model, validation_rows(), tok.pad_token_id, device,
-                                        plan.rank, plan.world_size))
+                metrics.update(evaluate(cfg, engine, model, validation_rows(), tok.pad_token_id, device, comm)[0])
             publish = evaluated or step % t.log_every == 0  # validation results always go out (Tune's ASHA)
             if plan.rank == 0 and publish:
                 logger.log_metrics(metrics, step=step)
@@ -382,12 +404,12 @@ def run_loop(cfg: PipelineConfig, plan: LoopPlan, *, train_windows: Callable[[in
                 report(metrics)
         if step >= plan.max_steps:
             break
-    final = evaluate(cfg, engine, model, validation_rows(), tok.pad_token_id, device, plan.rank, plan.world_size)
+    final, table = evaluate(cfg, engine, model, validation_rows(), tok.pad_token_id, device, comm)
     final["step"] = step
     final["data_wait_fraction"] = wait_s / max(wait_s + busy_s, 1e-9)
     if plan.rank == 0:
         logger.log_metrics(final, step=step)
-    _checkpoint(engine, step, consumed, ema, final, report, export=(model, tok, final, cfg))
+    _checkpoint(engine, step, consumed, ema, final, report, export=(model, tok, final, cfg, table))
 
 
 def _progress(step: int, total: int, m: dict, start: float, seen: int) -> None:
@@ -403,11 +425,12 @@ def _checkpoint(engine, step, consumed, ema, metrics, report, export=None) -> No
     client = {"step": step, "consumed": consumed, "ema": ema.state_dict(), "torch_rng": torch.get_rng_state()}
     engine.save_checkpoint(folder, tag=CKPT_TAG, client_state=client)
     if export is not None:
-        model, tok, final, cfg = export
+        model, tok, final, cfg, table = export
         state = engine._zero3_consolidated_16bit_state_dict() if cfg.train.zero_stage == 3 else None
         if engine.global_rank == 0:
             modeling.save_reward_model(model, tok, Path(folder) / "model", state_dict=state, extra_config={
                 "reward_mean": final.get("val_reward_mean"), "reward_std": final.get("val_reward_std")})
+            write_validation_rewards(table, Path(folder) / VALIDATION_REWARDS)
     report(metrics, checkpoint_dir=folder, final=export is not None)
     shutil.rmtree(folder, ignore_errors=True)
 
@@ -422,6 +445,16 @@ def plan_steps(cfg: PipelineConfig, n_train: int) -> tuple[int, int]:
                          f"train.micro_batch_size × train.grad_accum × train.num_workers)")
     max_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
     return max_steps, steps_per_epoch
+
+
+def write_validation_rewards(table: np.ndarray, path: Path) -> None:
+    """The final evaluation per pair, in the validation split's row order: ``row, reward_chosen,
+    reward_rejected, distance`` (fp32 rewards, as scored at the end of training)."""
+    import pandas as pd
+
+    frame = pd.DataFrame(table[:, 1:], columns=["reward_chosen", "reward_rejected", "distance"])
+    frame.insert(0, "row", table[:, 0].astype(np.int64))
+    frame.to_parquet(path, index=False)
 
 
 def rows_from_columns(batch: dict[str, np.ndarray]) -> list[dict]:
@@ -497,6 +530,7 @@ def main(argv: list[str] | None = None) -> None:
         history.append(metrics)
         if final and int(os.environ.get("RANK", "0")) == 0:
             shutil.copytree(Path(checkpoint_dir) / "model", Path(args.out) / "model", dirs_exist_ok=True)
+            shutil.copy(Path(checkpoint_dir) / VALIDATION_REWARDS, Path(args.out) / VALIDATION_REWARDS)
             (Path(args.out) / "history.json").write_text(json.dumps(history, indent=1, default=float))
 
     train_local(cfg, read_rows(str(Path(args.data) / "train")), read_rows(str(Path(args.data) / "validation")),

@@ -315,13 +315,9 @@ def generate_with_ray(prompts: list[dict[str, Any]], cfg: PipelineConfig) -> pd.
 
 
 def render_prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
-    """Prompt token ids: chat template + generation prompt, else ``"User: ...\\n\\nAssistant:"``."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        # The template already writes BOS; letting the tokenizer add another would shift the policy.
-        return list(tokenizer(text, add_special_tokens=False, return_token_type_ids=False)["input_ids"])
-    text = modeling.plain_template(messages) + "\n\nAssistant:"
-    return list(tokenizer(text, return_token_type_ids=False)["input_ids"])
+    """Prompt token ids: chat template + generation prompt (at the fixed template date), else
+    ``"User: ...\\n\\nAssistant:"``."""
+    return modeling.encode_messages(tokenizer, messages, add_generation_prompt=True)
 
 
 def actor_count(use_gpu: bool, work_items: int) -> int:

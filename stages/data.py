@@ -20,7 +20,8 @@ Outputs (manifest names → files in the stage folder):
 
 * ``train``, ``validation`` — Parquet folders: ``id, source, location, subset, margin, chosen_ids,
   rejected_ids, chosen_len, rejected_len, chosen_scored, rejected_scored, truncated``
-  (``*_scored`` is the index of the scored token: 0 for encoders, the last token for decoders);
+  (``*_scored`` is the index of the scored token: 0 for encoders; for decoders the last token that is not the
+  pad token, as transformers pools: when EOS doubles as pad, the token before a trailing EOS);
 * ``quarantine`` — Parquet folder: ``source, location, reason, detail``;
 * ``stats`` — ``stats.json``: rows per split and source, quarantine counts per reason and per source,
   truncation counts and token lengths.
@@ -227,8 +228,10 @@ class Tokenise:
     """``map_batches`` callable: loads the tokenizer once per actor, renders each side with the chat template."""
 
     def __init__(self, model_name: str, revision: str | None, trust_remote_code: bool, max_length: int,
-                 overlength: str, scored_first: bool, validation_fraction: float, split_seed: int) -> None:
-        self.tok = modeling.load_tokenizer(model_name, revision=revision, trust_remote_code=trust_remote_code)
+                 overlength: str, scored_first: bool, validation_fraction: float, split_seed: int,
+                 template_date: str) -> None:
+        self.tok = modeling.load_tokenizer(model_name, revision=revision, trust_remote_code=trust_remote_code,
+                                           template_date=template_date)
         self.max_length, self.overlength, self.scored_first = max_length, overlength, scored_first
         self.validation_fraction, self.split_seed = validation_fraction, split_seed
 
@@ -257,7 +260,7 @@ class Tokenise:
         for side in ids:
             kept = modeling.truncate_ids(ids[side], self.max_length, "left")
             row[f"{side}_ids"], row[f"{side}_len"] = kept, len(kept)
-            row[f"{side}_scored"] = 0 if self.scored_first else len(kept) - 1
+            row[f"{side}_scored"] = 0 if self.scored_first else modeling.scored_index(kept, self.tok.pad_token_id)
         if row["split"] is None:
             held_out = _unit_hash(row["id"], self.split_seed) < self.validation_fraction
             row["split"] = "validation" if held_out else "train"
@@ -279,7 +282,8 @@ def prepare_preferences(ctx: StageContext) -> StageResult:
             model_name=cfg.model.name_or_path, revision=cfg.model.revision,
             trust_remote_code=cfg.model.trust_remote_code, max_length=cfg.data.max_length,
             overlength=cfg.data.overlength, scored_first=scored_first,
-            validation_fraction=cfg.data.validation_fraction, split_seed=cfg.data.split_seed),
+            validation_fraction=cfg.data.validation_fraction, split_seed=cfg.data.split_seed,
+            template_date=cfg.data.template_date),
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2), num_cpus=cfg.data.num_cpus,
         batch_size=cfg.data.batch_size, batch_format="numpy")
     try:
@@ -289,6 +293,7 @@ def prepare_preferences(ctx: StageContext) -> StageResult:
         raise _unwrap_bad_row(err) from None
     outputs = _write_outputs(table, ctx.out_dir)
     stats = _stats(table, sources)
+    stats["template_date"] = cfg.data.template_date  # the calendar the chat template saw (saved with the tokenizer too)
     outputs["stats"] = str(write_json(ctx.out_dir / "stats.json", stats))
     ctx.tracker.log_artifact(outputs["stats"])
     ctx.log(f"  data: train {stats['rows']['train']}, validation {stats['rows']['validation']}, "
@@ -300,11 +305,10 @@ def prepare_preferences(ctx: StageContext) -> StageResult:
 
 
 def _scores_first_token(cfg: Any) -> bool:
-    if cfg.model.pooling != "auto":
-        return cfg.model.pooling == "first"
+    """Encoders score their first token (CLS, through the pooler), decoders their last."""
     name = cfg.model.name_or_path
-    if name.startswith("tiny:"):
-        return name == "tiny:bert"
+    if modeling.tiny_arch(name):
+        return modeling.tiny_arch(name) == "bert"
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(modeling.resolve_model_path(name), revision=cfg.model.revision,

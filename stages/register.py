@@ -4,19 +4,10 @@ Entry: :func:`register_model` (stage ``register``; needs ``train``, uses ``data`
 ``best_of_n`` when present).
 
 The logged model
-    ``mlflow.pyfunc.log_model(name="reward_model", python_model=<this file>, artifacts={"model": <train's
-    model folder>})`` in the stage's MLflow run. ``predict`` takes a DataFrame with string columns ``prompt``
-    and ``response`` and returns a DataFrame with one float column ``reward``: the exported
-    ``AutoModelForSequenceClassification``'s score of the conversation ``[user: prompt, assistant: response]``,
-    rendered with the model's chat template (plain ``User: ... / Assistant: ...`` template when it has none)
-    and cut to ``max_length`` tokens keeping the first token and the end, exactly as the RewardBench stage
-    scores. Signature, a two-row input example and explicit ``pip_requirements`` (torch, transformers,
-    mlflow) are logged with it.
-
-    This file is the model's code (MLflow "models from code": no pickle). ``mlflow.pyfunc.load_model``
-    executes it in a fresh module, so its MODULE-LEVEL IMPORTS ARE LIMITED TO the standard library,
-    numpy, pandas, torch and mlflow (transformers inside functions); everything from this project is
-    imported inside the stage functions. A loaded model never needs this package installed.
+    ``mlflow.pyfunc.log_model(name="reward_model", python_model=pipeline/pyfunc_model.py, artifacts={"model":
+    <train's model folder>})`` in the stage's MLflow run (:mod:`pipeline.pyfunc_model` says what ``predict``
+    does; a loaded model never needs this project). Signature, a two-row input example and explicit
+    ``pip_requirements`` (torch, transformers, mlflow) are logged with it.
 
 Registry (when ``tracking.enabled``)
     The model is registered under ``tracking.registered_model_name`` and awaited until READY. The new
@@ -51,9 +42,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow
-import numpy as np
 import pandas as pd
 import torch
+
+from pipeline import pyfunc_model
+from pipeline.pyfunc_model import PairScorer
 
 if TYPE_CHECKING:
     from pipeline.artifacts import Manifest
@@ -62,115 +55,7 @@ if TYPE_CHECKING:
 MODEL_ARTIFACT = "reward_model"
 CANDIDATE, CHAMPION = "candidate", "champion"
 PROMOTED, KEPT = "promoted", "kept previous champion"
-INPUT_COLUMNS = ("prompt", "response")
-_ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
-_NO_LIMIT = 1_000_000_000
 _READY_TIMEOUT_S = 300.0
-
-
-# ============================================================================ the logged model (self-contained)
-
-
-def render_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
-    """Token ids of a conversation: the chat template when the tokenizer has one (one BOS), else the plain
-    role-tagged template. Mirrors ``pipeline.modeling.encode_messages`` (tested equal), kept here so the
-    logged model needs nothing from this project."""
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=False,
-                                            return_dict=False)
-        return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
-    text = "\n\n".join(f"{_ROLE_NAMES.get(m['role'], m['role'].title())}: {m['content']}" for m in messages)
-    return list(tokenizer(text, add_special_tokens=True, return_token_type_ids=False)["input_ids"])
-
-
-def cut_ids(ids: list[int], max_length: int, side: str = "left") -> list[int]:
-    """``left`` keeps the first token (BOS/CLS) and the conversation's end (the scored token); ``right``
-    keeps the start. Mirrors ``pipeline.modeling.truncate_ids``."""
-    if len(ids) <= max_length:
-        return ids
-    return ids[:1] + ids[len(ids) - (max_length - 1):] if side == "left" else ids[:max_length]
-
-
-class PairScorer:
-    """Reward of ``(prompt, response)`` pairs with a ``save_pretrained`` reward-model folder (plain transformers)."""
-
-    def __init__(self, model: Any, tokenizer: Any, *, max_length: int = 2048, truncation_side: str = "left",
-                 batch_size: int = 16) -> None:
-        if truncation_side not in ("left", "right"):
-            raise ValueError(f"truncation_side must be 'left' or 'right', got {truncation_side!r}")
-        if max_length < 2 or batch_size < 1:
-            raise ValueError(f"need max_length >= 2 and batch_size >= 1, got {max_length}, {batch_size}")
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
-        if model.config.pad_token_id is None:  # decoders score the last non-pad token: they need a pad id
-            model.config.pad_token_id = tokenizer.pad_token_id
-        tokenizer.model_max_length = _NO_LIMIT  # we cut ids ourselves; silence the over-length warning
-        self.model, self.tokenizer = model.eval(), tokenizer
-        self.device = next(model.parameters()).device
-        self.max_length, self.truncation_side, self.batch_size = max_length, truncation_side, batch_size
-
-    @classmethod
-    def load(cls, folder: str | Path, *, device: str = "auto", **options: Any) -> PairScorer:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        model = AutoModelForSequenceClassification.from_pretrained(str(folder))
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(model.to(device), tokenizer, **options)
-
-    def encode(self, prompt: str, response: str) -> list[int]:
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        return cut_ids(render_ids(self.tokenizer, messages), self.max_length, self.truncation_side)
-
-    def rewards(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        """float64 rewards in input order; batches of similar length, right-padded under the attention mask."""
-        ids = [self.encode(p, r) for p, r in zip(prompts, responses, strict=True)]
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        out = np.zeros(len(ids), dtype=np.float64)
-        pad = int(self.model.config.pad_token_id)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start: start + self.batch_size]
-            width = max(len(ids[i]) for i in chunk)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, i in enumerate(chunk):
-                input_ids[row, : len(ids[i])] = torch.as_tensor(ids[i], dtype=torch.long)
-                mask[row, : len(ids[i])] = 1
-            with torch.inference_mode():
-                logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
-            out[chunk] = logits[:, 0].double().cpu().numpy()
-        return out
-
-    def score_frame(self, frame: Any) -> pd.DataFrame:
-        """``prompt``/``response`` rows (DataFrame, dict of columns or list of row dicts) → DataFrame ``reward``."""
-        frame = frame if isinstance(frame, pd.DataFrame) else pd.DataFrame(frame)
-        missing = [c for c in INPUT_COLUMNS if c not in frame.columns]
-        if missing:
-            raise ValueError(f"reward model input needs columns {list(INPUT_COLUMNS)}; missing {missing} "
-                             f"(got {list(frame.columns)})")
-        if frame[list(INPUT_COLUMNS)].isna().any().any():
-            raise ValueError("reward model input has empty prompt/response values")
-        rewards = self.rewards([str(p) for p in frame["prompt"]], [str(r) for r in frame["response"]])
-        return pd.DataFrame({"reward": rewards}, index=frame.index)
-
-
-class RewardPyfunc(mlflow.pyfunc.PythonModel):
-    """The pyfunc wrapper MLflow requires (its API is a base class); all the work is in :class:`PairScorer`.
-
-    ``model_config`` keys: ``max_length``, ``truncation_side``, ``batch_size``, ``device`` (``auto``)."""
-
-    def load_context(self, context: Any) -> None:
-        options = dict(context.model_config or {})
-        self.scorer = PairScorer.load(context.artifacts["model"], **options)
-
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        return self.scorer.score_frame(model_input)
-
-
-if __name__ not in ("stages.register", "__main__"):
-    # Executed by MLflow as the model's code (mlflow.pyfunc.log_model / load_model): hand it the model.
-    mlflow.models.set_model(RewardPyfunc())
 
 
 # ============================================================================ the stage
@@ -291,7 +176,7 @@ def log_and_register(ctx: StageContext, model_dir: Path, metric: str, score: flo
     with mlflow_globals(uri):
         with mlflow.start_run(run_id=run_id, nested=True):
             info = mlflow.pyfunc.log_model(
-                name=MODEL_ARTIFACT, python_model=Path(__file__).resolve(), artifacts={"model": str(model_dir)},
+                name=MODEL_ARTIFACT, python_model=Path(pyfunc_model.__file__).resolve(), artifacts={"model": str(model_dir)},
                 model_config=options, signature=signature, input_example=example,
                 pip_requirements=pip_requirements())
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)

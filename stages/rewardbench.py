@@ -38,7 +38,8 @@ Contract: files under ``<out_dir>/<name>/``
   other v1 data (e.g. the synthetic benchmark) weights subsets by example count
   (:func:`pipeline.metrics.sections_from_map` over the official and synthetic section maps; unknown
   subsets go to ``Other``); v2 reports each of its subsets as its own section. ``overall`` is the
-  unweighted mean of the sections (v1) or subsets (v2). NaN is written as ``null``.
+  unweighted mean of the sections (v1) or subsets (v2). ``tie_rate``: share of examples whose deciding
+  comparison is an exact score tie (rewards are fp32, so it should be ~0). NaN is written as ``null``.
 * ``accuracy_by_distance.csv`` (:func:`pipeline.metrics.accuracy_by_distance_bin` with
   ``rewardbench.distance_bins`` quantile bins, per section and ``all``; v2 without Ties rows) and
   ``accuracy_by_distance.png`` (written when the table is not empty).
@@ -328,21 +329,34 @@ def sections(frame: pd.DataFrame, fmt: str) -> pd.Series:
     return frame["subset"].astype(str) if fmt == "v2" else frame["subset"].map(section_of)
 
 
+def tie_rate(frame: pd.DataFrame, fmt: str) -> float:
+    """Share of examples whose deciding comparison is an exact tie in score (chosen vs rejected; v2: the best
+    chosen vs the best rejected). Ties count as wrong, so a high rate flags a precision problem (bf16 rewards)."""
+    if fmt == "v1":
+        tied = frame["score_chosen"].to_numpy(dtype=float) == frame["score_rejected"].to_numpy(dtype=float)
+    else:
+        tied = np.array([max(c) == max(r) for c, r in zip(frame["score_chosen"], frame["score_rejected"],
+                                                          strict=True)])
+    return float(tied.mean()) if len(tied) else math.nan
+
+
 def summarise(frame: pd.DataFrame, fmt: str) -> dict[str, Any]:
-    """``{"subsets", "sections", "overall", "counts", "missing"[, "ties"]}`` (see the module contract)."""
+    """``{"subsets", "sections", "overall", "counts", "missing", "tie_rate"[, "ties"]}`` (module contract)."""
     counts = metrics.subset_counts(frame)
+    ties = tie_rate(frame, fmt)
     if fmt == "v2":
         result = metrics.v2_metrics(frame)
         return {"subsets": result["subsets"], "sections": dict(result["subsets"]),
                 "overall": result["overall"], "counts": counts, "missing": result["missing"],
-                "ties": result["ties"]}
+                "ties": result["ties"], "tie_rate": ties}
     if set(counts) <= set(metrics.V1_SECTION_OF_SUBSET):
         result = metrics.v1_metrics(frame)  # official RewardBench weights
-        return {**{k: result[k] for k in ("subsets", "sections", "overall", "missing")}, "counts": counts}
+        return {**{k: result[k] for k in ("subsets", "sections", "overall", "missing")}, "counts": counts,
+                "tie_rate": ties}
     subsets = metrics.v1_subset_accuracy(frame)
     sections = metrics.sections_from_map(subsets, {s: section_of(s) for s in counts}, counts)
     return {"subsets": subsets, "sections": sections, "overall": metrics.overall_score(sections),
-            "counts": counts, "missing": {}}
+            "counts": counts, "missing": {}, "tie_rate": ties}
 
 
 def distance_table(frame: pd.DataFrame, fmt: str, n_bins: int) -> pd.DataFrame:
@@ -356,7 +370,7 @@ def distance_table(frame: pd.DataFrame, fmt: str, n_bins: int) -> pd.DataFrame:
 
 def metric_keys(name: str, summary: Mapping[str, Any]) -> dict[str, float]:
     """Flat ``<name>/overall``, ``<name>/section/<S>``, ``<name>/subset/<s>`` metrics."""
-    flat = {f"{name}/overall": float(summary["overall"])}
+    flat = {f"{name}/overall": float(summary["overall"]), f"{name}/tie_rate": float(summary["tie_rate"])}
     flat.update({f"{name}/section/{_safe(s)}": float(v) for s, v in summary["sections"].items()})
     flat.update({f"{name}/subset/{_safe(s)}": float(v) for s, v in summary["subsets"].items()})
     return flat
@@ -406,7 +420,7 @@ def score_benchmark(bench: Benchmark, model_path: str, ctx: StageContext
         ctx.tracker.log_artifact(path, artifact_path=bench.name)
     flat = metric_keys(bench.name, summary)  # logged by the caller (the runner logs a stage's metrics once)
     ctx.log(f"rewardbench[{bench.name}]: {len(examples)} examples ({fmt}), {len(convs)} responses in "
-            f"{time.time() - started:.1f}s; overall {summary['overall']:.4f}")
+            f"{time.time() - started:.1f}s; overall {summary['overall']:.4f}, ties {summary['tie_rate']:.4f}")
     return {f"{bench.name}/{key}": str(path) for key, path in files.items()}, flat
 
 

@@ -5,7 +5,9 @@ loop in :mod:`pipeline.train_loop` (which also runs under ``torchrun`` without R
 
 Outputs (manifest names): ``model`` — a ``save_pretrained`` folder (safetensors, tokenizer, chat template,
 ``reward_mean``/``reward_std`` over the validation set in ``config.json``); ``checkpoint`` — the last Ray Train
-checkpoint; ``metrics`` — ``metrics.json`` with the final validation metrics and the effective config.
+checkpoint; ``metrics`` — ``metrics.json`` with the final validation metrics and the effective config;
+``validation_rewards`` — ``validation_rewards.parquet``, the final evaluation per validation pair in the split's
+row order (``row, reward_chosen, reward_rejected, distance``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 from pipeline.config import PipelineConfig, flatten, from_flat
 from pipeline.ray_train import build_trainer, storage_of
+from pipeline.train_loop import VALIDATION_REWARDS
 from pipeline.runner import StageContext, StageResult
 
 
@@ -60,6 +63,7 @@ def _export(ctx: StageContext, cfg: PipelineConfig, result: Any) -> StageResult:
     shutil.rmtree(model_dir, ignore_errors=True)
     with checkpoint.as_directory() as folder:
         shutil.copytree(Path(folder) / "model", model_dir)
+        shutil.copy(Path(folder) / VALIDATION_REWARDS, ctx.out_dir / VALIDATION_REWARDS)
     final = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     metrics_path = ctx.out_dir / "metrics.json"
     metrics_path.write_text(json.dumps({"final": final, "config": {k: str(v) for k, v in flatten(cfg).items()}},
@@ -68,7 +72,8 @@ def _export(ctx: StageContext, cfg: PipelineConfig, result: Any) -> StageResult:
     ctx.tracker.set_tags({"checkpoint": checkpoint.path, "model": str(model_dir)})
     ctx.log(f"  train: val_accuracy {final.get('val_accuracy', float('nan')):.3f} after {final.get('step')} steps; "
             f"model at {model_dir}")
-    return StageResult(outputs={"model": str(model_dir), "checkpoint": checkpoint.path, "metrics": str(metrics_path)},
+    return StageResult(outputs={"model": str(model_dir), "checkpoint": checkpoint.path, "metrics": str(metrics_path),
+                                "validation_rewards": str(ctx.out_dir / VALIDATION_REWARDS)},
                        metrics={k: v for k, v in final.items() if k.startswith("val_")})
 
 

@@ -94,3 +94,108 @@ def test_tiny_causal_lm_generates():
     ids = tok("hello", return_tensors="pt", return_token_type_ids=False)
     out = lm.generate(**ids, max_new_tokens=3, do_sample=True, pad_token_id=tok.pad_token_id)
     assert out.shape[1] == ids["input_ids"].shape[1] + 3
+
+
+# ---------------------------------------------------------------- fp32 rewards, dropout, the template's calendar
+
+
+def test_bf16_model_rewards_are_fp32_and_close_pairs_no_longer_tie():
+    """In bf16 the reward spacing near |r| = 3 is 2^-6: the model's own bf16 logits tie close pairs; the head
+    applied in fp32 (forward_rewards) separates them."""
+    tok = M.load_tokenizer("tiny:bert")
+    model = M.build_reward_model("tiny:bert", tok, seed=3).to(torch.bfloat16)
+    with torch.no_grad():
+        M.score_head(model).bias.fill_(3.0)  # rewards near 3, where bf16 rounds to multiples of 2^-6
+    words = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "red", "blue")
+    ids, mask = M.pad_batch([tok(f"The answer is {w}")["input_ids"] for w in words], tok.pad_token_id)
+    with torch.no_grad():
+        old = model(input_ids=ids, attention_mask=mask).logits[:, 0]
+        new, _ = M.forward_rewards(model, ids, mask)
+    assert old.dtype == torch.bfloat16 and new.dtype == torch.float32
+
+    def ties(r):
+        return int((r[:, None] == r[None, :]).triu(1).sum())
+
+    assert ties(old) > 0, "the fixture must reproduce bf16 ties"
+    assert ties(new) == 0
+
+
+def _local_model(tmp_path, config, tok):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    return str(tmp_path / "m")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_dropout_is_off_by_module_rule_whatever_the_config_calls_it(family, tmp_path):
+    from transformers import GPT2Config, LlamaConfig
+
+    tok = M.load_tokenizer("tiny:llama")
+    small = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    config = (GPT2Config(n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5, **small)
+              if family == "gpt2" else
+              LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          attention_dropout=0.5, **small))
+    model = M.build_reward_model(_local_model(tmp_path, config, tok), tok)
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert all(m.p == 0.0 for m in dropouts) and not model.training
+    ids, mask = M.pad_batch([tok("a b c d e f")["input_ids"]] * 2, tok.pad_token_id)
+    first, _ = M.forward_rewards(model, ids, mask)  # with gradients, as in training
+    second, _ = M.forward_rewards(model, ids, mask)
+    assert torch.equal(first, second)
+
+
+def test_random_tiny_models_are_built_without_dropout_and_in_eval_mode():
+    tok = M.load_tokenizer("tiny:bert")
+    assert not M.build_reward_model("tiny:bert", tok).training
+
+
+LLAMA32_DATE = ('{%- if not date_string is defined %}{%- if strftime_now is defined %}'
+                '{%- set date_string = strftime_now("%d %b %Y") %}{%- else %}{%- set date_string = "26 Jul 2024" %}'
+                '{%- endif %}{%- endif %}{{- "Today Date: " + date_string + "\\n" }}'
+                "{%- for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{%- endfor %}")
+CLOCK_ONLY = ('{{- "Now: " + strftime_now("%Y-%m-%d") + "\\n" }}'
+              "{%- for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{%- endfor %}")
+
+
+@pytest.mark.parametrize("template", [LLAMA32_DATE, CLOCK_ONLY])
+def test_tokenisation_never_depends_on_the_calendar(template, monkeypatch, tmp_path):
+    import datetime as dt
+
+    from transformers.utils import chat_template_utils
+
+    class Clock(dt.datetime):
+        today_is = dt.datetime(2031, 3, 9)
+
+        @classmethod
+        def now(cls, tz=None):
+            return cls.today_is
+
+    monkeypatch.setattr(chat_template_utils, "datetime", Clock)
+    tok = M.load_tokenizer("tiny:llama", template_date="2025-01-02")
+    tok.chat_template = template
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    first = M.encode_messages(tok, messages)
+    Clock.today_is = dt.datetime(2032, 11, 30)
+    assert M.encode_messages(tok, messages) == first
+    text = tok.decode(first).lower().replace(" ", "")
+    assert "2031" not in text and ("02jan2025" in text or "2025-01-02" in text), text
+    tok.save_pretrained(tmp_path / "tok")  # the date travels with the exported tokenizer
+    again = M.load_tokenizer(str(tmp_path / "tok"))
+    assert again.init_kwargs["template_date"] == "2025-01-02" and M.encode_messages(again, messages) == first
+
+
+def test_scored_index_matches_the_models_own_pooling_when_eos_is_the_pad_token(tmp_path):
+    from tests.decoders import make_decoder
+
+    folder = make_decoder(tmp_path / "llama", "llama")
+    tok = M.load_tokenizer(folder)
+    assert tok.pad_token_id == tok.eos_token_id
+    ids = M.encode_messages(tok, CONV[0][0])
+    assert ids[-1] == tok.eos_token_id, "the template ends the reply with EOS, which is also the pad token"
+    assert M.scored_index(ids, tok.pad_token_id) == len(ids) - 2
+    input_ids, _ = M.pad_batch([ids], tok.pad_token_id)
+    assert int(M.scored_positions(input_ids, tok.pad_token_id)[0]) == len(ids) - 2

@@ -18,10 +18,11 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import modeling, runner, tracking
+from pipeline import modeling, pyfunc_model, runner, tracking
 from pipeline.artifacts import Manifest, write_manifest
 from pipeline.config import load_config
 from stages import register
+from tests.test_modeling import CLOCK_ONLY, LLAMA32_DATE
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -332,9 +333,12 @@ def test_rendering_matches_pipeline_modeling():
     """The logged model's self-contained rendering equals pipeline.modeling's, with and without a chat template."""
     tok = modeling.load_tokenizer("tiny:llama")
     messages = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."}]
-    assert register.render_ids(tok, messages) == modeling.encode_messages(tok, messages)
+    assert pyfunc_model.render_ids(tok, messages) == modeling.encode_messages(tok, messages)
     tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}\n{% endfor %}")
-    assert register.render_ids(tok, messages) == modeling.encode_messages(tok, messages)
+    assert pyfunc_model.render_ids(tok, messages) == modeling.encode_messages(tok, messages)
+    for template in (LLAMA32_DATE, CLOCK_ONLY):  # the calendar pinned the same way
+        tok.chat_template, tok.init_kwargs["template_date"] = template, "2025-01-02"
+        assert pyfunc_model.render_ids(tok, messages) == modeling.encode_messages(tok, messages)
     ids = list(range(10))
     for side in ("left", "right"):
-        assert register.cut_ids(ids, 4, side) == modeling.truncate_ids(ids, 4, side)
+        assert pyfunc_model.cut_ids(ids, 4, side) == modeling.truncate_ids(ids, 4, side)

@@ -154,6 +154,7 @@ def test_v2_regroup_with_hand_set_scores():
     assert summary["subsets"]["Math"] == 0.5 and summary["subsets"]["Focus"] == 0.5
     assert summary["counts"] == {"Focus": 1, "Math": 2, "Ties": 2}
     assert summary["sections"] == summary["subsets"]
+    assert summary["tie_rate"] == pytest.approx(1 / 5)  # by hand: row 2's best chosen 0.7 = best rejected 0.7
 
 
 @pytest.mark.unit
@@ -165,6 +166,9 @@ def test_v1_regroup_tie_is_wrong_and_distance_is_euclidean():
     frame = rb.regroup(examples, _scored(entries), "v1")
     assert frame["correct"].tolist() == [False, True]
     np.testing.assert_allclose(frame["distance"], [5.0, 0.0])
+    frame["section"] = rb.sections(frame, "v1")
+    assert rb.summarise(frame, "v1")["tie_rate"] == 0.5  # by hand: row 0 ties at 0.3
+    assert rb.metric_keys("b", rb.summarise(frame, "v1"))["b/tie_rate"] == 0.5
 
 
 # ------------------------------------------------------------------ integration: through Ray

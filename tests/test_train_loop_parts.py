@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 from pipeline.train_loop import global_batches, micro_slices, prefetched, timed
 
@@ -82,3 +83,61 @@ def test_prefetched_thread_stops_when_the_consumer_is_dropped_unread():
     while any(t.name == "train-prefetch" for t in threading.enumerate()) and time.time() < deadline:
         time.sleep(0.05)
     assert not any(t.name == "train-prefetch" for t in threading.enumerate())
+
+
+# ---------------------------------------------------------------- evaluation shares, weight decay, NaN order
+
+
+@pytest.mark.parametrize("n_rows,world,size", [(17, 2, 4), (5, 2, 2), (1, 4, 3), (0, 2, 2), (64, 3, 8)])
+def test_eval_batches_give_every_rank_the_same_number_of_forwards_and_each_row_once(n_rows, world, size):
+    from pipeline.train_loop import eval_batches
+
+    shares = [eval_batches(n_rows, world, rank, size) for rank in range(world)]
+    assert len({len(s) for s in shares}) == 1, "unequal forwards: a ZeRO-3 gather would hang under NCCL"
+    rows = sorted(i for s in shares for chunk in s for i in chunk)
+    assert rows == list(range(n_rows))
+    assert all(len(chunk) <= size for s in shares for chunk in s)
+
+
+@pytest.mark.parametrize("arch", ["tiny:bert", "tiny:llama"])
+def test_weight_decay_spares_biases_norm_weights_and_the_score_head(arch):
+    from pipeline import modeling
+    from pipeline.train_loop import param_groups
+
+    tok = modeling.load_tokenizer(arch)
+    model = modeling.build_reward_model(arch, tok)
+    decay, plain = param_groups(model, 0.1)
+    assert (decay["weight_decay"], plain["weight_decay"]) == (0.1, 0.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    plain_names = {names[id(p)] for p in plain["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert plain_names | decay_names == set(names.values()) and not plain_names & decay_names
+    head = {names[id(p)] for p in modeling.score_head(model).parameters()}
+    assert head <= plain_names
+    assert all(n.endswith("bias") or "norm" in n.lower() or n in head for n in plain_names), plain_names
+    assert any("norm" in n.lower() for n in plain_names) and any(n.endswith("bias") for n in plain_names) == (
+        arch == "tiny:bert")  # Llama has no biases
+    assert all(p.ndim == 2 for p in decay["params"])
+
+
+def test_a_skipped_nan_step_leaves_mu_alone_and_keeps_the_lr_schedule_on_the_step_counter(monkeypatch):
+    from pipeline import losses, modeling
+    from pipeline.config import load_config
+    from pipeline.distributed import Collectives
+    from pipeline.train_loop import train_one_step
+    from tests.helpers import PlainEngine
+
+    cfg = load_config(None, ["model.name_or_path=tiny:bert", "train.nan_policy=skip"])
+    tok = modeling.load_tokenizer("tiny:bert")
+    model = modeling.build_reward_model("tiny:bert", tok)
+    engine = PlainEngine(model, lr_lambda=lambda step: 1.0 / (1 + step))
+    ema, comm = losses.DistanceEMA(0.5), Collectives(torch.device("cpu"))
+    ids = [tok(t)["input_ids"] for t in ("one two", "three four five", "six", "seven eight")]
+    rows = [{"chosen_ids": ids[i], "rejected_ids": ids[i + 1], "chosen_len": 1, "rejected_len": 1, "margin": None}
+            for i in range(3)]
+    assert train_one_step(cfg, engine, model, [rows], ema, tok.pad_token_id, torch.device("cpu"), 0, comm)
+    mu, steps = ema.mu, ema.steps
+    monkeypatch.setenv("NORMBT_NAN_AT_STEP", "1")
+    assert train_one_step(cfg, engine, model, [rows], ema, tok.pad_token_id, torch.device("cpu"), 1, comm) is None
+    assert (ema.mu, ema.steps) == (mu, steps), "a skipped step must not move NormBT's EMA"
+    assert engine.get_lr() == [pytest.approx(1.0 / 3)], "the schedule stays at the step counter (2 steps done)"

@@ -108,7 +108,7 @@ def baseline(data_dir, tmp_path_factory):
 
 def test_two_workers_zero2_trains_and_exports_a_plain_hf_model(baseline, data_dir):
     cfg, manifest, run_dir = baseline
-    assert set(manifest.outputs) == {"model", "checkpoint", "metrics"}
+    assert set(manifest.outputs) == {"model", "checkpoint", "metrics", "validation_rewards"}
     rewards, config = _plain_validation_rewards(manifest.outputs["model"], data_dir)
     # The plain-transformers model reproduces the training-time validation rewards stored at export.
     assert abs(rewards.mean().item() - config["reward_mean"]) < 1e-4
