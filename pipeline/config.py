@@ -75,6 +75,8 @@ class TrainConfig:
     num_workers: int = _f(2, "Ray Train workers (data-parallel ranks).")
     cpus_per_worker: float = _f(0.5, "CPUs each worker reserves (keep room for Ray Data on small machines).")
     use_gpu: bool = _f(False, "One GPU per worker, NCCL, bf16 when precision is 'auto'.")
+    placement_strategy: str = _f("PACK", "How workers spread over nodes: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD "
+                                 "(Ray's placement-group strategies).")
     zero_stage: int = _f(2, "DeepSpeed ZeRO stage 0-3.")
     precision: str = _f("auto", "'auto' (bf16 on GPU, fp32 on CPU), 'fp32' or 'bf16'.")
     micro_batch_size: int = _f(8, "Pairs per worker per forward.")
@@ -198,6 +200,7 @@ _CHOICES = {
     "data.overlength": ("truncate", "drop"),
     "loss.name": ("bt", "normbt"),
     "train.precision": ("auto", "fp32", "bf16"),
+    "train.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "train.optimizer": ("adamw", "sgd"),
     "train.nan_policy": ("stop", "skip"),
     "tune.mode": ("search", "compare"),

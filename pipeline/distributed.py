@@ -6,11 +6,13 @@ tensor or from torch's defaults: :class:`Collectives` is built once with the dev
 (:func:`compute_device`) and every scalar or table the loop exchanges (the NaN flag, NormBT's distance sum and
 count, metric means and extremes, validation rows) is placed there before it is reduced.
 
-Without an initialised process group (one process, no torchrun) every collective is the identity.
+Without an initialised process group (one process, no torchrun) every collective is the identity; with one rank
+too, unless ``NORMBT_FORCE_COLLECTIVES=1`` (the GPU check sets it, so NCCL's rule is exercised on a single GPU).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,29 +27,29 @@ def compute_device(use_gpu: bool) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
 
 
-def _active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 class Collectives:
-    """Float collectives over the default process group, with tensors on ``device``."""
+    """Float collectives over the default process group, with tensors on ``device``. Build it after the process
+    group exists (under torchrun, ``deepspeed.initialize`` creates it)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = torch.device(device)
-        self.world = dist.get_world_size() if _active() else 1
-        self.rank = dist.get_rank() if _active() else 0
+        initialised = dist.is_available() and dist.is_initialized()
+        self.world = dist.get_world_size() if initialised else 1
+        self.rank = dist.get_rank() if initialised else 0
+        forced = os.environ.get("NORMBT_FORCE_COLLECTIVES") == "1"
+        self.active = initialised and (self.world > 1 or forced)
 
     def all_reduce(self, values: Sequence[float], op: str = "sum") -> list[float]:
         """Element-wise ``sum`` / ``max`` / ``min`` of ``values`` over ranks (float64)."""
         tensor = torch.tensor(list(values), dtype=torch.float64, device=self.device)
-        if self.world > 1:
+        if self.active:
             dist.all_reduce(tensor, op=_OPS[op])
         return tensor.tolist()
 
     def all_gather_rows(self, rows: np.ndarray) -> np.ndarray:
         """Every rank's ``[n_r, k]`` float table stacked in rank order; ranks may hold different ``n_r``."""
         local = torch.as_tensor(np.asarray(rows, dtype=np.float64), device=self.device)
-        if self.world == 1:
+        if not self.active:
             return local.cpu().numpy()
         counts = [int(c) for c in self.all_gather_one(float(local.shape[0]))]
         width = max(counts)
@@ -60,7 +62,7 @@ class Collectives:
     def all_gather_one(self, value: float) -> list[float]:
         """One float from every rank, in rank order."""
         tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
-        if self.world == 1:
+        if not self.active:
             return tensor.tolist()
         parts = [torch.empty_like(tensor) for _ in range(self.world)]
         dist.all_gather(parts, tensor)

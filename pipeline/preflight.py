@@ -18,6 +18,22 @@ def _local_path_missing(value: str) -> bool:
     return looks_local and not glob.glob(os.path.expanduser(value), recursive=True)
 
 
+def _local_model_problems(cfg: PipelineConfig) -> list[str]:
+    """A local model folder is read now (seconds), so a wrong folder fails before any worker starts."""
+    from pipeline import modeling
+
+    folder = os.path.expanduser(cfg.model.name_or_path)
+    if not (Path(folder) / "config.json").is_file():
+        return [f"model.name_or_path: {folder} has no config.json (not a save_pretrained folder)"]
+    try:
+        tok = modeling.load_tokenizer(folder, trust_remote_code=cfg.model.trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - any failure to load is reported as such
+        return [f"model.name_or_path: {folder}: the tokenizer does not load ({type(err).__name__}: {err})"]
+    if tok.pad_token_id is None:
+        return [f"model.name_or_path: {folder}: the tokenizer has no pad, EOS or UNK token to pad with"]
+    return []
+
+
 def problems(cfg: PipelineConfig, stages: tuple[str, ...]) -> list[str]:
     found = []
     if "data" in stages:
@@ -27,6 +43,8 @@ def problems(cfg: PipelineConfig, stages: tuple[str, ...]) -> list[str]:
                 found.append(f"data.sources[{i}].path: {path} does not exist")
     if _local_path_missing(cfg.model.name_or_path):
         found.append(f"model.name_or_path: {cfg.model.name_or_path} does not exist")
+    elif Path(os.path.expanduser(cfg.model.name_or_path)).is_dir():
+        found.extend(_local_model_problems(cfg))
     for key, value in (("rewardbench.model", cfg.rewardbench.model), ("best_of_n.reward_model", cfg.best_of_n.reward_model)):
         if value and _local_path_missing(value):
             found.append(f"{key}: {value} does not exist")

@@ -83,7 +83,8 @@ def build_trainer(cfg: PipelineConfig, data: Any, *, name: str, storage_path: st
                            "tracking_uri": tracking_uri, "run_id": run_id},
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               placement_strategy=cfg.train.placement_strategy),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, callbacks=callbacks,
             worker_runtime_env={"env_vars": {k: os.environ[k] for k in _TEST_HOOKS if k in os.environ}},

@@ -38,6 +38,9 @@ def ensure_ray(cfg: PipelineConfig) -> Any:
         runtime_env = {"env_vars": worker_env(cfg.train.use_gpu)}
         if address:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+            print(f"ray: joined the existing cluster at {address} ({cluster_nodes()} node(s), "
+                  f"{ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs)",
+                  flush=True)
         else:
             os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
             ray.init(num_cpus=cfg.ray.num_cpus, runtime_env=runtime_env, include_dashboard=True,

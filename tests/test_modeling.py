@@ -189,7 +189,7 @@ def test_tokenisation_never_depends_on_the_calendar(template, monkeypatch, tmp_p
 
 
 def test_scored_index_matches_the_models_own_pooling_when_eos_is_the_pad_token(tmp_path):
-    from tests.decoders import make_decoder
+    from pipeline.decoders import make_decoder
 
     folder = make_decoder(tmp_path / "llama", "llama")
     tok = M.load_tokenizer(folder)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -141,3 +142,23 @@ def test_a_skipped_nan_step_leaves_mu_alone_and_keeps_the_lr_schedule_on_the_ste
     assert train_one_step(cfg, engine, model, [rows], ema, tok.pad_token_id, torch.device("cpu"), 1, comm) is None
     assert (ema.mu, ema.steps) == (mu, steps), "a skipped step must not move NormBT's EMA"
     assert engine.get_lr() == [pytest.approx(1.0 / 3)], "the schedule stays at the step counter (2 steps done)"
+
+
+def test_forced_collectives_run_through_the_process_group_at_world_size_one(tmp_path, monkeypatch):
+    """The GPU check sets NORMBT_FORCE_COLLECTIVES so a single GPU still exercises NCCL's device rule."""
+    import torch.distributed as dist
+
+    from pipeline.distributed import Collectives
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        calls = []
+        real = dist.all_reduce
+        monkeypatch.setattr(dist, "all_reduce", lambda t, op=None: calls.append(t.device) or real(t, op=op))
+        assert Collectives(torch.device("cpu")).all_reduce([1.0, 2.0]) == [1.0, 2.0] and calls == []
+        monkeypatch.setenv("NORMBT_FORCE_COLLECTIVES", "1")
+        comm = Collectives(torch.device("cpu"))
+        assert comm.all_reduce([1.0, 2.0], "max") == [1.0, 2.0] and calls == [torch.device("cpu")]
+        assert comm.all_gather_rows(np.ones((3, 2))).shape == (3, 2)
+    finally:
+        dist.destroy_process_group()

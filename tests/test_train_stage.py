@@ -147,11 +147,37 @@ def test_killed_worker_resumes_to_the_same_weights(baseline, data_dir, tmp_path)
         torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_zero3_two_workers_trains_and_exports_consolidated_weights(data_dir, tmp_path):
-    """ZeRO-3 partitions parameters at construction (transformers' ZeRO-3 init context), so a random tiny
-    model starts from different weights than ZeRO-0/1/2: checked on its own, not against the baseline."""
-    _, manifest, _ = _ray_train(tmp_path, "z3", ["train.zero_stage=3", "train.max_steps=2"], data_dir)
-    weights = _weights(manifest.outputs["model"])
-    assert weights["score.weight"].shape == (1, 64) and all(w.numel() > 0 for w in weights.values())
-    rewards, config = _plain_validation_rewards(manifest.outputs["model"], data_dir)
-    assert abs(rewards.mean().item() - config["reward_mean"]) < 1e-4
+def test_decoder_with_pad_as_eos_trains_under_zero3_on_ray_and_rewardbench_scores_like_training(ray_session,
+                                                                                                 tmp_path):
+    """The decoder path as users run it: a local Llama-family folder (byte-level BPE, pad = EOS, a chat template
+    with a date), the data stage, 2 Ray Train workers under ZeRO-3, the export; RewardBench's scoring of the
+    validation pairs equals the training-time rewards of the same pairs (``validation_rewards``)."""
+    import pandas as pd
+
+    from pipeline import synthetic
+    from pipeline.decoders import make_decoder
+
+    folder = make_decoder(tmp_path / "llama", "llama")
+    common = [f"run.root={tmp_path}", f"model.name_or_path={folder}", "train.zero_stage=3", "train.max_steps=3",
+              "data.max_length=512", "rewardbench.max_length=512", "tracking.enabled=false",
+              "data.sources=[{synthetic: {n_train: 64, n_validation: 33, n_test: 64}}]"]
+    cfg = load_config(SMOKE, common)
+    manifests = runner.run_pipeline(cfg, stages=("data", "train"), log=lambda _: None)
+    trained = pd.read_parquet(manifests["train"].outputs["validation_rewards"])
+    ids = pd.read_parquet(manifests["data"].outputs["validation"])["id"].tolist()
+    assert trained["row"].tolist() == list(range(len(ids))) and len(ids) % 2 == 1, "unequal ranks: an odd split"
+    spec = synthetic.SyntheticSpec.from_mapping(cfg.data.sources[0]["synthetic"])
+    texts = {r["id"]: r for r in synthetic.generate(spec, "validation")}
+    bench = tmp_path / "validation_pairs.jsonl"
+    bench.write_text("".join(json.dumps({"id": i, "prompt": texts[i]["prompt"][-1]["content"],
+                                         "chosen": texts[i]["chosen"][-1]["content"],
+                                         "rejected": texts[i]["rejected"][-1]["content"]}) + "\n" for i in ids))
+    cfg = load_config(SMOKE, [*common, f"rewardbench.benchmarks=[{{name: val, path: {bench}}}]"])
+    scored = runner.run_pipeline(cfg, stages=("rewardbench",), log=lambda _: None)["rewardbench"]
+    scores = pd.read_parquet(scored.outputs["val/scores"]).set_index("id").loc[ids]
+    torch.testing.assert_close(torch.tensor(scores["score_chosen"].to_numpy()),
+                               torch.tensor(trained["reward_chosen"].to_numpy()), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(scores["score_rejected"].to_numpy()),
+                               torch.tensor(trained["reward_rejected"].to_numpy()), rtol=1e-5, atol=1e-5)
+    weights = _weights(manifests["train"].outputs["model"])
+    assert weights["score.weight"].shape == (1, 64) and not any(k.endswith((".gamma", ".beta")) for k in weights)

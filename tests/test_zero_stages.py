@@ -83,7 +83,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def decoder_dir(tmp_path_factory):
-    from tests.decoders import make_decoder
+    from pipeline.decoders import make_decoder
 
     return {family: make_decoder(tmp_path_factory.mktemp(family), family) for family in ("llama", "qwen2", "gemma")}
 

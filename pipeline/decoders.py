@@ -1,14 +1,19 @@
-"""Tiny random decoders as users bring them: a local ``save_pretrained`` folder with a causal-LM checkpoint (no
-score head), a byte-level BPE tokenizer whose pad token is its EOS token, and a chat template in the family's
-style (Llama 3's writes a date unless ``date_string`` is given). Built offline in about a second."""
+"""Random decoders as users bring them, offline: a local ``save_pretrained`` folder with a causal-LM checkpoint (no
+score head), a byte-level BPE tokenizer whose pad token is its EOS token, and a chat template in the family's style
+(Llama 3's writes a date unless ``date_string`` is given). ``tiny`` (about 60k parameters, built in about a second)
+serves the tests; ``100m`` (about 107M parameters as a reward model) the GPU check (``benchmarks/gpu_check.py``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 FAMILIES = ("llama", "qwen2", "gemma")
-_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=512)
+_SIZES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, head_dim=16),
+    "100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=12,
+                 num_key_value_heads=4, max_position_embeddings=2048, head_dim=64),
+}
 _SPECIAL = {
     "llama": {"bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "extra": ["<|start_header_id|>", "<|end_header_id|>"]},
     "qwen2": {"bos": None, "eos": "<|im_end|>", "extra": ["<|im_start|>"]},
@@ -39,8 +44,8 @@ def _corpus() -> list[str]:
     return [m["content"] for r in rows for m in r["prompt"] + r["chosen"] + r["rejected"]]
 
 
-def tokenizer(family: str):
-    """A byte-level BPE ``PreTrainedTokenizerFast`` (vocabulary 600) with pad = EOS and the family's template."""
+def tokenizer(family: str, vocab_size: int = 600):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` with pad = EOS and the family's template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -49,24 +54,22 @@ def tokenizer(family: str):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=600, special_tokens=tokens,
+    bpe.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=tokens,
                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                                            show_progress=False))
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=special["bos"], eos_token=special["eos"],
                                    pad_token=special["eos"], chat_template=_TEMPLATES[family])
 
 
-def make_decoder(folder: str | Path, family: str, seed: int = 0) -> str:
-    """Write a random ``family`` causal LM and its tokenizer to ``folder``; returns the folder as a string."""
+def make_decoder(folder: str | Path, family: str, seed: int = 0, size: str = "tiny") -> str:
+    """Write a random ``family`` causal LM of ``size`` and its tokenizer to ``folder``; returns the folder."""
     import torch
     from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, Qwen2Config
 
-    tok = tokenizer(family)
+    tok = tokenizer(family, vocab_size=600 if size == "tiny" else 8000)
     ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                bos_token_id=tok.bos_token_id)
-    config = {"llama": LlamaConfig, "qwen2": Qwen2Config, "gemma": GemmaConfig}[family](**_SIZES, **ids)
-    if family == "gemma":
-        config.head_dim = 16
+    config = {"llama": LlamaConfig, "qwen2": Qwen2Config, "gemma": GemmaConfig}[family](**_SIZES[size], **ids)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     folder = Path(folder)

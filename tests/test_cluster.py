@@ -1,0 +1,177 @@
+"""An existing Ray cluster, as the README tells users to use one.
+
+1. The README's cluster commands, read from its ``cluster-commands`` block and run as written, with loopback for
+   ``<head-ip>``, free ports for 6379 / 8265 and a temporary folder for the shared storage: a head started with
+   ``ray start --head --block`` in the background (stopped by its own process id), the smoke pipeline run with
+   ``RAY_ADDRESS``, then submitted with ``ray job submit``. Step 2 (another node) needs another machine.
+2. Two nodes with ``ray.cluster_utils.Cluster`` (in a subprocess, which owns that cluster), one training worker
+   on each (``train.placement_strategy=STRICT_SPREAD``), storage given as a ``file://`` URI standing in for shared
+   storage; the node of one worker is removed after the first checkpoint and a replacement node joins (what an
+   autoscaler does): the run restarts its worker group from that checkpoint and finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def readme_commands() -> list[str]:
+    """The command lines of the README's ``cluster-commands`` block, in order (comments dropped)."""
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- cluster-commands:.*?-->\s*```bash\n(.*?)```", text, re.S)
+    assert block, "README.md has no cluster-commands block"
+    return [line.strip() for line in block.group(1).splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+        env.pop(key, None)
+    return env
+
+
+def _run(line: str, env: dict[str, str], log: Path, timeout: float) -> None:
+    words = shlex.split(line)
+    assignments = {}
+    while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):  # VAR=value prefixes, as a shell reads them
+        key, _, value = words.pop(0).partition("=")
+        assignments[key] = value
+    with open(log, "wb") as out:
+        done = subprocess.run(words, cwd=REPO, env={**env, **assignments}, stdout=out, stderr=subprocess.STDOUT,
+                              timeout=timeout, check=False)
+    assert done.returncode == 0, f"{line}\n{log.read_text()[-4000:]}"
+
+
+@pytest.fixture
+def readme_head(tmp_path):
+    """Step 1 of the README with --block, in its own process group; yields the substitutions for the other steps."""
+    commands = readme_commands()
+    assert commands[0].startswith("ray start --head") and commands[1].startswith("ray start --address")
+    port, dashboard = _free_port(), _free_port()
+    values = {"<head-ip>": "127.0.0.1", "6379": str(port), "8265": str(dashboard),
+              "<shared-folder>": str(tmp_path / "shared"), "<shared-uri>": f"file://{tmp_path / 'shared'}"}
+
+    def fill(line: str) -> str:
+        for key, value in values.items():
+            line = line.replace(key, value)
+        return line
+
+    log = open(tmp_path / "head.log", "wb")
+    head = subprocess.Popen([*shlex.split(fill(commands[0])), "--block"], cwd=tmp_path, env=_env(), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not _dashboard_up(dashboard):
+            assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+            assert time.time() < deadline, "the head's dashboard did not come up in 120 s"
+            time.sleep(1)
+        yield fill, commands
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        log.close()
+
+
+def _dashboard_up(port: int) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+def test_readme_cluster_commands_run_the_smoke_pipeline_with_ray_address_and_as_a_job(readme_head, tmp_path):
+    fill, commands = readme_head
+    by_address, by_job = commands[2], commands[3]
+    assert by_address.startswith("RAY_ADDRESS=") and by_job.startswith("ray job submit")
+    _run(fill(by_address), _env(), tmp_path / "address.log", timeout=900)
+    run = tmp_path / "shared" / "runs" / "smoke"
+    register = json.loads((run / "register" / "manifest.json").read_text())
+    assert register["outputs"]["model_uri"] and (run / "train" / "model" / "model.safetensors").is_file()
+    assert "joined" in (tmp_path / "address.log").read_text()  # the driver said which cluster it used
+
+    # the same pipeline as a job: a fresh run directory, every stage runs again inside the job
+    import shutil
+
+    shutil.rmtree(tmp_path / "shared" / "runs")
+    _run(fill(by_job), _env(), tmp_path / "job.log", timeout=900)
+    assert (run / "register" / "manifest.json").is_file(), (tmp_path / "job.log").read_text()[-3000:]
+    assert "succeeded" in (tmp_path / "job.log").read_text()
+
+
+TWO_NODES = textwrap.dedent("""
+    import json, os, sys, threading, time
+    from pathlib import Path
+    from ray.cluster_utils import Cluster
+
+    root = Path(sys.argv[1])
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the driver's node runs no work
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    os.environ["RAY_ADDRESS"] = cluster.address
+    import run_pipeline
+
+    storage = root / "storage"
+    removed = {}
+
+    def remove_a_worker_node():  # after the first checkpoint of the Train run lands in storage
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if any(storage.glob("train-*/checkpoint_*/ckpt")):
+                cluster.remove_node(nodes[0])  # its worker dies with it
+                removed["at"] = time.time()
+                time.sleep(5)
+                cluster.add_node(num_cpus=1)  # the replacement an autoscaler would bring
+                return
+            time.sleep(0.5)
+
+    threading.Thread(target=remove_a_worker_node, daemon=True).start()
+    code = run_pipeline.main(["--config", "configs/smoke.yaml", "--stages", "data,train", f"run.root={root}",
+                              f"ray.storage_path=file://{storage}", "train.placement_strategy=STRICT_SPREAD",
+                              "train.cpus_per_worker=0.5", "train.max_steps=12", "train.checkpoint_every=3",
+                              "train.max_failures=2", "tracking.enabled=false"])
+    print(json.dumps({"code": code, "removed": bool(removed)}))
+    cluster.shutdown()
+""")
+
+
+def test_two_nodes_one_worker_each_survive_losing_a_node(tmp_path):
+    script = tmp_path / "two_nodes.py"
+    script.write_text(TWO_NODES)
+    log = tmp_path / "two_nodes.log"
+    with open(log, "wb") as out:
+        done = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=REPO, env=_env(), stdout=out,
+                              stderr=subprocess.STDOUT, timeout=900, check=False)
+    text = log.read_text()
+    assert done.returncode == 0, text[-4000:]
+    result = json.loads(text.strip().splitlines()[-1])
+    assert result == {"code": 0, "removed": True}, text[-4000:]
+    final = json.loads((tmp_path / "smoke" / "train" / "metrics.json").read_text())["final"]
+    assert final["step"] == 12
