@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline import formats, modeling  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.runner import StageContext  # noqa: E402
+from pipeline.stage import StageContext  # noqa: E402
 from pipeline.tracking import RunLogger  # noqa: E402
 
 FILES = ["rewardbench_v1/rewardbench_v1_filtered.jsonl", "hh_rlhf/harmless-base_test.jsonl.gz",

@@ -13,14 +13,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
+import re
+import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import yaml
+
+from pipeline.synthetic import SyntheticSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
@@ -36,19 +41,118 @@ def _f(default: Any, doc: str, **kw: Any) -> Any:
     return field(default=default, metadata={"doc": doc}, **kw)
 
 
+#: The stages, in pipeline order: the one place their names are written (pipeline/stage.py maps each to its code).
+StageName = Literal["data", "tune", "train", "rewardbench", "best_of_n", "register"]
+FormatName = Literal["auto", "strings", "conversational", "hh", "sharegpt", "helpsteer2", "rating", "unified_feedback",
+                     "pku_saferlhf", "arena", "ultrafeedback", "kwise", "columns"]
+Scalar = str | int | float | bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class ColumnsConfig:
+    """A pairwise schema no built-in format knows, described by its columns (LLaMA-Factory's ``columns`` idea):
+    either ``chosen`` + ``rejected``, or ``first`` + ``second`` + ``label`` + ``first_is_better``."""
+
+    prompt: str | None = _f(None, "Column of the prompt: a string or a message list (None: the prompt is the "
+                            "shared start of the two responses).")
+    chosen: str | None = _f(None, "Column of the preferred response: a string or a message list.")
+    rejected: str | None = _f(None, "Column of the other response.")
+    first: str | None = _f(None, "Instead of chosen/rejected: column of the first of two responses.")
+    second: str | None = _f(None, "Column of the second response.")
+    label: str | None = _f(None, "Column saying which of first/second is better.")
+    first_is_better: Scalar | None = _f(None, "Value of label meaning the first response is better; any other "
+                                        "value means the second (except tie).")
+    tie: Scalar | None = _f(None, "Value of label meaning a tie (quarantined with reason 'tie').")
+    margin: str | None = _f(None, "Column of a numeric margin (optional).")
+    id: str | None = _f(None, "Column of the row id (optional; default: a content hash).")
+
+    def __post_init__(self) -> None:
+        pairwise = self.chosen is not None or self.rejected is not None
+        labelled = any(v is not None for v in (self.first, self.second, self.label))
+        if pairwise == labelled:
+            raise ConfigError("give either chosen and rejected, or first, second, label and first_is_better")
+        if pairwise and None in (self.chosen, self.rejected):
+            raise ConfigError("chosen and rejected come together")
+        if labelled and None in (self.first, self.second, self.label, self.first_is_better):
+            raise ConfigError("first, second, label and first_is_better come together")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceConfig:
+    """One preference source: exactly one of path, hf, synthetic."""
+
+    path: str | None = _f(None, "File, glob or URI: JSONL, JSON array or Parquet, optionally gzipped.")
+    hf: str | None = _f(None, "Hugging Face hub id or a save_to_disk folder.")
+    synthetic: SyntheticSpec | None = _f(None, "The built-in offline benchmark (its own train/validation split).")
+    format: FormatName = _f("auto", "Row format; 'auto' detects it from each row's keys ('columns' when columns "
+                            "is given).")
+    name: str | None = _f(None, "hf: dataset configuration name.")
+    data_dir: str | None = _f(None, "hf: data_dir.")
+    split: str | None = _f(None, "hf: split (default train).")
+    revision: str | None = _f(None, "hf: revision (branch, tag or commit).")
+    weight: float = _f(1.0, "Sampling weight: < 1 keeps a hash-chosen share, > 1 repeats rows (copies stay on "
+                       "the original's side of the split).")
+    limit: int | None = _f(None, "Keep the first N good rows (in source order: the same rows on every rerun).")
+    columns: ColumnsConfig | None = _f(None, "Column mapping for an unseen pairwise schema (format: columns).")
+    follow: Literal["better", "safer"] = _f("better", "PKU-SafeRLHF: which label picks the chosen response.")
+    aspect: Literal["overall", "helpfulness", "honesty", "instruction_following", "truthfulness"] = _f(
+        "overall", "UltraFeedback: the rating that orders completions (overall_score or one aspect's Rating).")
+    pairs: Literal["auto", "best_vs_random", "best_vs_rest", "all_pairs"] = _f(
+        "auto", "Pairs from k responses (UltraFeedback, k-wise rankings): best vs a seeded random other "
+        "(UltraFeedback's auto), best vs each other (k-wise's auto) or every ordered pair.")
+    ties: Literal["quarantine", "keep"] = _f("quarantine", "Equal ratings or a tie label: quarantined with reason "
+                                             "'tie'; 'keep' trains them as given, margin 0 (rating format only).")
+
+    def __post_init__(self) -> None:
+        kinds = [k for k in ("path", "hf", "synthetic") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ConfigError(f"needs exactly one of path, hf, synthetic (got {', '.join(kinds) or 'none'})")
+        if self.weight <= 0:
+            raise ConfigError(f"weight must be > 0, got {self.weight}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1, got {self.limit}")
+        if (self.columns is not None) != (self.format == "columns") and self.format != "auto":
+            raise ConfigError("format: columns goes with a columns mapping (and a columns mapping with format "
+                              "auto or columns)")
+        if self.ties == "keep" and self.format not in ("rating", "auto"):
+            raise ConfigError("ties: keep applies to the rating format only (the others name no chosen side in a tie)")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("path", "hf", "synthetic") if getattr(self, k) is not None)
+
+    @property
+    def label(self) -> str:
+        """The source's name in splits, quarantine and stats."""
+        return "synthetic" if self.kind == "synthetic" else str(getattr(self, self.kind))
+
+    @property
+    def row_format(self) -> str:
+        return "columns" if self.columns is not None else self.format
+
+
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    sources: tuple = _f(({"synthetic": {}},), "Preference sources: mappings with path|hf|synthetic, "
-                        "optional format, split, name, data_dir, weight, limit.")
+    sources: tuple[SourceConfig, ...] = _f((SourceConfig(synthetic=SyntheticSpec()),),
+                                           "Preference sources (see data.sources[] below).")
     strict: bool = _f(False, "Stop at the first bad row (with file, line, field) instead of quarantining it.")
     max_length: int = _f(256, "Maximum tokens of prompt+response per side.")
-    overlength: str = _f("truncate", "Over-length policy: 'truncate' (keep the response end) or 'drop'.")
-    validation_fraction: float = _f(0.1, "Fraction of rows (by id hash) held out for validation.")
-    split_seed: int = _f(0, "Salt of the id hash that assigns rows to train/validation.")
+    overlength: Literal["truncate", "drop"] = _f("truncate", "Over-length policy: 'truncate' (keep the response "
+                                                 "end) or 'drop'.")
+    validation_fraction: float = _f(0.1, "Fraction of prompts (by a hash of the normalised prompt) held out for "
+                                    "validation: all pairs of a prompt land on the same side.")
+    split_seed: int = _f(0, "Salt of the prompt hash that assigns pairs to train/validation.")
     batch_size: int = _f(256, "Rows per Ray Data map_batches call during tokenisation.")
     num_cpus: float = _f(0.5, "CPUs reserved by each Ray Data tokenisation task (below 1 so Train never starves it).")
+    max_actors: int = _f(2, "Tokenising actors at most (each loads the tokenizer once); the output does not depend "
+                         "on it.")
     template_date: str = _f("2024-07-26", "Date (ISO) chat templates see (Llama 3.x writes it into every prompt): "
                             "fixed, so tokenisation never depends on the calendar; saved with the tokenizer.")
+    shuffle_seed: int = _f(0, "Seed of the global shuffle of the train split (the order training reads).")
+    missing_margin: Literal["error", "zero"] = _f("error", "With loss.use_margin: a pair without a margin stops "
+                                                  "the data stage ('error') or trains with margin 0 ('zero', counted).")
+    decontaminate: bool = _f(False, "Drop train pairs whose prompt occurs in a configured benchmark (quarantined "
+                             "as 'contaminated'); counted in stats.json either way.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,7 +166,7 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class LossConfig:
-    name: str = _f("normbt", "Loss: 'bt' (Bradley-Terry) or 'normbt' (distance-normalised BT).")
+    name: Literal["bt", "normbt"] = _f("normbt", "Loss: 'bt' (Bradley-Terry) or 'normbt' (distance-normalised BT).")
     beta: float = _f(0.9, "NormBT EMA decay of the mean representation distance (paper: 0.9).")
     eps: float = _f(1e-3, "NormBT weight stabiliser: w = mu / (d + eps).")
     use_margin: bool = _f(False, "Subtract the data's per-pair margin inside the sigmoid.")
@@ -75,15 +179,15 @@ class TrainConfig:
     num_workers: int = _f(2, "Ray Train workers (data-parallel ranks).")
     cpus_per_worker: float = _f(0.5, "CPUs each worker reserves (keep room for Ray Data on small machines).")
     use_gpu: bool = _f(False, "One GPU per worker, NCCL, bf16 when precision is 'auto'.")
-    placement_strategy: str = _f("PACK", "How workers spread over nodes: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD "
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = _f("PACK", "How workers spread over nodes: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD "
                                  "(Ray's placement-group strategies).")
     zero_stage: int = _f(2, "DeepSpeed ZeRO stage 0-3.")
-    precision: str = _f("auto", "'auto' (bf16 on GPU, fp32 on CPU), 'fp32' or 'bf16'.")
+    precision: Literal["auto", "fp32", "bf16"] = _f("auto", "'auto' (bf16 on GPU, fp32 on CPU), 'fp32' or 'bf16'.")
     micro_batch_size: int = _f(8, "Pairs per worker per forward.")
     grad_accum: int = _f(1, "Gradient accumulation steps.")
     lr: float = _f(1e-4, "Peak learning rate (1e-4 calibrated for the embedded MiniLM default).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
-    optimizer: str = _f("adamw", "'adamw' or 'sgd' (with momentum).")
+    optimizer: Literal["adamw", "sgd"] = _f("adamw", "'adamw' or 'sgd' (with momentum).")
     momentum: float = _f(0.9, "SGD momentum.")
     scheduler: str = _f("linear", "transformers.get_scheduler name (linear, cosine, constant_with_warmup, ...).")
     warmup_ratio: float = _f(0.05, "Fraction of optimizer steps spent warming up.")
@@ -94,7 +198,7 @@ class TrainConfig:
     checkpoint_every: int = _f(0, "Checkpoint every N optimizer steps (0: only at the end).")
     keep_checkpoints: int = _f(2, "Ray Train checkpoints kept.")
     max_failures: int = _f(1, "Worker-group restarts from the last checkpoint before giving up.")
-    nan_policy: str = _f("stop", "On a NaN/Inf loss: 'stop' (clear error) or 'skip' the step.")
+    nan_policy: Literal["stop", "skip"] = _f("stop", "On a NaN/Inf loss: 'stop' (clear error) or 'skip' the step.")
     length_group_window: int = _f(64, "Batches are grouped by length inside windows of this many micro-batches.")
     seed: int = _f(0, "Seed for data order and initialisation.")
     log_every: int = _f(5, "Report metrics every N optimizer steps (and at every validation); each report "
@@ -104,33 +208,131 @@ class TrainConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SearchDomain:
+    """One searched key's domain: exactly one of the four (Tune's own domains)."""
+
+    uniform: tuple[float, float] | None = _f(None, "[low, high]: uniform.")
+    loguniform: tuple[float, float] | None = _f(None, "[low, high], low > 0: uniform in log space.")
+    choice: tuple[Any, ...] | None = _f(None, "[a, b, ...]: one of the values.")
+    randint: tuple[int, int] | None = _f(None, "[low, high]: an integer, high excluded.")
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("uniform", "loguniform", "choice", "randint") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ConfigError(f"needs exactly one of uniform, loguniform, choice, randint (got {given or 'none'})")
+        kind, args = given[0], getattr(self, given[0])
+        if kind == "choice":
+            if not args:
+                raise ConfigError("choice needs a non-empty list")
+            return
+        if len(args) != 2 or not args[0] < args[1]:
+            raise ConfigError(f"{kind} needs [low, high] with low < high, got {list(args)}")
+        if kind == "loguniform" and args[0] <= 0:
+            raise ConfigError(f"loguniform needs low > 0, got {list(args)}")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("uniform", "loguniform", "choice", "randint") if getattr(self, k) is not None)
+
+
+@dataclass(frozen=True, kw_only=True)
 class TuneConfig:
-    mode: str = _f("search", "'search' (beta, eps, lr by ASHA) or 'compare' (losses x seeds with error bars).")
+    mode: Literal["search", "compare"] = _f("search", "'search' (beta, eps, lr by ASHA) or 'compare' (losses x seeds with error bars).")
     num_samples: int = _f(2, "Trials in search mode (the embedded default's search is small: 2 short trials).")
-    search_space: dict = _f({"loss.beta": {"uniform": [0.5, 0.99]}, "loss.eps": {"loguniform": [1e-4, 1e-1]},
-                             "train.lr": {"loguniform": [5e-5, 1.5e-4]}},
-                            "Dotted key -> {uniform|loguniform|choice|randint: args}.")
+    search_space: dict[str, SearchDomain] = _f(
+        {"loss.beta": SearchDomain(uniform=(0.5, 0.99)), "loss.eps": SearchDomain(loguniform=(1e-4, 1e-1)),
+         "train.lr": SearchDomain(loguniform=(5e-5, 1.5e-4))},
+        "Dotted config key -> its domain (see tune.search_space[] below).")
     metric: str = _f("val_accuracy", "Validation metric to maximise (never a test set).")
     start_from_config: bool = _f(True, "Search mode: the first trial uses the configured values of the searched keys "
                                  "(a baseline the search must beat on validation).")
     grace_period: int = _f(1, "ASHA: reports before a trial may be stopped.")
     max_concurrent_trials: int = _f(0, "0: derived from cluster resources.")
-    losses: tuple = _f(({"loss.name": "bt"}, {"loss.name": "normbt"}), "Compare mode: named loss settings.")
+    losses: tuple[dict[str, Any], ...] = _f(({"loss.name": "bt"}, {"loss.name": "normbt"}),
+                                            "Compare mode: loss settings, each dotted config keys -> values "
+                                            "(checked like overrides when the config loads).")
     seeds: int = _f(5, "Compare mode: seeds per loss setting.")
-    trial_overrides: dict = _f({"train.max_steps": 10}, "Dotted overrides applied to every trial (default: "
-                               "short trials; {} trains each trial like the final run).")
+    trial_overrides: dict[str, Any] = _f({"train.max_steps": 10}, "Dotted overrides applied to every trial "
+                                         "(default: short trials; {} trains each trial like the final run).")
     eval_reports: int = _f(2, "Search mode: validation passes per trial when train.eval_every is 0 (ASHA's rungs).")
     reserve_cpus: float = _f(0.5, "CPUs left to Ray Data when max_concurrent_trials is derived.")
     controller_failure_limit: int = _f(1, "Train controller failures a trial tolerates (a starved trial errors out).")
 
 
+_BENCHMARK_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchmarkConfig:
+    """One benchmark to score: exactly one of path, hf, synthetic."""
+
+    name: str = _f("", "Name in outputs and metrics (letters, digits, _ - .); default: the file's stem, or the "
+                   "source kind.")
+    path: str | None = _f(None, "A .jsonl (optionally .gz), .json (array) or .parquet file.")
+    hf: str | None = _f(None, "Hub id or save_to_disk folder (needs split), e.g. allenai/reward-bench.")
+    synthetic: SyntheticSpec | None = _f(None, "The built-in benchmark's held-out test split, in v1 form.")
+    format: Literal["v1", "v2"] | None = _f(None, "v1 (one chosen and one rejected string) or v2 (lists); "
+                                            "default: detected from the first row.")
+    split: str | None = _f(None, "hf only: the split (allenai/reward-bench: filtered; reward-bench-2: test).")
+    config: str | None = _f(None, "hf only: configuration name.")
+    revision: str | None = _f(None, "hf only: revision.")
+    limit: int | None = _f(None, "Score only the first N rows.")
+
+    def __post_init__(self) -> None:
+        kinds = [k for k in ("path", "hf", "synthetic") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ConfigError(f"needs exactly one of path, hf, synthetic (got {', '.join(kinds) or 'none'})")
+        if not self.name:
+            stem = "synthetic" if kinds[0] == "synthetic" else Path(str(getattr(self, kinds[0]))).name.split(".")[0]
+            object.__setattr__(self, "name", re.sub(r"[^A-Za-z0-9_.-]+", "_", stem) or kinds[0])
+        if not _BENCHMARK_NAME.match(self.name):
+            raise ConfigError(f"name {self.name!r} may only use letters, digits, '_', '-', '.'")
+        for key in ("split", "config", "revision"):
+            if getattr(self, key) is not None and kinds[0] != "hf":
+                raise ConfigError(f"{key} applies to hf benchmarks only")
+        if kinds[0] == "hf" and not self.split:
+            raise ConfigError("hf benchmarks need split (allenai/reward-bench: filtered; allenai/reward-bench-2: test)")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be a positive integer, got {self.limit}")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("path", "hf", "synthetic") if getattr(self, k) is not None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptsConfig:
+    """Best-of-N prompts: exactly one of path, hf, synthetic."""
+
+    path: str | None = _f(None, "A .jsonl/.json/.parquet file (optionally .gz) of prompt rows.")
+    hf: str | None = _f(None, "Hub id or save_to_disk folder.")
+    synthetic: SyntheticSpec | None = _f(None, "Built-in reasoning problems from the held-out test templates.")
+    split: str | None = _f(None, "hf: split (default test).")
+    name: str | None = _f(None, "hf: configuration name.")
+    field: str | None = _f(None, "Column holding the prompt: a string or a message list ending with a user turn "
+                           "(default prompt).")
+
+    def __post_init__(self) -> None:
+        kinds = [k for k in ("path", "hf", "synthetic") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ConfigError(f"needs exactly one of path, hf, synthetic (got {', '.join(kinds) or 'none'})")
+        extras = [k for k in ("split", "name", "field") if getattr(self, k) is not None]
+        if kinds[0] == "synthetic" and extras:
+            raise ConfigError(f"{extras} do not apply to synthetic prompts (they always come from the held-out "
+                              "test templates)")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("path", "hf", "synthetic") if getattr(self, k) is not None)
+
+
 @dataclass(frozen=True, kw_only=True)
 class RewardBenchConfig:
     model: str = _f("", "Reward model to score: '' = the train stage's export, else a hub id or folder.")
-    benchmarks: tuple = _f(({"name": "synthetic", "synthetic": {}},),
-                           "Benchmarks: mappings with name and path|hf|synthetic, optional format (v1|v2), split.")
+    benchmarks: tuple[BenchmarkConfig, ...] = _f((BenchmarkConfig(name="synthetic", synthetic=SyntheticSpec()),),
+                                                 "Benchmarks to score (see rewardbench.benchmarks[] below).")
     max_length: int = _f(2048, "Max tokens per scored conversation (official run_rm.py: 2048).")
-    truncation_side: str = _f("left", "Side truncated when too long (official: left).")
+    truncation_side: Literal["left", "right"] = _f("left", "Side truncated when too long (official: left).")
     batch_size: int = _f(32, "Conversations per inference batch.")
     num_actors: int = _f(1, "Ray Data actors holding a model copy.")
     cpus_per_actor: float = _f(1.0, "CPUs per inference actor.")
@@ -140,17 +342,20 @@ class RewardBenchConfig:
 @dataclass(frozen=True, kw_only=True)
 class BestOfNConfig:
     reward_model: str = _f("", "Proxy reward model: '' = the train stage's export, else a hub id or folder.")
-    policy: str = _f("synthetic", "'synthetic' (built-in sampler) or 'hf' (a causal LM).")
+    policy: Literal["synthetic", "hf"] = _f("synthetic", "'synthetic' (built-in sampler) or 'hf' (a causal LM).")
     policy_model: str = _f("", "Hub id or path of the causal LM when policy is 'hf' ('tiny:llama' for tests).")
-    prompts: dict = _f({"synthetic": {}}, "Prompt source: {path|hf|synthetic: ...}.")
+    prompts: PromptsConfig = _f(PromptsConfig(synthetic=SyntheticSpec()), "Prompt source (see best_of_n.prompts "
+                                "below).")
     num_prompts: int = _f(128, "Prompts sampled from the source.")
     n_max: int = _f(16, "Candidates drawn per prompt (largest n).")
     temperature: float = _f(1.0, "Sampling temperature (hf policy).")
     top_p: float = _f(1.0, "Nucleus sampling (hf policy).")
     max_new_tokens: int = _f(64, "Generation length (hf policy).")
     error_rate: float = _f(0.5, "Synthetic policy: probability a candidate is wrong.")
-    gold: str = _f("verifier", "'verifier' (built-in task) or 'rm' (an HF sequence classifier).")
+    gold: Literal["verifier", "rm"] = _f("verifier", "'verifier' (built-in task) or 'rm' (an HF sequence classifier).")
     gold_model: str = _f("", "Hub id or path of the gold reward model when gold is 'rm'.")
+    engine: Literal["auto", "transformers", "vllm"] = _f("auto", "Generation engine of the hf policy: auto (vLLM on "
+                                                          "GPU when installed, else transformers) or forced.")
     bootstrap: int = _f(1000, "Bootstrap resamples for the 95% CI over prompts.")
     seed: int = _f(0, "Sampling seed.")
 
@@ -174,7 +379,7 @@ class RayConfig:
 class RunConfig:
     name: str = _f("default", "Run name: the run directory is <root>/<name>.")
     root: str = _f("runs", "Folder (or URI) holding run directories and the default MLflow store.")
-    stages: tuple = _f(("data", "tune", "train", "rewardbench", "best_of_n", "register"),
+    stages: tuple[StageName, ...] = _f(typing.get_args(StageName),
                        "Stages to run, in order (drop 'tune' to train with the configured hyperparameters).")
     seed: int = _f(0, "Global seed.")
 
@@ -196,26 +401,9 @@ class PipelineConfig:
         _check(self)
 
 
-_CHOICES = {
-    "data.overlength": ("truncate", "drop"),
-    "loss.name": ("bt", "normbt"),
-    "train.precision": ("auto", "fp32", "bf16"),
-    "train.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
-    "train.optimizer": ("adamw", "sgd"),
-    "train.nan_policy": ("stop", "skip"),
-    "tune.mode": ("search", "compare"),
-    "rewardbench.truncation_side": ("left", "right"),
-    "best_of_n.policy": ("synthetic", "hf"),
-    "best_of_n.gold": ("verifier", "rm"),
-}
-
-
 def _check(cfg: PipelineConfig) -> None:
     """Cross-field checks; each failure names the key."""
     flat = flatten(cfg)
-    for key, allowed in _CHOICES.items():
-        if flat[key] not in allowed:
-            raise ConfigError(f"{key}={flat[key]!r}: expected one of {', '.join(allowed)}")
     checks = [
         (0 <= cfg.train.zero_stage <= 3, "train.zero_stage must be 0, 1, 2 or 3"),
         (0.0 <= cfg.loss.beta < 1.0, "loss.beta must be in [0, 1)"),
@@ -238,26 +426,34 @@ def _check(cfg: PipelineConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    unknown = [s for s in cfg.run.stages if s not in STAGE_NAMES]
-    if unknown:
-        raise ConfigError(f"run.stages: unknown stage(s) {unknown}; valid: {', '.join(STAGE_NAMES)}")
     for key in cfg.tune.search_space:
         if key not in flat:
             raise ConfigError(f"tune.search_space: unknown key {key!r}{_suggest(key, flat)}")
+    for where, overrides in [("tune.trial_overrides", cfg.tune.trial_overrides),
+                             *((f"tune.losses[{i}]", s) for i, s in enumerate(cfg.tune.losses))]:
+        for key, value in overrides.items():
+            section, _, name = str(key).partition(".")
+            if key not in flat:
+                raise ConfigError(f"{where}: unknown key {key!r}{_suggest(str(key), flat)}")
+            _value(_hints(_sections()[section])[name], value, f"{where}: {key}")
+    names = [b.name for b in cfg.rewardbench.benchmarks]
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(f"rewardbench.benchmarks: list at least one, each with a distinct name (got {names})")
 
 
-STAGE_NAMES = ("data", "tune", "train", "rewardbench", "best_of_n", "register")
 
 
 # ---------------------------------------------------------------- flatten / build
 
 
 def _sections() -> dict[str, type]:
-    return {f.name: f.type if isinstance(f.type, type) else _resolve(f.type) for f in fields(PipelineConfig)}
+    return {name: hint for name, hint in _hints(PipelineConfig).items()}
 
 
-def _resolve(name: str) -> type:
-    return globals()[name]
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """Resolved annotations of a config dataclass (``from __future__ import annotations`` makes them strings)."""
+    return typing.get_type_hints(cls)
 
 
 def flatten(cfg: PipelineConfig) -> dict[str, Any]:
@@ -279,32 +475,92 @@ def _suggest(key: str, candidates: Any) -> str:
     return f" (did you mean: {', '.join(close)}?)" if close else ""
 
 
-def _coerce(key: str, value: Any, annotation: Any, where: str) -> Any:
-    """Check a YAML value against the field's type; lists become tuples so configs stay hashable-ish."""
-    hint = annotation if not isinstance(annotation, str) else eval(annotation, globals(), vars(typing))  # noqa: S307
-    args = typing.get_args(hint)
-    allowed = tuple(a for a in args if a is not type(None)) if args else (hint,)
+def _value(hint: Any, value: Any, where: str) -> Any:
+    """``value`` (parsed YAML) checked against the type ``hint`` and built into it: nested config dataclasses from
+    mappings (unknown keys named with the closest valid ones), tuples from lists, ``Literal`` choices, optionals;
+    every error names ``where`` (file or override, then the dotted key and list index)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{where} must not be null")
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _value(option, value, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        if len(options) == 1 or all(dataclasses.is_dataclass(o) for o in options):
+            raise ConfigError(errors[0]) from None
+        raise ConfigError(f"{where} expects {' or '.join(_type_name(o) for o in options)}, got "
+                          f"{type(value).__name__} {value!r}")
     if value is None:
-        if type(None) in args:
-            return None
-        raise ConfigError(f"{where}: {key} must not be null")
-    target = allowed[0]
-    if target is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if target is float and isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+        raise ConfigError(f"{where} must not be null")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}={value!r}: expected one of {', '.join(map(str, args))}"
+                              f"{_suggest(str(value), [str(a) for a in args])}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} expects a list, got {type(value).__name__} {value!r}")
+        item = args[0] if args else Any
+        return tuple(_value(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict or hint is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} expects a mapping, got {type(value).__name__} {value!r}")
+        key_hint, item = args if args else (Any, Any)
+        return {_value(key_hint, k, f"{where} key"): _value(item, v, f"{where}[{k!r}]") for k, v in value.items()}
+    return _scalar(hint, value, where)
+
+
+def _scalar(hint: type, value: Any, where: str) -> Any:
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
         try:
             return float(value)
         except ValueError:
             pass
-    if target is tuple and isinstance(value, list):
-        return tuple(value)
-    if target is bool and not isinstance(value, bool):
-        raise ConfigError(f"{where}: {key} expects true/false, got {value!r}")
-    if target in (int, float) and isinstance(value, bool):
-        raise ConfigError(f"{where}: {key} expects a number, got {value!r}")
-    if not isinstance(value, target):
-        raise ConfigError(f"{where}: {key} expects {target.__name__}, got {type(value).__name__} {value!r}")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where} expects true/false, got {value!r}")
+    if hint in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where} expects a number, got {value!r}")
+    if not isinstance(value, hint):
+        raise ConfigError(f"{where} expects {_type_name(hint)}, got {type(value).__name__} {value!r}")
     return value
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint))
+
+
+def _build(cls: type, value: Any, where: str) -> Any:
+    """A nested config dataclass from a mapping; its own ``__post_init__`` checks are reported at ``where``."""
+    if isinstance(value, cls):
+        return value
+    names = [f.name for f in fields(cls)]
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where} expects a mapping with keys {', '.join(names)}; got {type(value).__name__} "
+                          f"{value!r}")
+    unknown = [k for k in value if k not in names]
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}{_suggest(str(unknown[0]), names)}; valid keys: "
+                          f"{', '.join(names)}")
+    hints = _hints(cls)
+    kwargs = {k: _value(hints[k], v, f"{where}.{k}") for k, v in value.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    except (TypeError, ValueError) as err:  # checks of classes from outside this module (SyntheticSpec)
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def from_flat(flat: Mapping[str, Any], *, base: PipelineConfig | None = None, where: str = "overrides") -> PipelineConfig:
@@ -318,7 +574,7 @@ def from_flat(flat: Mapping[str, Any], *, base: PipelineConfig | None = None, wh
         names = {f.name: f for f in fields(cls)} if cls else {}
         if name not in names:
             raise ConfigError(f"{where}: unknown key {key!r}{_suggest(key, valid_keys())}")
-        updates.setdefault(section, {})[name] = _coerce(key, value, names[name].type, where)
+        updates.setdefault(section, {})[name] = _value(_hints(cls)[name], value, f"{where}: {key}")
     try:
         replaced = {s: dataclasses.replace(getattr(base, s), **kv) for s, kv in updates.items()}
         return dataclasses.replace(base, **replaced)
@@ -368,31 +624,64 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def to_yaml(cfg: PipelineConfig) -> str:
     """The full resolved config (every field) as YAML, for the run directory and MLflow."""
-    tree = {s.name: {k: _plain(v) for k, v in dataclasses.asdict(getattr(cfg, s.name)).items()} for s in fields(cfg)}
+    tree = {s.name: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, s.name)).items()} for s in fields(cfg)}
     return yaml.safe_dump(tree, sort_keys=False)
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
+def plain(value: Any) -> Any:
+    """Config values as plain YAML/JSON data: tuples become lists, nested config dataclasses mappings of their
+    fields (defaults included, so a hash or a param never depends on how the YAML was written)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, tuple | list):
+        return [plain(v) for v in value]
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     return value
 
 
 def config_hash(cfg: PipelineConfig, keys: tuple[str, ...], extra: Mapping[str, Any] | None = None) -> str:
     """Stable hash of the selected sections/keys (``"data"`` or ``"train.lr"``) plus extra inputs."""
     flat = flatten(cfg)
-    chosen = {k: _plain(v) for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in keys)}
+    chosen = {k: plain(v) for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in keys)}
     blob = json.dumps({"config": chosen, "extra": extra or {}}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def describe() -> str:
-    """Every key with its default and one-line doc (``python run_pipeline.py --describe``)."""
+    """Every key with its default and one-line doc (``python run_pipeline.py --describe``); nested sections
+    (sources, benchmarks, prompts, search domains) are listed under ``key[].field`` or ``key.field``."""
     lines = []
     for section, cls in _sections().items():
-        for f in fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"{section}.{f.name} = {_plain(default)!r}  # {f.metadata.get('doc', '')}")
+        lines += _describe_fields(section, cls)
     return "\n".join(lines)
+
+
+def _describe_fields(prefix: str, cls: type) -> list[str]:
+    lines = []
+    for f in fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        hint = _hints(cls)[f.name]
+        lines.append(f"{prefix}.{f.name} = {plain(default)!r}  # {f.metadata.get('doc', '')}{_choices(hint)}")
+        nested = _nested_class(hint)
+        if nested is not None:
+            many = typing.get_origin(hint) is tuple or typing.get_origin(hint) is dict
+            lines += _describe_fields(f"{prefix}.{f.name}{'[]' if many else ''}", nested)
+    return lines
+
+
+def _nested_class(hint: Any) -> type | None:
+    """The config dataclass inside ``X``, ``X | None``, ``tuple[X, ...]`` or ``dict[str, X]``, if any."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    for arg in typing.get_args(hint):
+        found = _nested_class(arg) if arg is not type(None) else None
+        if found is not None:
+            return found
+    return None
+
+
+def _choices(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return f" [{' | '.join(map(str, typing.get_args(hint)))}]"
+    return ""

@@ -23,8 +23,10 @@ import json
 import math
 import numbers
 import re
+import random
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, TypedDict
 
 # --------------------------------------------------------------------------------------------
@@ -39,7 +41,10 @@ IDENTICAL_RESPONSES = "identical_responses"
 NO_PREFERENCE = "no_preference"
 BROKEN_TRANSCRIPT = "broken_transcript"
 UNKNOWN_FORMAT = "unknown_format"
+TIE = "tie"  # equal ratings or ranks, or a tie label: no preference to learn
+INVERTED = "inverted"  # a rating row whose 'chosen' side scored lower than its 'rejected' side
 OVER_LENGTH = "over_length"  # assigned later by the tokeniser stage, never here
+CONTAMINATED = "contaminated"  # assigned later by the data stage (data.decontaminate), never here
 
 REASONS: tuple[str, ...] = (
     INVALID_JSON,
@@ -51,7 +56,10 @@ REASONS: tuple[str, ...] = (
     NO_PREFERENCE,
     BROKEN_TRANSCRIPT,
     UNKNOWN_FORMAT,
+    TIE,
+    INVERTED,
     OVER_LENGTH,
+    CONTAMINATED,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -63,10 +71,29 @@ HH = "hh"
 SHAREGPT = "sharegpt"
 HELPSTEER2 = "helpsteer2"
 RATING = "rating"
+UNIFIED_FEEDBACK = "unified_feedback"
+PKU_SAFERLHF = "pku_saferlhf"
+ARENA = "arena"
+ULTRAFEEDBACK = "ultrafeedback"
+KWISE = "kwise"
+COLUMNS = "columns"  # a user's column mapping (RowOptions.columns); never detected
 AUTO = "auto"
 UNKNOWN = "unknown"  # returned by detect_format(); not a valid override
 
-FORMATS: tuple[str, ...] = (STRINGS, CONVERSATIONAL, HH, SHAREGPT, HELPSTEER2, RATING)
+FORMATS: tuple[str, ...] = (STRINGS, CONVERSATIONAL, HH, SHAREGPT, HELPSTEER2, RATING, UNIFIED_FEEDBACK,
+                            PKU_SAFERLHF, ARENA, ULTRAFEEDBACK, KWISE, COLUMNS)
+ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")
+
+
+@dataclass(frozen=True)
+class RowOptions:
+    """Per-source choices of how rows become pairs (the data stage fills them from ``data.sources[i]``)."""
+
+    follow: str = "better"  # PKU-SafeRLHF: better_response_id or safer_response_id
+    aspect: str = "overall"  # UltraFeedback: overall_score or one aspect's Rating
+    pairs: str = "auto"  # best_vs_random | best_vs_rest | all_pairs (auto: per format)
+    ties: str = "quarantine"  # or keep (rating format: train as given, margin 0)
+    columns: Mapping[str, Any] | None = None  # the column mapping of format 'columns'
 
 SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
 
@@ -307,6 +334,16 @@ def detect_format(row: Mapping[str, Any]) -> str:
         return UNKNOWN
     if "conversations" in row:
         return SHAREGPT
+    if "conv_A" in row or "conv_B" in row:
+        return UNIFIED_FEEDBACK
+    if "response_0" in row or "better_response_id" in row or "safer_response_id" in row:
+        return PKU_SAFERLHF
+    if "response_a" in row or "winner_model_a" in row:
+        return ARENA
+    if "completions" in row:
+        return ULTRAFEEDBACK
+    if "answers" in row:
+        return KWISE
     if "response_1" in row or "response_2" in row:
         return HELPSTEER2
     if "score_chosen" in row or "score_rejected" in row:
@@ -378,21 +415,226 @@ def _extract_helpsteer2(row: Mapping[str, Any]) -> _Parts:
     return prompt, _reply(chosen), _reply(rejected), abs(strength)
 
 
-def _extract_rating(row: Mapping[str, Any]) -> _Parts:
-    """Scored pairs (e.g. UltraFeedback-binarized): margin = score_chosen - score_rejected."""
+def _extract_rating(row: Mapping[str, Any], options: RowOptions) -> _Parts:
+    """Scored pairs (e.g. UltraFeedback-binarized): margin = score_chosen - score_rejected. Equal scores are a tie
+    (quarantined unless ``ties: keep``); a 'chosen' side that scored lower is quarantined as inverted."""
     high = _number(_field(row, "score_chosen"), "field 'score_chosen'", "score_chosen")
     low = _number(_field(row, "score_rejected"), "field 'score_rejected'", "score_rejected")
+    if high == low and options.ties != "keep":
+        raise BadRow(TIE, f"fields 'score_chosen' and 'score_rejected' are both {high}", "score_chosen")
+    if high < low:
+        raise BadRow(INVERTED, f"field 'score_chosen' ({high}) is below 'score_rejected' ({low})", "score_chosen")
     prompt, chosen, rejected, _ = _extract_conversational(row)
     return prompt, chosen, rejected, high - low
 
 
+def _extract_unified_feedback(row: Mapping[str, Any]) -> _Parts:
+    """llm-blender/Unified-Feedback: two full conversations and their ratings; the higher one is chosen and the
+    rating difference is the margin. Equal ratings (an arena tie is 0.5 / 0.5) are a tie."""
+    a = _turns(_field(row, "conv_A"), "conv_A", ASSISTANT)
+    b = _turns(_field(row, "conv_B"), "conv_B", ASSISTANT)
+    rating_a = _number(_field(row, "conv_A_rating"), "field 'conv_A_rating'", "conv_A_rating")
+    rating_b = _number(_field(row, "conv_B_rating"), "field 'conv_B_rating'", "conv_B_rating")
+    if rating_a == rating_b:
+        raise BadRow(TIE, f"fields 'conv_A_rating' and 'conv_B_rating' are both {rating_a}", "conv_A_rating")
+    chosen, rejected = (a, b) if rating_a > rating_b else (b, a)
+    return [], chosen, rejected, abs(rating_a - rating_b)
+
+
+def _extract_pku(row: Mapping[str, Any], options: RowOptions) -> _Parts:
+    """PKU-SafeRLHF: ``better_response_id`` or ``safer_response_id`` (``follow``), 0 or 1, names the chosen one."""
+    key = f"{options.follow}_response_id"
+    index = _field(row, key)
+    if isinstance(index, bool) or index not in (0, 1):
+        raise BadRow(BAD_TYPE, f"field '{key}' is {index!r}, expected 0 or 1", key)
+    prompt = _turns(_field(row, "prompt"), "prompt", USER)
+    responses = [_text(_field(row, f"response_{i}"), f"field 'response_{i}'", f"response_{i}") for i in (0, 1)]
+    return prompt, _reply(responses[index]), _reply(responses[1 - index]), None
+
+
+def _json_turns(value: Any, field: str) -> list[Any]:
+    """Arena-style turns: a JSON-encoded list of strings (entries may be null), a list, or one plain string."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise BadRow(BAD_TYPE, f"field '{field}' looks like a JSON list but does not parse: {exc}", field) from None
+    if isinstance(value, str):
+        return [value]
+    items = _as_list(value)
+    if items is None:
+        raise BadRow(BAD_TYPE, f"field '{field}' is {_type_name(value)}, expected a string or a list of turns", field)
+    return items
+
+
+def _extract_arena(row: Mapping[str, Any]) -> _Parts:
+    """Chatbot-Arena human preference (lmarena-ai/arena-human-preference-55k): user turns in ``prompt`` and each
+    model's replies in ``response_a`` / ``response_b`` (JSON-encoded lists, null for a missing reply), one-hot
+    ``winner_model_a`` / ``winner_model_b`` / ``winner_tie``. The whole conversation with the winner's replies is
+    the chosen side; a tie is quarantined."""
+    flags = {k: _number(_field(row, k), f"field '{k}'", k) for k in ("winner_model_a", "winner_model_b")}
+    if row.get("winner_tie") not in (None, 0, False) or flags["winner_model_a"] == flags["winner_model_b"]:
+        raise BadRow(TIE, "the judge preferred neither response (winner_tie)", "winner_tie")
+    users = _json_turns(_field(row, "prompt"), "prompt")
+    sides = {k: _json_turns(_field(row, f"response_{k}"), f"response_{k}") for k in ("a", "b")}
+    conversations = {}
+    for k, replies in sides.items():
+        if len(replies) != len(users):
+            raise BadRow(BROKEN_TRANSCRIPT, f"field 'response_{k}' has {len(replies)} turns for {len(users)} "
+                                            f"prompt turns", f"response_{k}")
+        turns: list[Message] = []
+        for i, (user, reply) in enumerate(zip(users, replies, strict=True)):
+            turns.append({"role": USER, "content": _text("" if user is None else user, f"field 'prompt'[{i}]",
+                                                         "prompt")})
+            turns.append({"role": ASSISTANT, "content": _text("" if reply is None else reply,
+                                                              f"field 'response_{k}'[{i}]", f"response_{k}")})
+        conversations[k] = turns
+    winner = "a" if flags["winner_model_a"] > flags["winner_model_b"] else "b"
+    return [], conversations[winner], conversations["b" if winner == "a" else "a"], None
+
+
+def _score(value: Any, where: str, field: str) -> float | None:
+    """A rating that may be a number, a numeric string ("4") or missing ("N/A", null): None when missing."""
+    if value is None or (isinstance(value, str) and value.strip().upper() in ("N/A", "NA", "")):
+        return None
+    if isinstance(value, str):
+        try:
+            return _number(float(value), where, field)
+        except ValueError:
+            raise BadRow(BAD_TYPE, f"{where} is {value!r}, expected a number or N/A", field) from None
+    return _number(value, where, field)
+
+
+def _ranked_pairs(scores: list[float | None], policy: str, seed: str) -> list[tuple[int, int] | BadRow]:
+    """Index pairs ``(chosen, rejected)`` from per-response scores (higher is better; None: unscored, left out),
+    per ``policy``; a pair of equal scores becomes a ``tie`` BadRow in its place."""
+    scored = [i for i, v in enumerate(scores) if v is not None]
+    if len(scored) < 2:
+        raise BadRow(NO_PREFERENCE, f"{len(scored)} scored response(s): nothing to compare")
+    best = max(scored, key=lambda i: (scores[i], -i))
+    others = [i for i in scored if i != best]
+    if policy == "all_pairs":
+        pairs = [(i, j) for n, i in enumerate(scored) for j in scored[n + 1:]]
+    elif policy == "best_vs_rest":
+        pairs = [(best, j) for j in others]
+    else:  # best_vs_random: one other response, drawn with a seed taken from the row itself (reruns agree)
+        pairs = [(best, random.Random(seed).choice(others))]
+    out: list[tuple[int, int] | BadRow] = []
+    for i, j in pairs:
+        if scores[i] == scores[j]:
+            out.append(BadRow(TIE, f"responses {i} and {j} have the same score {scores[i]}"))
+        else:
+            out.append((i, j) if scores[i] > scores[j] else (j, i))
+    return out
+
+
+def _extract_ultrafeedback(row: Mapping[str, Any], options: RowOptions) -> list[tuple[str, _Parts | BadRow]]:
+    """openbmb/UltraFeedback raw rows: ``instruction`` and ``completions`` (each ``response`` with
+    ``overall_score`` and per-aspect ``annotations[aspect].Rating``, "N/A" when not rated). Completions are ordered
+    by ``aspect``; pairs per ``pairs`` (auto: the best vs a random other, as UltraFeedback-binarized does);
+    margin = score difference."""
+    prompt = _turns(_field(row, "instruction"), "instruction", USER)
+    completions = _as_list(_field(row, "completions"))
+    if completions is None:
+        raise BadRow(BAD_TYPE, "field 'completions' is not a list", "completions")
+    responses, scores = [], []
+    for k, completion in enumerate(completions):
+        where = f"field 'completions'[{k}]"
+        if not isinstance(completion, Mapping):
+            raise BadRow(BAD_TYPE, f"{where} is {_type_name(completion)}, expected an object", "completions")
+        responses.append(_text(completion.get("response"), f"{where}.response", "completions"))
+        if options.aspect == "overall":
+            scores.append(_score(completion.get("overall_score"), f"{where}.overall_score", "completions"))
+        else:
+            rating = (completion.get("annotations") or {}).get(options.aspect) or {}
+            rating = rating[0] if isinstance(rating, list) and rating else rating  # the GitHub release nests lists
+            scores.append(_score(rating.get("Rating") if isinstance(rating, Mapping) else None,
+                                 f"{where}.annotations.{options.aspect}.Rating", "completions"))
+    policy = "best_vs_random" if options.pairs == "auto" else options.pairs
+    seed = json.dumps([m["content"] for m in prompt])
+    return [(f"{p[0]}>{p[1]}", (prompt, _reply(responses[p[0]]), _reply(responses[p[1]]), scores[p[0]] - scores[p[1]]))
+            if not isinstance(p, BadRow) else ("", p) for p in _ranked_pairs(scores, policy, seed)]
+
+
+def _extract_kwise(row: Mapping[str, Any], options: RowOptions) -> list[tuple[str, _Parts | BadRow]]:
+    """k-wise rankings (berkeley-nest/Nectar): a prompt (HH transcript or text) and ``answers`` with ``rank``
+    (1 = best). Pairs per ``pairs`` (auto: the best vs each other); equal ranks are ties; no margin (ranks are
+    orders, not strengths)."""
+    raw = _field(row, "prompt")
+    if isinstance(raw, str) and _HH_MARKER.search(raw):
+        prompt = _parse_hh(raw, "prompt")
+        if prompt and prompt[-1]["role"] == ASSISTANT and not prompt[-1]["content"].strip():
+            prompt = prompt[:-1]  # the transcript ends with the open "Assistant:" the answers complete
+    else:
+        prompt = _turns(raw, "prompt", USER)
+    answers = _as_list(_field(row, "answers"))
+    if answers is None:
+        raise BadRow(BAD_TYPE, "field 'answers' is not a list", "answers")
+    texts, scores = [], []
+    for k, answer in enumerate(answers):
+        where = f"field 'answers'[{k}]"
+        if not isinstance(answer, Mapping):
+            raise BadRow(BAD_TYPE, f"{where} is {_type_name(answer)}, expected an object", "answers")
+        texts.append(_text(answer.get("answer"), f"{where}.answer", "answers"))
+        rank = _score(answer.get("rank"), f"{where}.rank", "answers")
+        scores.append(None if rank is None else -rank)
+    policy = "best_vs_rest" if options.pairs == "auto" else options.pairs
+    seed = json.dumps([m["content"] for m in prompt])
+    return [(f"{p[0]}>{p[1]}", (prompt, _reply(texts[p[0]]), _reply(texts[p[1]]), None))
+            if not isinstance(p, BadRow) else ("", p) for p in _ranked_pairs(scores, policy, seed)]
+
+
+def _column(row: Mapping[str, Any], name: str) -> Any:
+    if name not in row:
+        keys = ", ".join(sorted(map(str, row))[:12])
+        raise BadRow(MISSING_FIELD, f"column '{name}' (named in the source's columns mapping) is missing; the row "
+                                    f"has: {keys}", name)
+    return row[name]
+
+
+def _extract_columns(row: Mapping[str, Any], options: RowOptions) -> _Parts:
+    """A user's column mapping: prompt (optional), chosen + rejected, or first + second + label with the value
+    meaning "first is better" (and optionally a tie value); an optional margin column."""
+    columns = dict(options.columns or {})
+    prompt = _turns(_column(row, columns["prompt"]), columns["prompt"], USER) if columns.get("prompt") else []
+    if columns.get("chosen"):
+        chosen = _turns(_column(row, columns["chosen"]), columns["chosen"], ASSISTANT)
+        rejected = _turns(_column(row, columns["rejected"]), columns["rejected"], ASSISTANT)
+    else:
+        label = _column(row, columns["label"])
+        if columns.get("tie") is not None and label == columns["tie"]:
+            raise BadRow(TIE, f"column '{columns['label']}' is {label!r}, the tie value", columns["label"])
+        first = _turns(_column(row, columns["first"]), columns["first"], ASSISTANT)
+        second = _turns(_column(row, columns["second"]), columns["second"], ASSISTANT)
+        chosen, rejected = (first, second) if label == columns["first_is_better"] else (second, first)
+    margin = None
+    if columns.get("margin"):
+        margin = _number(_column(row, columns["margin"]), f"column '{columns['margin']}'", columns["margin"])
+    return prompt, chosen, rejected, margin
+
+
+def _one(extract):
+    return lambda row, options: [("", extract(row))]
+
+
+def _one_with(extract):
+    return lambda row, options: [("", extract(row, options))]
+
+
+#: format -> (row, options) -> [(pair suffix, parts or BadRow), ...]: most formats give one pair per row.
 _EXTRACTORS = {
-    STRINGS: _extract_strings,
-    CONVERSATIONAL: _extract_conversational,
-    HH: _extract_hh,
-    SHAREGPT: _extract_sharegpt,
-    HELPSTEER2: _extract_helpsteer2,
-    RATING: _extract_rating,
+    STRINGS: _one(_extract_strings),
+    CONVERSATIONAL: _one(_extract_conversational),
+    HH: _one(_extract_hh),
+    SHAREGPT: _one(_extract_sharegpt),
+    HELPSTEER2: _one(_extract_helpsteer2),
+    RATING: _one_with(_extract_rating),
+    UNIFIED_FEEDBACK: _one(_extract_unified_feedback),
+    PKU_SAFERLHF: _one_with(_extract_pku),
+    ARENA: _one(_extract_arena),
+    ULTRAFEEDBACK: _extract_ultrafeedback,
+    KWISE: _extract_kwise,
+    COLUMNS: _one_with(_extract_columns),
 }
 
 
@@ -503,9 +745,9 @@ def stable_id(source: str, prompt: list[Message], chosen: list[Message], rejecte
     return hashlib.sha1(f"{source}\x00{payload}".encode()).hexdigest()[:16]
 
 
-def _own_id(row: Mapping[str, Any]) -> str | None:
-    """The row's own id as a string, or None when it has none."""
-    value = row.get("id")
+def _own_id(row: Mapping[str, Any], column: str = "id") -> str | None:
+    """The row's own id (``column``) as a string, or None when it has none."""
+    value = row.get(column)
     if value is None or value == "":
         return None
     if isinstance(value, str):
@@ -530,26 +772,37 @@ def _subset(row: Mapping[str, Any]) -> str | None:
     raise BadRow(BAD_TYPE, f"field 'subset' is {_type_name(value)}, expected a string", "subset")
 
 
-def _normalise(row: Any, fmt: str, source: str, location: str) -> Record:
-    """Core of normalise_row; raises BadRow for any bad data."""
+def _normalise(row: Any, fmt: str, source: str, location: str, options: RowOptions) -> list[Record | BadRow]:
+    """Core of normalise_row: the row's records (most formats: one), a BadRow in place of each bad pair; raises
+    BadRow when the whole row is bad."""
     if not isinstance(row, Mapping):
         raise BadRow(BAD_TYPE, f"row is {_type_name(row)}, expected an object")
     if fmt == UNKNOWN:
         keys = ", ".join(sorted(map(str, row))[:12]) or "none"
         raise BadRow(UNKNOWN_FORMAT, f"no known preference format matches the row's keys ({keys})")
-    prompt, chosen, rejected, margin = _EXTRACTORS[fmt](row)
-    prompt, chosen, rejected = _assemble(prompt, chosen, rejected)
-    own_id = _own_id(row)
-    return {
-        "id": own_id if own_id is not None else stable_id(source, prompt, chosen, rejected),
-        "prompt": prompt,
-        "chosen": chosen,
-        "rejected": rejected,
-        "source": source,
-        "location": location,
-        "subset": _subset(row),
-        "margin": margin,
-    }
+    own_id = _own_id(row, (options.columns or {}).get("id") or "id")
+    out: list[Record | BadRow] = []
+    for suffix, parts in _EXTRACTORS[fmt](row, options):
+        if isinstance(parts, BadRow):
+            out.append(parts)
+            continue
+        try:
+            prompt, chosen, rejected = _assemble(*parts[:3])
+        except BadRow as exc:
+            out.append(exc)
+            continue
+        pair_id = f"{own_id}:{suffix}" if own_id is not None and suffix else own_id
+        out.append({
+            "id": pair_id if pair_id is not None else stable_id(source, prompt, chosen, rejected),
+            "prompt": prompt,
+            "chosen": chosen,
+            "rejected": rejected,
+            "source": source,
+            "location": location,
+            "subset": _subset(row),
+            "margin": parts[3],
+        })
+    return out
 
 
 def _resolve_format(row: Any, fmt: str) -> str:
@@ -562,6 +815,9 @@ def _resolve_format(row: Any, fmt: str) -> str:
     return fmt
 
 
+_DEFAULT_OPTIONS = RowOptions()
+
+
 # --------------------------------------------------------------------------------------------
 # Public row / batch API
 # --------------------------------------------------------------------------------------------
@@ -572,20 +828,25 @@ def normalise_row(
     source: str,
     location: str,
     strict: bool = False,
-) -> tuple[Record | None, QuarantineRecord | None]:
-    """Normalise one raw row: returns ``(record, None)`` or ``(None, quarantine)``.
+    options: RowOptions = _DEFAULT_OPTIONS,
+) -> tuple[list[Record], list[QuarantineRecord]]:
+    """Normalise one raw row into ``(records, quarantined)``: one record for most formats, several for a row of
+    k responses (UltraFeedback, k-wise rankings), a quarantine record for each bad pair or the whole bad row.
 
     With ``strict=True`` a bad row raises :class:`BadRow` (a ``ValueError``) whose message
     starts with ``location`` (file and line/index) and names the offending field.
     """
-    resolved = _resolve_format(row, fmt)
+    resolved = COLUMNS if options.columns is not None and fmt in (AUTO, COLUMNS) else _resolve_format(row, fmt)
     try:
-        return _normalise(row, resolved, source, location), None
+        results = _normalise(row, resolved, source, location, options)
     except BadRow as exc:
-        if strict:
-            exc.location = location
-            raise
-        return None, make_quarantine(source, location, exc.reason, exc.detail)
+        results = [exc]
+    records = [r for r in results if not isinstance(r, BadRow)]
+    bad = [r for r in results if isinstance(r, BadRow)]
+    if bad and strict:
+        bad[0].location = location
+        raise bad[0]
+    return records, [make_quarantine(source, location, b.reason, b.detail) for b in bad]
 
 
 def normalise_batch(
@@ -594,6 +855,7 @@ def normalise_batch(
     fmt: str = AUTO,
     source: str,
     strict: bool = False,
+    options: RowOptions = _DEFAULT_OPTIONS,
 ) -> tuple[list[Record], list[QuarantineRecord]]:
     """Normalise ``(location, raw)`` pairs, passing reader quarantine records through.
 
@@ -608,11 +870,9 @@ def normalise_batch(
                 raise BadRow(raw["reason"], raw["detail"], location=location)
             quarantined.append(make_quarantine(source, location, raw["reason"], raw["detail"]))
             continue
-        record, bad = normalise_row(raw, fmt=fmt, source=source, location=location, strict=strict)
-        if record is not None:
-            records.append(record)
-        else:
-            quarantined.append(bad)  # type: ignore[arg-type]  # exactly one of the pair is set
+        good, bad = normalise_row(raw, fmt=fmt, source=source, location=location, strict=strict, options=options)
+        records += good
+        quarantined += bad
     return records, quarantined
 
 
@@ -758,7 +1018,17 @@ def iter_file_rows(data: bytes, path: str, *, source: str | None = None) -> Iter
 
 
 def normalise_file_bytes(
-    data: bytes, path: str, *, fmt: str = AUTO, source: str, strict: bool = False
+    data: bytes, path: str, *, fmt: str = AUTO, source: str, strict: bool = False,
+    options: RowOptions = _DEFAULT_OPTIONS,
 ) -> tuple[list[Record], list[QuarantineRecord]]:
     """Read and normalise a whole file's bytes (one ``flat_map`` call per file in Ray)."""
-    return normalise_batch(iter_file_rows(data, path, source=source), fmt=fmt, source=source, strict=strict)
+    return normalise_batch(iter_file_rows(data, path, source=source), fmt=fmt, source=source, strict=strict,
+                           options=options)
+
+
+def prompt_key(prompt: list[Message]) -> str:
+    """A hash of the normalised prompt (the conversation before the final response): roles, and contents with
+    whitespace collapsed and case folded. Pairs sharing it are one prompt for the train/validation split and
+    for decontamination against benchmarks."""
+    text = "\x1e".join(f"{m['role']}\x1f{' '.join(str(m['content']).split()).casefold()}" for m in prompt)
+    return hashlib.sha1(text.encode()).hexdigest()

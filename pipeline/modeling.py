@@ -269,16 +269,25 @@ def pinned_calendar(tokenizer: Any) -> Iterator[dict[str, Any]]:
 
 def encode_messages(tokenizer: Any, messages: Sequence[Mapping[str, str]], *,
                     add_generation_prompt: bool = False) -> list[int]:
-    """Token ids of a conversation through the model's own chat template (one BOS, never two), at the fixed
-    template date (:func:`pinned_calendar`)."""
+    """Token ids of one conversation: :func:`encode_batch` of one."""
+    return encode_batch(tokenizer, [messages], add_generation_prompt=add_generation_prompt)[0]
+
+
+def encode_batch(tokenizer: Any, conversations: Sequence[Sequence[Mapping[str, str]]], *,
+                 add_generation_prompt: bool = False) -> list[list[int]]:
+    """Token ids of many conversations with one tokenizer call: the model's own chat template (one BOS, never
+    two) at the fixed template date (:func:`pinned_calendar`), else the plain role-tagged template."""
+    if not conversations:
+        return []
     if getattr(tokenizer, "chat_template", None):
         with pinned_calendar(tokenizer) as calendar:
-            ids = tokenizer.apply_chat_template(list(messages), tokenize=True,
+            ids = tokenizer.apply_chat_template([list(m) for m in conversations], tokenize=True,
                                                 add_generation_prompt=add_generation_prompt, return_dict=False,
                                                 **calendar)
-        return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
-    text = plain_template(messages) + ("\n\nAssistant:" if add_generation_prompt else "")
-    return tokenizer(text, add_special_tokens=True, return_token_type_ids=False)["input_ids"]
+        return [list(x) for x in (ids["input_ids"] if isinstance(ids, Mapping) else ids)]
+    suffix = "\n\nAssistant:" if add_generation_prompt else ""
+    texts = [plain_template(m) + suffix for m in conversations]
+    return [list(x) for x in tokenizer(texts, add_special_tokens=True, return_token_type_ids=False)["input_ids"]]
 
 
 def truncate_ids(ids: list[int], max_length: int, side: str = "left") -> list[int]:

@@ -38,9 +38,8 @@ def problems(cfg: PipelineConfig, stages: tuple[str, ...]) -> list[str]:
     found = []
     if "data" in stages:
         for i, src in enumerate(cfg.data.sources):
-            path = src.get("path") if isinstance(src, dict) else None
-            if path and _local_path_missing(str(path)):
-                found.append(f"data.sources[{i}].path: {path} does not exist")
+            if src.path and _local_path_missing(src.path):
+                found.append(f"data.sources[{i}].path: {src.path} does not exist")
     if _local_path_missing(cfg.model.name_or_path):
         found.append(f"model.name_or_path: {cfg.model.name_or_path} does not exist")
     elif Path(os.path.expanduser(cfg.model.name_or_path)).is_dir():
@@ -49,9 +48,8 @@ def problems(cfg: PipelineConfig, stages: tuple[str, ...]) -> list[str]:
         if value and _local_path_missing(value):
             found.append(f"{key}: {value} does not exist")
     for i, bench in enumerate(cfg.rewardbench.benchmarks):
-        path = bench.get("path") if isinstance(bench, dict) else None
-        if "rewardbench" in stages and path and _local_path_missing(str(path)):
-            found.append(f"rewardbench.benchmarks[{i}].path: {path} does not exist")
+        if {"data", "rewardbench"} & set(stages) and bench.path and _local_path_missing(bench.path):
+            found.append(f"rewardbench.benchmarks[{i}].path: {bench.path} does not exist")
     uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if cfg.tracking.enabled and uri and uri.startswith(("http://", "https://")):
         try:

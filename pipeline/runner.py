@@ -1,10 +1,8 @@
 """Run the stages in order, hand each its upstream manifests, skip what is already done.
 
-A stage is a function ``entry(ctx: StageContext) -> StageResult`` in ``stages/<name>.py``. Its
-manifest hash covers the config keys it declares plus its upstream manifests' hashes, so changing
-``train.lr`` reruns ``train`` and everything downstream of it, while a rerun of a finished run does
-nothing and says so. A stage that crashed has no manifest: the rerun resumes there (and inside
-training, at the last checkpoint).
+The stages and the inputs each declares are in :mod:`pipeline.stage`. A rerun of a finished run does nothing
+and says so; a stage that crashed has no manifest: the rerun resumes there (and inside training, at the last
+checkpoint).
 """
 
 from __future__ import annotations
@@ -12,57 +10,13 @@ from __future__ import annotations
 import importlib
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from pipeline import tracking
 from pipeline.artifacts import Manifest, now, read_manifest, write_manifest
-from pipeline.config import PipelineConfig, config_hash, to_yaml
-
-
-@dataclass(frozen=True, kw_only=True)
-class StageSpec:
-    name: str
-    entry: str  # "module:function", imported only when the stage runs (keeps start-up light)
-    keys: tuple[str, ...]  # config sections/keys that determine the stage's outputs
-    needs: tuple[str, ...] = ()  # upstream stages that must have finished
-    uses: tuple[str, ...] = ()  # upstream stages used when present (e.g. tune's best config)
-    mode_keys: Callable[[PipelineConfig], tuple[str, ...]] | None = None  # more keys, depending on the config
-
-
-@dataclass(frozen=True, kw_only=True)
-class StageResult:
-    outputs: dict[str, str]
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, kw_only=True)
-class StageContext:
-    cfg: PipelineConfig
-    run_dir: Path
-    out_dir: Path
-    upstream: Mapping[str, Manifest]
-    tracker: tracking.RunLogger
-    log: Callable[[str], None] = print
-
-
-_DATA_KEYS = ("data", "model.name_or_path", "model.revision", "model.trust_remote_code")
-_TRAIN_KEYS = ("model", "loss", "train", "ray.storage_path")
-
-STAGES: dict[str, StageSpec] = {s.name: s for s in (
-    StageSpec(name="data", entry="stages.data:prepare_preferences", keys=_DATA_KEYS),
-    # run.seed seeds the searcher; compare mode also scores every trial on the benchmarks
-    StageSpec(name="tune", entry="stages.tune:tune_reward_model", keys=(*_TRAIN_KEYS, "tune", "run.seed"),
-              needs=("data",), mode_keys=lambda cfg: ("rewardbench",) if cfg.tune.mode == "compare" else ()),
-    StageSpec(name="train", entry="stages.train:train_reward_model", keys=_TRAIN_KEYS, needs=("data",),
-              uses=("tune",)),
-    StageSpec(name="rewardbench", entry="stages.rewardbench:score_rewardbench", keys=("rewardbench",),
-              uses=("train",)),
-    StageSpec(name="best_of_n", entry="stages.best_of_n:run_best_of_n", keys=("best_of_n",), uses=("train",)),
-    StageSpec(name="register", entry="stages.register:register_model", keys=("tracking",),
-              needs=("train",), uses=("data", "tune", "rewardbench", "best_of_n")),
-)}
+from pipeline.config import PipelineConfig, to_yaml
+from pipeline.stage import STAGES, StageContext, StageResult, StageSpec, stage_hash
 
 
 class PipelineError(RuntimeError):
@@ -94,11 +48,6 @@ def _upstream(spec: StageSpec, run_dir: Path) -> dict[str, Manifest]:
         if manifest is not None:
             found[name] = manifest
     return found
-
-
-def stage_hash(cfg: PipelineConfig, spec: StageSpec, upstream: Mapping[str, Manifest]) -> str:
-    keys = spec.keys + (spec.mode_keys(cfg) if spec.mode_keys else ())
-    return config_hash(cfg, keys, {name: m.hash for name, m in sorted(upstream.items())})
 
 
 def run_pipeline(cfg: PipelineConfig, *, run_dir: str | Path | None = None, stages: tuple[str, ...] | None = None,

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from pipeline.config import PipelineConfig, flatten
+from pipeline.config import PipelineConfig, flatten, plain
 
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 _SECRET_KEY = re.compile(r"token|secret|password|passwd|api[_-]?key|credential", re.IGNORECASE)
@@ -42,7 +42,8 @@ def params_of(cfg: PipelineConfig) -> dict[str, str]:
     """``flatten(cfg)`` as MLflow params: redacted, stringified, capped at MLflow's value length."""
     out = {}
     for key, value in flatten(cfg).items():
-        text = json.dumps(redact(value), default=str) if isinstance(value, (list, tuple, dict)) else str(redact(value))
+        value = redact(plain(value))
+        text = json.dumps(value, default=str) if isinstance(value, (list, dict)) else str(value)
         out[key] = text if len(text) <= 6000 else text[:5990] + "...(cut)"
     return out
 
@@ -110,6 +111,19 @@ class RunLogger:
             self.client.log_artifacts(self.run_id, str(path), artifact_path)
         elif path.is_file():
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_datasets(self, records: list[Mapping[str, Any]]) -> None:
+        """Dataset inputs of the run (the UI's Dataset column and the model's lineage): one per record with
+        ``name, digest, source, source_type, schema, profile, context`` (see the data stage's datasets.json)."""
+        if not self.active or not records:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [DatasetInput(Dataset(name=r["name"], digest=r["digest"], source_type=r["source_type"],
+                                       source=json.dumps({"uri": redact(r["source"])}), schema=json.dumps(r["schema"]),
+                                       profile=json.dumps(r["profile"])),
+                               tags=[InputTag("mlflow.data.context", r["context"])]) for r in records]
+        self.client.log_inputs(self.run_id, datasets=inputs)
 
     def child(self, name: str, tags: Mapping[str, str] | None = None) -> "RunLogger":
         """A nested run under this one (per stage, per Tune trial)."""

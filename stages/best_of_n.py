@@ -19,7 +19,7 @@ Pipeline (``cfg.best_of_n``):
 2. **Policy** draws one pool of ``n_max`` candidates per prompt: ``synthetic`` uses the offline sampler
    (:func:`pipeline.synthetic.sample_candidates`, wrong with probability ``error_rate``); ``hf`` samples a
    causal LM (``policy_model``: hub id, folder, or ``tiny:llama`` for tests) inside a Ray Data actor pool
-   that loads the model once per actor (one GPU per actor when ``train.use_gpu``; vLLM is used on GPU
+   that loads the model once per actor (one GPU per actor when ``train.use_gpu``; ``best_of_n.engine``: vLLM on GPU
    when installed). The prompt is rendered with the tokenizer's chat template plus generation prompt,
    else as ``"User: ...\\n\\nAssistant:"``.
 3. **Proxy** score of every candidate, ``[*prompt messages, {assistant: candidate}]``, by the reward model
@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,28 +61,24 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline import bon_math, formats, modeling, synthetic
+from pipeline import bon_math, formats, modeling, readers, synthetic
 from pipeline.artifacts import save_png, write_json
-from pipeline.config import BestOfNConfig, ConfigError, PipelineConfig
+from pipeline.config import BestOfNConfig, ConfigError, PipelineConfig, PromptsConfig
 from pipeline.raycluster import ensure_ray
-from pipeline.runner import StageContext, StageResult
+from pipeline.stage import StageContext, StageResult
 
 CANDIDATE_COLUMNS: tuple[str, ...] = ("prompt_id", "candidate_id", "text", "proxy", "gold")
 KL_AXIS_LABEL = "√KL (analytic bound)"
 KL_DEFINITION = "analytic bound KL(best-of-n || policy) <= log n - (n-1)/n nats (Stiennon et al. 2020)"
-# Forces the generation engine ("transformers" or "vllm"); by default vLLM is used on GPU when installed.
-ENGINE_ENV = "NORMBT_BON_ENGINE"
 
-_KINDS = ("synthetic", "path", "hf")
 _SCORE_BATCH = 32  # conversations per scoring forward batch (scoring's own default)
-_PROMPT_KEYS = {*_KINDS, "split", "name", "field"}
 _ROLES = {"system", "user", "assistant"}
 
 
 def run_best_of_n(ctx: StageContext) -> StageResult:
     """Sample, score and estimate the Best-of-N curve; write and log the three outputs (module docstring)."""
     bon = ctx.cfg.best_of_n
-    source = parse_prompt_source(bon.prompts)
+    source = bon.prompts
     check_settings(bon, source)
     reward_model = resolve_reward_model(ctx)  # fail before any sampling when there is nothing to score with
     prompts = load_prompts(source, bon.num_prompts)
@@ -106,42 +101,7 @@ def run_best_of_n(ctx: StageContext) -> StageResult:
 # ----------------------------------------------------------------- configuration
 
 
-@dataclass(frozen=True, kw_only=True)
-class PromptSource:
-    """``best_of_n.prompts``, validated."""
-
-    kind: str  # synthetic | path | hf
-    target: Any  # SyntheticSpec | file path | hub id or folder
-    split: str = "test"
-    name: str | None = None
-    field: str = "prompt"
-
-
-def parse_prompt_source(mapping: Mapping[str, Any]) -> PromptSource:
-    """Exactly one of ``synthetic`` / ``path`` / ``hf``; unknown keys are an error naming the key."""
-    if not isinstance(mapping, Mapping):
-        raise ConfigError(f"best_of_n.prompts must be a mapping, got {mapping!r}")
-    unknown = sorted(set(mapping) - _PROMPT_KEYS)
-    if unknown:
-        raise ConfigError(f"best_of_n.prompts: unknown key(s) {unknown}; valid: {', '.join(sorted(_PROMPT_KEYS))}")
-    kinds = [k for k in _KINDS if k in mapping]
-    if len(kinds) != 1:
-        raise ConfigError(f"best_of_n.prompts needs exactly one of {', '.join(_KINDS)}, got {kinds or 'none'}")
-    kind = kinds[0]
-    extras = {k: mapping[k] for k in ("split", "name", "field") if k in mapping}
-    if kind == "synthetic":
-        if extras:
-            raise ConfigError(f"best_of_n.prompts: {sorted(extras)} do not apply to synthetic prompts "
-                              "(they always come from the held-out test templates)")
-        try:
-            spec = synthetic.SyntheticSpec.from_mapping(mapping["synthetic"] or {})
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"best_of_n.prompts.synthetic: {err}") from None
-        return PromptSource(kind=kind, target=spec)
-    return PromptSource(kind=kind, target=str(mapping[kind]), **extras)
-
-
-def check_settings(bon: BestOfNConfig, source: PromptSource) -> None:
+def check_settings(bon: BestOfNConfig, source: PromptsConfig) -> None:
     """Cross-field checks the generic config validation cannot know about."""
     if bon.gold == "verifier" and source.kind != "synthetic":
         raise ConfigError("best_of_n.gold=verifier needs best_of_n.prompts={synthetic: ...}: the verifier checks "
@@ -178,54 +138,32 @@ def _settings(bon: BestOfNConfig, num_prompts: int) -> dict[str, Any]:
 # ----------------------------------------------------------------- prompts
 
 
-def load_prompts(source: PromptSource, limit: int) -> list[dict[str, Any]]:
+def load_prompts(source: PromptsConfig, limit: int) -> list[dict[str, Any]]:
     """The first ``limit`` prompts as ``{prompt_id, prompt, messages, ...}`` rows (unique ids).
 
     ``prompt`` is the last user turn (for display), ``messages`` the conversation to answer. Synthetic
     rows keep ``answer`` and ``solution`` for the verifier and the offline sampler.
     """
     if source.kind == "synthetic":
-        rows = synthetic.reasoning_prompts(source.target, "test", limit)
+        rows = synthetic.reasoning_prompts(source.synthetic, "test", limit)
         return [{**r, "messages": [{"role": "user", "content": r["prompt"]}]} for r in rows]
-    located = _read_path(source.target) if source.kind == "path" else _read_hf(source, limit)
-    label = Path(source.target).name or source.target
-    prompts = [_prompt_row(row, where, source.field, fallback_id=f"{label}#{i}")
+    target = getattr(source, source.kind)
+    if source.kind == "path":
+        located = readers.read_path(target)
+    else:
+        split = source.split or "test"
+        ds = readers.load_hf(target, name=source.name, split=split)
+        located = list(formats.iter_indexed_rows(ds.select(range(min(limit, len(ds)))).to_list(), f"{target}:{split}"))
+    label = Path(target).name or target
+    prompts = [_prompt_row(row, where, source.field or "prompt", fallback_id=f"{label}#{i}")
                for i, (where, row) in enumerate(located[:limit])]
     if not prompts:
-        raise ValueError(f"best_of_n: no prompts in {source.target}")
+        raise ValueError(f"best_of_n: no prompts in {target}")
     ids = [p["prompt_id"] for p in prompts]
     if len(set(ids)) != len(ids):
         duplicated = sorted({i for i in ids if ids.count(i) > 1})[:5]
-        raise ValueError(f"best_of_n: duplicate prompt ids in {source.target}: {duplicated}")
+        raise ValueError(f"best_of_n: duplicate prompt ids in {target}: {duplicated}")
     return prompts
-
-
-def _read_path(path: str) -> list[tuple[str, Any]]:
-    """``(location, row)`` pairs of a local file, bad JSON lines raising with their location."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"best_of_n.prompts.path: no such file {path!r}")
-    if path.lower().endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        return list(formats.iter_indexed_rows(pq.read_table(path).to_pylist(), path))
-    located = list(formats.iter_file_rows(Path(path).read_bytes(), path))
-    for where, row in located:
-        if formats.is_quarantine(row):
-            raise ValueError(f"best_of_n: bad prompt row at {where}: {row['detail']}")
-    return located
-
-
-def _read_hf(source: PromptSource, limit: int) -> list[tuple[str, Any]]:
-    import datasets
-
-    target = source.target
-    if Path(target).is_dir() and any((Path(target) / f).exists() for f in ("dataset_info.json", "dataset_dict.json")):
-        ds = datasets.load_from_disk(target)
-        ds = ds[source.split] if isinstance(ds, datasets.DatasetDict) else ds
-    else:
-        ds = datasets.load_dataset(target, name=source.name, split=source.split)
-    ds = ds.select(range(min(limit, len(ds))))
-    return list(formats.iter_indexed_rows(ds.to_list(), f"{target}:{source.split}"))
 
 
 def _prompt_row(row: Mapping[str, Any], where: str, field: str, *, fallback_id: str) -> dict[str, Any]:
@@ -308,7 +246,7 @@ def generate_with_ray(prompts: list[dict[str, Any]], cfg: PipelineConfig) -> pd.
     actors = actor_count(cfg.train.use_gpu, len(items))
     resources = {"num_gpus": 1} if cfg.train.use_gpu else {"num_cpus": 1}
     generated = ray.data.from_items(items).map_batches(
-        _generator_class(sampling), fn_constructor_kwargs={"sampling": sampling}, batch_format="pandas",
+        _generator_class(sampling, bon.engine), fn_constructor_kwargs={"sampling": sampling}, batch_format="pandas",
         batch_size=max(1, min(8, -(-len(items) // actors))), compute=ray.data.ActorPoolStrategy(size=actors),
         **resources)
     return generated.to_pandas()
@@ -329,15 +267,13 @@ def actor_count(use_gpu: bool, work_items: int) -> int:
     return max(1, min(work_items, available))
 
 
-def _generator_class(sampling: Sampling) -> type:
-    forced = os.environ.get(ENGINE_ENV, "").strip().lower()
-    if forced not in ("", "transformers", "vllm"):
-        raise ConfigError(f"{ENGINE_ENV}={forced!r}: expected transformers or vllm")
+def _generator_class(sampling: Sampling, engine: str) -> type:
+    """``best_of_n.engine``: vLLM or transformers when forced; auto picks vLLM on GPU when it is installed."""
     vllm_ok = importlib.util.find_spec("vllm") is not None
-    if forced == "vllm" and not vllm_ok:
-        raise ConfigError(f"{ENGINE_ENV}=vllm but vllm is not installed")
-    automatic = sampling.use_gpu and vllm_ok and not sampling.model.startswith("tiny:")
-    return VllmGenerator if forced == "vllm" or (not forced and automatic) else HFGenerator
+    if engine == "vllm" and not vllm_ok:
+        raise ConfigError("best_of_n.engine=vllm but vllm is not installed")
+    automatic = sampling.use_gpu and vllm_ok and not modeling.tiny_arch(sampling.model)
+    return VllmGenerator if engine == "vllm" or (engine == "auto" and automatic) else HFGenerator
 
 
 def prompt_seed(seed: int, prompt_id: str) -> int:

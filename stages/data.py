@@ -2,19 +2,30 @@
 
 Entry: :func:`prepare_preferences` (stage ``data``).
 
-Sources (``data.sources``, each a mapping, optional ``weight`` and ``limit``):
+Sources (``data.sources``, typed in :class:`pipeline.config.SourceConfig`): files (JSONL, JSON arrays, Parquet,
+optionally gzipped, through pyarrow filesystems: ``s3://`` works), Hugging Face datasets, or the built-in
+synthetic benchmark. Every row becomes canonical records ``{id, prompt, chosen, rejected, source, location,
+subset, margin}`` (messages as ``{role, content}`` lists; a row of k ranked responses gives several) or quarantine
+rows ``{source, location, reason, detail}``; nothing is dropped silently. Formats are detected from each row's keys
+(:mod:`pipeline.formats`) or named, and a column mapping reads any other pairwise schema; a mapping that fits no
+row of its source stops the stage naming the missing column and the source.
 
-* ``{path: <file, glob or URI>, format?: auto|strings|conversational|hh|sharegpt|helpsteer2|rating}`` —
-  JSONL, JSON arrays, Parquet, optionally gzipped, read through pyarrow filesystems (``s3://`` works);
-* ``{hf: <hub id>, name?, data_dir?, split?}`` or ``{hf: <save_to_disk folder>}`` — Hugging Face datasets;
-* ``{synthetic: {<SyntheticSpec keys>}}`` — the built-in offline benchmark (its own train/validation split).
+Order and determinism: rows are read and normalised in source order (``limit`` keeps the same rows on every
+rerun); the tokenised pairs are then sorted by a seeded hash of each pair (``data.shuffle_seed``): a global
+shuffle that depends neither on the number of actors nor on Ray Data's scheduling, so two runs of the stage write
+the same splits in the same order, and training reads a random order even from a file sorted by source.
 
-Every row becomes the canonical record ``{id, prompt, chosen, rejected, source, location, subset, margin}``
-(messages as ``{role, content}`` lists) or a quarantine row ``{source, location, reason, detail}``; nothing is
-dropped silently. Rows are rendered with the model's chat template (plain template when it has none) by a
-tokenizer loaded once per Ray actor; over-length pairs are truncated (keeping the first token and the end of
-the response) or dropped into quarantine, per ``data.overlength``. Train/validation is assigned by a salted
-hash of the row id: stable across runs and worker counts.
+Tokenising: one tokenizer call per batch (:func:`pipeline.modeling.encode_batch`: the model's chat template at the
+fixed ``data.template_date``, else the plain template), in a Ray Data actor pool that loads the tokenizer once per
+actor; over-length pairs are truncated (keeping the first token and the end) or quarantined, per
+``data.overlength``.
+
+Split: a salted hash of the normalised prompt (:func:`pipeline.formats.prompt_key`: the conversation before the
+final response) puts every pair of a prompt, weighted copies included, on one side; the synthetic source keeps
+its own split. ``stats.json`` counts the prompts found on both sides (0 by construction for hashed sources) and the
+train prompts that also occur in the configured benchmarks (``data.decontaminate`` quarantines those pairs as
+``contaminated``). With ``loss.use_margin`` a pair without a margin stops the stage (``data.missing_margin:
+error``) or trains with margin 0, counted (``zero``).
 
 Outputs (manifest names → files in the stage folder):
 
@@ -23,72 +34,37 @@ Outputs (manifest names → files in the stage folder):
   (``*_scored`` is the index of the scored token: 0 for encoders; for decoders the last token that is not the
   pad token, as transformers pools: when EOS doubles as pad, the token before a trailing EOS);
 * ``quarantine`` — Parquet folder: ``source, location, reason, detail``;
-* ``stats`` — ``stats.json``: rows per split and source, quarantine counts per reason and per source,
-  truncation counts and token lengths.
+* ``stats`` — ``stats.json``: rows per split and source, quarantine counts per reason and per source, prompts on
+  both sides, contamination, margins, truncation, token lengths, the template date;
+* ``datasets`` — ``datasets.json``: what MLflow records as the stage's dataset inputs (one per source and per
+  split: name, source, digest, schema, row counts); the train stage logs the same ones into its run.
 """
 
 from __future__ import annotations
 
-import glob
-import re
+import contextlib
 import hashlib
-import io
+import re
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
-from pipeline import formats, modeling, synthetic
+from pipeline import benchmarks, formats, modeling, readers, synthetic
 from pipeline.artifacts import write_json
+from pipeline.config import PipelineConfig, SourceConfig, plain
 from pipeline.raycluster import ensure_ray
-from pipeline.runner import StageContext, StageResult
+from pipeline.stage import StageContext, StageResult
 
-_SOURCE_KEYS = {"path", "hf", "synthetic", "format", "name", "data_dir", "split", "weight", "limit"}
 _TOKEN_COLUMNS = ("chosen_ids", "rejected_ids", "chosen_len", "rejected_len", "chosen_scored", "rejected_scored",
                   "truncated")
 _ROW_COLUMNS = ("ok", "id", "prompt", "chosen", "rejected", "source", "location", "subset", "margin", "split",
                 "reason", "detail")
-
-
-@dataclass(frozen=True, kw_only=True)
-class Source:
-    """One entry of ``data.sources``, validated."""
-
-    kind: str  # path | hf | synthetic
-    target: Any
-    label: str
-    fmt: str = formats.AUTO
-    name: str | None = None
-    data_dir: str | None = None
-    split: str | None = None
-    weight: float = 1.0
-    limit: int | None = None
-
-
-def parse_source(entry: Mapping[str, Any], index: int) -> Source:
-    """Validate one ``data.sources`` mapping; errors name the entry and the key."""
-    where = f"data.sources[{index}]"
-    if not isinstance(entry, Mapping):
-        raise ValueError(f"{where}: expected a mapping like {{path: pairs.jsonl}}, got {entry!r}")
-    unknown = set(entry) - _SOURCE_KEYS
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; valid: {sorted(_SOURCE_KEYS)}")
-    kinds = [k for k in ("path", "hf", "synthetic") if k in entry]
-    if len(kinds) != 1:
-        raise ValueError(f"{where}: needs exactly one of path, hf, synthetic (got {kinds or 'none'})")
-    kind = kinds[0]
-    fmt = entry.get("format", formats.AUTO)
-    if fmt not in (formats.AUTO, *formats.FORMATS):
-        raise ValueError(f"{where}: format {fmt!r} is not one of auto, {', '.join(formats.FORMATS)}")
-    weight = float(entry.get("weight", 1.0))
-    if weight <= 0:
-        raise ValueError(f"{where}: weight must be > 0")
-    target = entry[kind] if kind != "synthetic" else synthetic.SyntheticSpec.from_mapping(entry[kind] or {})
-    label = "synthetic" if kind == "synthetic" else str(entry[kind])
-    return Source(kind=kind, target=target, label=label, fmt=fmt, name=entry.get("name"),
-                  data_dir=entry.get("data_dir"), split=entry.get("split"), weight=weight, limit=entry.get("limit"))
+_EXTRA_COLUMNS = ("prompt_key", "order", "margin_missing")
+_SPLIT_COLUMNS = ["id", "source", "location", "subset", "margin", *_TOKEN_COLUMNS]
+_QUARANTINE_COLUMNS = ["source", "location", "reason", "detail"]
 
 
 def _schemas() -> tuple[Any, Any]:
@@ -99,7 +75,7 @@ def _schemas() -> tuple[Any, Any]:
                        ("subset", pa.string()), ("margin", pa.float64()), ("chosen_ids", ids), ("rejected_ids", ids),
                        ("chosen_len", pa.int64()), ("rejected_len", pa.int64()), ("chosen_scored", pa.int64()),
                        ("rejected_scored", pa.int64()), ("truncated", pa.bool_())])
-    quarantine = pa.schema([(c, pa.string()) for c in ("source", "location", "reason", "detail")])
+    quarantine = pa.schema([(c, pa.string()) for c in _QUARANTINE_COLUMNS])
     return split, quarantine
 
 
@@ -121,27 +97,22 @@ def _row(record: Mapping[str, Any] | None, bad: Mapping[str, Any] | None, split:
             "reason": bad["reason"], "detail": bad["detail"]}
 
 
-def _file_rows(data: bytes, path: str) -> list[tuple[str, Any]]:
-    """``(location, raw row)`` pairs of one file; Parquet by index, JSON/JSONL by line."""
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        return list(formats.iter_indexed_rows(pq.read_table(io.BytesIO(data)).to_pylist(), path))
-    return list(formats.iter_file_rows(data, path))
-
-
-def _normalise_file(item: dict, *, fmt: str, label: str, strict: bool) -> list[dict]:
-    rows = _file_rows(item["bytes"], item["path"])
-    records, bad = formats.normalise_batch(rows, fmt=fmt, source=label, strict=strict)
+def _rows(records: list[dict], bad: list[dict]) -> list[dict]:
     return [_row(r, None) for r in records] + [_row(None, b) for b in bad]
 
 
-def _normalise_indexed(batch: dict[str, np.ndarray], *, fmt: str, label: str, strict: bool) -> dict[str, list]:
+def _normalise_file(item: dict, *, fmt: str, label: str, strict: bool, options: formats.RowOptions) -> list[dict]:
+    located = readers.file_rows(item["bytes"], item["path"])
+    return _rows(*formats.normalise_batch(located, fmt=fmt, source=label, strict=strict, options=options))
+
+
+def _normalise_indexed(batch: dict[str, np.ndarray], *, fmt: str, label: str, strict: bool,
+                       options: formats.RowOptions) -> dict[str, list]:
     columns = [c for c in batch if c != "__index"]
     raws = [{c: _plain(batch[c][i]) for c in columns} for i in range(len(batch["__index"]))]
     located = [(formats.location_for_index(label, int(i)), raw) for i, raw in zip(batch["__index"], raws, strict=True)]
-    records, bad = formats.normalise_batch(located, fmt=fmt, source=label, strict=strict)
-    return _columns([_row(r, None) for r in records] + [_row(None, b) for b in bad])
+    rows = _rows(*formats.normalise_batch(located, fmt=fmt, source=label, strict=strict, options=options))
+    return {c: [r[c] for r in rows] for c in _ROW_COLUMNS}
 
 
 def _plain(value: Any) -> Any:
@@ -158,48 +129,30 @@ def _plain(value: Any) -> Any:
     return None if isinstance(value, float) and value != value else value
 
 
-def _columns(rows: list[dict]) -> dict[str, list]:
-    return {c: [r[c] for r in rows] for c in _ROW_COLUMNS}
+def row_options(source: SourceConfig) -> formats.RowOptions:
+    return formats.RowOptions(follow=source.follow, aspect=source.aspect, pairs=source.pairs, ties=source.ties,
+                              columns=plain(source.columns) if source.columns is not None else None)
 
 
-def _expand_paths(pattern: str) -> list[str]:
-    if "://" in pattern:
-        return [pattern]  # pyarrow filesystems resolve remote URIs (and their globs) inside Ray
-    matches = sorted(glob.glob(str(Path(pattern).expanduser()), recursive=True))
-    if not matches:
-        raise FileNotFoundError(f"data source {pattern!r}: no such file")
-    return matches
-
-
-def read_source(ray: Any, source: Source, strict: bool) -> Any:
-    """A Ray dataset of uniform rows (see :func:`_row`) for one source."""
-    kw = {"fmt": source.fmt, "label": source.label, "strict": strict}
+def read_source(ray: Any, source: SourceConfig, strict: bool) -> Any:
+    """A Ray dataset of uniform rows (see :func:`_row`) for one source, in source order."""
+    kw = {"fmt": source.row_format, "label": source.label, "strict": strict, "options": row_options(source)}
     if source.kind == "path":
-        ds = ray.data.read_binary_files(_expand_paths(source.target), include_paths=True)
+        ds = ray.data.read_binary_files(readers.expand_paths(source.path), include_paths=True)
         return ds.flat_map(_normalise_file, fn_kwargs=kw, num_cpus=0.5)
     if source.kind == "hf":
-        hf = _load_hf(source)
+        hf = readers.load_hf(source.hf, name=source.name, data_dir=source.data_dir, split=source.split,
+                             revision=source.revision)
         hf = hf.add_column("__index", list(range(len(hf))))
         return ray.data.from_huggingface(hf).map_batches(_normalise_indexed, fn_kwargs=kw, num_cpus=0.5,
                                                          batch_format="numpy")
-    spec = source.target
-    rows = [_row(r, None, split) for split in ("train", "validation") for r in synthetic.generate(spec, split)]
+    rows = [_row(r, None, split) for split in ("train", "validation") for r in synthetic.generate(source.synthetic, split)]
     return ray.data.from_items(rows)
 
 
-def _load_hf(source: Source) -> Any:
-    import datasets
-
-    target = str(source.target)
-    if Path(target).is_dir() and (Path(target) / "dataset_info.json").exists() or \
-            (Path(target) / "dataset_dict.json").exists():
-        ds = datasets.load_from_disk(target)
-        return ds[source.split or "train"] if isinstance(ds, datasets.DatasetDict) else ds
-    return datasets.load_dataset(target, name=source.name, data_dir=source.data_dir, split=source.split or "train")
-
-
-def _apply_weight_and_limit(ds: Any, source: Source) -> Any:
-    """``limit`` caps good rows; ``weight`` < 1 keeps a hash-chosen fraction, > 1 repeats rows (ids suffixed)."""
+def _apply_weight_and_limit(ds: Any, source: SourceConfig) -> Any:
+    """``limit`` keeps the first good rows in source order; ``weight`` < 1 keeps a hash-chosen share, > 1 repeats
+    rows (ids suffixed ``#wk``; a copy has its original's prompt, hence its side of the split)."""
     if source.limit is not None:
         good = ds.filter(lambda r: r["ok"]).limit(int(source.limit))
         ds = good.union(ds.filter(lambda r: not r["ok"]))
@@ -225,46 +178,61 @@ def _unit_hash(key: str, salt: Any) -> float:
 
 
 class Tokenise:
-    """``map_batches`` callable: loads the tokenizer once per actor, renders each side with the chat template."""
+    """``map_batches`` callable: loads the tokenizer once per actor; one tokenizer call per batch."""
 
-    def __init__(self, model_name: str, revision: str | None, trust_remote_code: bool, max_length: int,
-                 overlength: str, scored_first: bool, validation_fraction: float, split_seed: int,
-                 template_date: str) -> None:
-        self.tok = modeling.load_tokenizer(model_name, revision=revision, trust_remote_code=trust_remote_code,
-                                           template_date=template_date)
-        self.max_length, self.overlength, self.scored_first = max_length, overlength, scored_first
-        self.validation_fraction, self.split_seed = validation_fraction, split_seed
+    def __init__(self, cfg: PipelineConfig, scored_first: bool) -> None:
+        self.tok = modeling.load_tokenizer(cfg.model.name_or_path, revision=cfg.model.revision,
+                                           trust_remote_code=cfg.model.trust_remote_code,
+                                           template_date=cfg.data.template_date)
+        self.data, self.scored_first = cfg.data, scored_first
+        self.use_margin = cfg.loss.use_margin
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        out: dict[str, list] = {k: [] for k in (*_ROW_COLUMNS, *_TOKEN_COLUMNS)}
-        for i in range(len(batch["ok"])):
-            row = {k: _plain(batch[k][i]) for k in _ROW_COLUMNS}
-            self._tokenise_row(row)
-            for k in out:
-                out[k].append(row.get(k))
-        return out
+        rows = [{k: _plain(batch[k][i]) for k in _ROW_COLUMNS} for i in range(len(batch["ok"]))]
+        good = [r for r in rows if r["ok"]]
+        ids = modeling.encode_batch(self.tok, [r["prompt"] + r[side] for r in good for side in ("chosen", "rejected")])
+        for r in rows:
+            r.update(truncated=False, chosen_ids=[], rejected_ids=[], chosen_len=0, rejected_len=0, chosen_scored=0,
+                     rejected_scored=0, prompt_key="", order="", margin_missing=False)
+        for k, r in enumerate(good):
+            self._tokenised(r, {"chosen": ids[2 * k], "rejected": ids[2 * k + 1]})
+        return {c: [r[c] for r in rows] for c in (*_ROW_COLUMNS, *_TOKEN_COLUMNS, *_EXTRA_COLUMNS)}
 
-    def _tokenise_row(self, row: dict) -> None:
-        row.update(truncated=False, chosen_ids=[], rejected_ids=[], chosen_len=0, rejected_len=0,
-                   chosen_scored=0, rejected_scored=0)
-        if not row["ok"]:
-            return
-        ids = {side: modeling.encode_messages(self.tok, row["prompt"] + row[side]) for side in ("chosen", "rejected")}
-        too_long = [side for side, seq in ids.items() if len(seq) > self.max_length]
-        if too_long and self.overlength == "drop":
+    def _tokenised(self, row: dict, ids: dict[str, list[int]]) -> None:
+        data = self.data
+        too_long = [side for side, seq in ids.items() if len(seq) > data.max_length]
+        if too_long and data.overlength == "drop":
             row.update(ok=False, reason=formats.OVER_LENGTH,
                        detail=f"{'/'.join(too_long)} has {max(len(ids[s]) for s in too_long)} tokens "
-                              f"> data.max_length={self.max_length}")
+                              f"> data.max_length={data.max_length}")
             return
         row["truncated"] = bool(too_long)
         for side in ids:
-            kept = modeling.truncate_ids(ids[side], self.max_length, "left")
+            kept = modeling.truncate_ids(ids[side], data.max_length, "left")
             row[f"{side}_ids"], row[f"{side}_len"] = kept, len(kept)
             row[f"{side}_scored"] = 0 if self.scored_first else modeling.scored_index(kept, self.tok.pad_token_id)
-        if row["split"] is None:
-            held_out = _unit_hash(row["id"], self.split_seed) < self.validation_fraction
+        row["prompt_key"] = formats.prompt_key(row["prompt"])
+        if row["split"] is None:  # the synthetic source brings its own
+            held_out = _unit_hash(row["prompt_key"], data.split_seed) < data.validation_fraction
             row["split"] = "validation" if held_out else "train"
+        row["order"] = hashlib.sha256(f"{data.shuffle_seed}\x00{row['source']}\x00{row['location']}\x00"
+                                      f"{row['id']}".encode()).hexdigest()
+        if self.use_margin and row["margin"] is None:
+            row["margin_missing"] = True
+            if data.missing_margin == "zero":
+                row["margin"] = 0.0
 
+
+def _mark_contaminated(batch: dict[str, np.ndarray], *, keys: frozenset[str]) -> dict[str, np.ndarray]:
+    """Train pairs whose prompt occurs in a benchmark become quarantine rows (``data.decontaminate``)."""
+    hit = np.array([bool(ok) and split == "train" and key in keys
+                    for ok, split, key in zip(batch["ok"], batch["split"], batch["prompt_key"], strict=True)])
+    if hit.any():
+        batch["ok"] = np.where(hit, False, batch["ok"])
+        batch["reason"] = np.where(hit, formats.CONTAMINATED, batch["reason"])
+        batch["detail"] = np.where(hit, "the prompt occurs in a configured benchmark (data.decontaminate)",
+                                   batch["detail"])
+    return batch
 
 
 # ----------------------------------------------------------------- the stage
@@ -272,36 +240,53 @@ class Tokenise:
 
 def prepare_preferences(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
-    sources = [parse_source(entry, i) for i, entry in enumerate(cfg.data.sources)]
     ray = ensure_ray(cfg)
-    datasets = [_apply_weight_and_limit(read_source(ray, s, cfg.data.strict), s) for s in sources]
-    rows = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-    scored_first = _scores_first_token(cfg)
-    tokenised = rows.map_batches(
-        Tokenise, fn_constructor_kwargs=dict(
-            model_name=cfg.model.name_or_path, revision=cfg.model.revision,
-            trust_remote_code=cfg.model.trust_remote_code, max_length=cfg.data.max_length,
-            overlength=cfg.data.overlength, scored_first=scored_first,
-            validation_fraction=cfg.data.validation_fraction, split_seed=cfg.data.split_seed,
-            template_date=cfg.data.template_date),
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2), num_cpus=cfg.data.num_cpus,
-        batch_size=cfg.data.batch_size, batch_format="numpy")
-    try:
-        # One pass over the sources; the three outputs are filters of this materialised result.
-        table = tokenised.materialize()
-    except Exception as err:  # strict mode surfaces the first bad row as a clear error
-        raise _unwrap_bad_row(err) from None
+    with _in_source_order(ray):
+        datasets = [_apply_weight_and_limit(read_source(ray, s, cfg.data.strict), s) for s in cfg.data.sources]
+        rows = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+        tokenised = rows.map_batches(
+            Tokenise, fn_constructor_kwargs={"cfg": cfg, "scored_first": _scores_first_token(cfg)},
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.data.max_actors), num_cpus=cfg.data.num_cpus,
+            batch_size=cfg.data.batch_size, batch_format="numpy")
+        try:
+            table = tokenised.materialize()  # one pass over the sources; the outputs are filters of it
+        except Exception as err:  # strict mode surfaces the first bad row as a clear error
+            raise _unwrap_bad_row(err) from None
+    summary = _summary_frame(table)
+    _check_column_mappings(summary, cfg.data.sources)
+    _check_margins(summary, cfg)
+    bench_keys, unread = _benchmark_prompts(cfg)
+    contaminated = {**_contamination(summary, bench_keys), **({"not_counted": unread} if unread else {})}
+    if cfg.data.decontaminate and contaminated["train_pairs"]:
+        table = table.map_batches(_mark_contaminated, fn_kwargs={"keys": bench_keys}, batch_format="numpy")
+        summary = _summary_frame(table)
     outputs = _write_outputs(table, ctx.out_dir)
-    stats = _stats(table, sources)
-    stats["template_date"] = cfg.data.template_date  # the calendar the chat template saw (saved with the tokenizer too)
+    stats = _stats(summary, cfg, contaminated)
     outputs["stats"] = str(write_json(ctx.out_dir / "stats.json", stats))
+    records = dataset_records(summary, cfg.data.sources, outputs)
+    outputs["datasets"] = str(write_json(ctx.out_dir / "datasets.json", records))
     ctx.tracker.log_artifact(outputs["stats"])
+    ctx.tracker.log_datasets(records)
     ctx.log(f"  data: train {stats['rows']['train']}, validation {stats['rows']['validation']}, "
-            f"quarantined {stats['quarantine']['total']} {dict(stats['quarantine']['by_reason'])}")
+            f"quarantined {stats['quarantine']['total']} {dict(stats['quarantine']['by_reason'])}, "
+            f"prompts on both sides {stats['split']['prompts_on_both_sides']}, "
+            f"train pairs with a benchmark prompt {contaminated['train_pairs']}")
     metrics = {"rows_train": stats["rows"]["train"], "rows_validation": stats["rows"]["validation"],
                "quarantined": stats["quarantine"]["total"],
                **{f"quarantine_{k}": v for k, v in stats["quarantine"]["by_reason"].items()}}
     return StageResult(outputs=outputs, metrics=metrics)
+
+
+@contextlib.contextmanager
+def _in_source_order(ray: Any) -> Iterator[None]:
+    """Ray Data keeps the source order for the stage's pipelines (``limit`` then keeps the same rows every time)."""
+    context = ray.data.DataContext.get_current()
+    previous = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True
+    try:
+        yield
+    finally:
+        context.execution_options.preserve_order = previous
 
 
 def _scores_first_token(cfg: Any) -> bool:
@@ -327,6 +312,51 @@ def _unwrap_bad_row(err: Exception) -> Exception:
     return ValueError(f"data.strict: bad row at {found.group(1).strip()}") if found else err
 
 
+def _summary_frame(table: Any) -> Any:
+    """The small columns of every row, on the driver (checks, stats, dataset records)."""
+    return table.select_columns(["ok", "id", "split", "source", "location", "reason", "detail", "truncated",
+                                 "chosen_len", "rejected_len", "prompt_key", "margin_missing"]).to_pandas()
+
+
+def _check_column_mappings(summary: Any, sources: tuple[SourceConfig, ...]) -> None:
+    """A column mapping that fits none of its source's rows is a config mistake, not bad data: stop, naming it."""
+    for i, source in enumerate(sources):
+        if source.columns is None:
+            continue
+        rows = summary[summary["source"] == source.label]
+        if len(rows) and not rows["ok"].any() and (rows["reason"] == formats.MISSING_FIELD).all():
+            first = rows.iloc[0]
+            raise ValueError(f"data.sources[{i}].columns does not fit {source.label}: {first['detail']} "
+                             f"(first row: {first['location']})")
+
+
+def _check_margins(summary: Any, cfg: PipelineConfig) -> None:
+    missing = summary[summary["ok"] & summary["margin_missing"]]
+    if cfg.loss.use_margin and cfg.data.missing_margin == "error" and len(missing):
+        counts = dict(Counter(missing["source"]))
+        raise ValueError(f"loss.use_margin=true but {len(missing)} pair(s) have no margin ({counts}); use "
+                         f"sources that carry margins, or data.missing_margin=zero to train them with margin 0")
+
+
+def _benchmark_prompts(cfg: PipelineConfig) -> tuple[frozenset[str], str]:
+    """The configured benchmarks' prompt keys, and why they could not be read (e.g. a hub benchmark offline):
+    then the count is missing from stats.json, said so, unless data.decontaminate needs it (an error)."""
+    try:
+        return frozenset(benchmarks.prompt_keys(cfg.rewardbench.benchmarks)), ""
+    except Exception as err:  # noqa: BLE001 - reported in stats.json, or raised when it matters
+        if cfg.data.decontaminate:
+            raise ValueError(f"data.decontaminate: the benchmarks could not be read ({type(err).__name__}: "
+                             f"{err})") from err
+        return frozenset(), f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+def _contamination(summary: Any, bench_keys: frozenset[str]) -> dict[str, int]:
+    train = summary[summary["ok"] & (summary["split"] == "train")]
+    hits = train["prompt_key"].isin(bench_keys)
+    return {"benchmark_prompts": len(bench_keys), "train_pairs": int(hits.sum()),
+            "train_prompts": int(train.loc[hits, "prompt_key"].nunique())}
+
+
 def _write_parquet(ds: Any, path: Path, schema: Any) -> None:
     """One Parquet folder per output; an empty result still gets a (schema-only) file, so readers never
     mistake "no rows" for "stage not run"."""
@@ -339,35 +369,67 @@ def _write_parquet(ds: Any, path: Path, schema: Any) -> None:
 
 
 def _write_outputs(table: Any, out_dir: Path) -> dict[str, str]:
+    """Train and validation in the seeded global order (sorted by each pair's hash), quarantine in source order."""
     outputs = {}
-    keep = ["id", "source", "location", "subset", "margin", *_TOKEN_COLUMNS]
     for split in ("train", "validation"):
-        path = out_dir / split
-        part = table.filter(lambda r, s=split: r["ok"] and r["split"] == s).select_columns(keep)
-        _write_parquet(part, path, _SPLIT_SCHEMA)
-        outputs[split] = str(path)
-    bad = table.filter(lambda r: not r["ok"]).select_columns(["source", "location", "reason", "detail"])
-    path = out_dir / "quarantine"
-    _write_parquet(bad, path, _QUARANTINE_SCHEMA)
-    outputs["quarantine"] = str(path)
+        part = table.filter(lambda r, s=split: r["ok"] and r["split"] == s).sort("order")
+        _write_parquet(part.select_columns(_SPLIT_COLUMNS), out_dir / split, _SPLIT_SCHEMA)
+        outputs[split] = str(out_dir / split)
+    bad = table.filter(lambda r: not r["ok"]).select_columns(_QUARANTINE_COLUMNS)
+    _write_parquet(bad, out_dir / "quarantine", _QUARANTINE_SCHEMA)
+    outputs["quarantine"] = str(out_dir / "quarantine")
     return outputs
 
 
-
-def _stats(table: Any, sources: list[Source]) -> dict[str, Any]:
-    # Only small columns reach the driver.
-    df = table.select_columns(["ok", "split", "source", "reason", "truncated", "chosen_len", "rejected_len"]).to_pandas()
-    good, bad = df[df["ok"]], df[~df["ok"]]
+def _stats(summary: Any, cfg: PipelineConfig, contaminated: dict[str, int]) -> dict[str, Any]:
+    good, bad = summary[summary["ok"]], summary[~summary["ok"]]
     lengths = np.concatenate([good["chosen_len"].to_numpy(), good["rejected_len"].to_numpy()])
+    sides = good.groupby("prompt_key")["split"].nunique()
     return {
         "rows": {"train": int((good["split"] == "train").sum()), "validation": int((good["split"] == "validation").sum()),
-                 "by_source": {s.label: int((good["source"] == s.label).sum()) for s in sources}},
+                 "by_source": {s.label: {split: int(((good["source"] == s.label) & (good["split"] == split)).sum())
+                                         for split in ("train", "validation")} for s in cfg.data.sources}},
         "quarantine": {"total": int(len(bad)), "by_reason": dict(Counter(bad["reason"])),
                        "by_source": {src: dict(Counter(g["reason"])) for src, g in bad.groupby("source")}},
+        "split": {"by": "normalised prompt hash (the synthetic source keeps its own split)",
+                  "prompts": int(len(sides)), "prompts_on_both_sides": int((sides > 1).sum())},
+        "contamination": {**contaminated, "decontaminated": bool(cfg.data.decontaminate)},
+        "margins": {"use_margin": cfg.loss.use_margin, "missing": int(good["margin_missing"].sum()),
+                    "policy": cfg.data.missing_margin},
         "truncated": int(good["truncated"].sum()),
         "tokens": {"mean": float(lengths.mean()) if len(lengths) else 0.0,
                    "max": int(lengths.max()) if len(lengths) else 0},
+        "template_date": cfg.data.template_date,  # the calendar the chat template saw (saved with the tokenizer too)
     }
+
+
+def dataset_records(summary: Any, sources: tuple[SourceConfig, ...], outputs: Mapping[str, str]) -> list[dict]:
+    """MLflow dataset inputs: each source (what was read) and each split (what training reads); the digest is a
+    hash of the pair ids in order, so the same data always has the same digest."""
+    records = []
+    good = summary[summary["ok"]]
+    for source in sources:
+        rows = summary[summary["source"] == source.label]
+        kept = good[good["source"] == source.label]
+        records.append({"name": Path(source.label).name or source.label, "source": source.label,
+                        "source_type": {"path": "local" if "://" not in str(source.path) else "uri",
+                                        "hf": "huggingface", "synthetic": "code"}[source.kind],
+                        "digest": _digest(kept["id"]), "context": "source",
+                        "schema": {"format": source.row_format, "columns": plain(source.columns)},
+                        "profile": {"rows_read": int(len(rows)), "pairs": int(len(kept)),
+                                    "train": int((kept["split"] == "train").sum()),
+                                    "validation": int((kept["split"] == "validation").sum()),
+                                    "quarantined": int(len(rows) - len(kept))}})
+    for split in ("train", "validation"):
+        part = good[good["split"] == split]
+        records.append({"name": split, "source": outputs[split], "source_type": "local",
+                        "digest": _digest(part.sort_values("id")["id"]), "context": split,
+                        "schema": {"columns": _SPLIT_COLUMNS}, "profile": {"pairs": int(len(part))}})
+    return records
+
+
+def _digest(ids: Any) -> str:
+    return hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()[:32]  # MLflow takes at most 36
 
 
 def read_split(path: str) -> Any:
@@ -375,4 +437,3 @@ def read_split(path: str) -> Any:
     import pandas as pd
 
     return pd.read_parquet(path)
-

@@ -50,7 +50,7 @@ from pipeline.pyfunc_model import PairScorer
 
 if TYPE_CHECKING:
     from pipeline.artifacts import Manifest
-    from pipeline.runner import StageContext, StageResult
+    from pipeline.stage import StageContext, StageResult
 
 MODEL_ARTIFACT = "reward_model"
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -65,7 +65,7 @@ def register_model(ctx: StageContext) -> StageResult:
     """Stage entry (module docstring): log + register + promote, then write and log the report."""
     from pipeline.artifacts import write_json
     from pipeline.report import write_report
-    from pipeline.runner import StageResult
+    from pipeline.stage import StageResult
 
     cfg = ctx.cfg
     model_dir = Path(ctx.upstream["train"].output("model"))

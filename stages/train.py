@@ -20,7 +20,7 @@ from typing import Any
 from pipeline.config import PipelineConfig, flatten, from_flat
 from pipeline.ray_train import build_trainer, storage_of
 from pipeline.train_loop import VALIDATION_REWARDS
-from pipeline.runner import StageContext, StageResult
+from pipeline.stage import StageContext, StageResult
 
 
 def effective_config(ctx: StageContext) -> PipelineConfig:
@@ -37,6 +37,9 @@ def train_reward_model(ctx: StageContext) -> StageResult:
 
     cfg = effective_config(ctx)
     ensure_ray(cfg)
+    data = ctx.upstream["data"]
+    if "datasets" in data.outputs:  # the data this model trains on, in the run's Dataset column and lineage
+        ctx.tracker.log_datasets(json.loads(Path(data.output("datasets")).read_text()))
     name = f"train-{ctx.run_dir.name}"
     trainer = build_trainer(cfg, ctx.upstream["data"], name=name, storage_path=storage_of(cfg, ctx.run_dir),
                             tracking_uri=ctx.tracker.uri, run_id=ctx.tracker.run_id)

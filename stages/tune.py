@@ -28,7 +28,7 @@ highest metric (ties: first trial id); early-stopped trials are listed but only 
 Compare (``tune.mode: compare``): the grid ``tune.losses`` × ``tune.seeds`` (seed ``train.seed + i`` sets
 ``train.seed`` and ``model.seed``), one trial each via ``tune.grid_search`` over an index, FIFO (no early
 stopping). Each trial's exported model (``model/`` of its final checkpoint) is then scored on
-``rewardbench.benchmarks`` with :func:`stages.rewardbench.score_benchmark` (files under
+``rewardbench.benchmarks`` with :func:`pipeline.benchmarks.score_benchmark` (files under
 ``<out>/scores/<loss>-seed<s>/``, metrics into the trial's MLflow run). For the validation accuracy, each
 benchmark's overall score and each of its sections, the table gives the mean and 95% t-interval over seeds per
 loss setting, and for the paired difference (setting − first setting, paired by seed).
@@ -98,12 +98,11 @@ import pandas as pd
 
 from pipeline import tracking
 from pipeline.artifacts import Manifest, save_png, write_json
-from pipeline.config import PipelineConfig, flatten, from_flat
-from pipeline.runner import STAGES, StageContext, StageResult, stage_hash
+from pipeline.config import PipelineConfig, SearchDomain, flatten, from_flat
+from pipeline.stage import STAGES, StageContext, StageResult, stage_hash
 
 TRIAL_CPUS = 0.1  # the trial function only drives its TorchTrainer (0 is rejected by Tune)
 GRID_KEY = "grid_index"  # compare mode's only Tune parameter: the index into the losses × seeds grid
-DOMAINS = ("uniform", "loguniform", "choice", "randint")
 CHECKPOINT_KEY = "checkpoint_path"  # added to the Tune result by TuneReportCallback when Train checkpoints
 EXPERIMENT = "tune"
 TRIALS_FOLDER = "tune_trials"
@@ -113,37 +112,21 @@ STRICT_METRIC_ENV = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
 # ============================================================================ pure helpers (no Ray)
 
 
-def search_domain(key: str, spec: Any) -> Any:
-    """One ``tune.search_space`` entry → a ``ray.tune`` domain; mistakes name the key."""
+def search_domain(domain: SearchDomain) -> Any:
+    """One ``tune.search_space`` entry (checked when the config loaded) → a ``ray.tune`` domain."""
     from ray import tune
 
-    where = f"tune.search_space[{key!r}]"
-    if not isinstance(spec, Mapping) or len(spec) != 1 or next(iter(spec)) not in DOMAINS:
-        raise ValueError(f"{where}: expected one of {{{' | '.join(f'{d}: ...' for d in DOMAINS)}}}, got {spec!r}")
-    kind, args = next(iter(spec.items()))
-    if kind == "choice":
-        if not isinstance(args, (list, tuple)) or not args:
-            raise ValueError(f"{where}: choice needs a non-empty list, got {args!r}")
+    args = getattr(domain, domain.kind)
+    if domain.kind == "choice":
         return tune.choice([_plain(a) for a in args])
-    if not isinstance(args, (list, tuple)) or len(args) != 2 or not all(_is_number(a) for a in args):
-        raise ValueError(f"{where}: {kind} needs [low, high], got {args!r}")
-    low, high = args
-    if not low < high:
-        raise ValueError(f"{where}: {kind} needs low < high, got {args!r}")
-    if kind == "uniform":
-        return tune.uniform(float(low), float(high))
-    if kind == "loguniform":
-        if low <= 0:
-            raise ValueError(f"{where}: loguniform needs low > 0, got {args!r}")
-        return tune.loguniform(float(low), float(high))
-    if int(low) != low or int(high) != high:
-        raise ValueError(f"{where}: randint needs integers, got {args!r}")
-    return tune.randint(int(low), int(high))
+    if domain.kind == "randint":
+        return tune.randint(int(args[0]), int(args[1]))
+    return getattr(tune, domain.kind)(float(args[0]), float(args[1]))
 
 
-def search_space(space: Mapping[str, Any]) -> dict[str, Any]:
+def search_space(space: Mapping[str, SearchDomain]) -> dict[str, Any]:
     """``tune.search_space`` → Tune ``param_space`` (flat, dotted keys)."""
-    return {key: search_domain(key, spec) for key, spec in space.items()}
+    return {key: search_domain(domain) for key, domain in space.items()}
 
 
 def derive_concurrency(resources: Mapping[str, float], cfg: PipelineConfig) -> int:
@@ -446,9 +429,7 @@ def tune_reward_model(ctx: StageContext) -> StageResult:
     concurrency = derive_concurrency(ray.cluster_resources(), base)
     digest = stage_hash(cfg, STAGES["tune"], ctx.upstream)
     if cfg.tune.mode == "compare":
-        from stages.rewardbench import parse_benchmarks
-
-        benches = parse_benchmarks(cfg.rewardbench.benchmarks)  # config mistakes surface before any training
+        benches = cfg.rewardbench.benchmarks
         grid = compare_grid(cfg)
         setup = TrialSetup(cfg=base, data=data, storage_path=f"{storage}/{TRIALS_FOLDER}", tracker=ctx.tracker,
                            mode="compare", digest=digest, grid=tuple(g["overrides"] for g in grid),
@@ -700,7 +681,7 @@ def _compare_outputs(ctx: StageContext, records: list[dict[str, Any]], grid: lis
                      benches: list[Any]) -> StageResult:
     from ray.train import Checkpoint
 
-    from stages.rewardbench import score_benchmark
+    from pipeline.benchmarks import score_benchmark
 
     metric = ctx.cfg.tune.metric
     bench_names: list[str] = []

@@ -2,7 +2,7 @@
 
 import os
 
-from pipeline.runner import StageResult
+from pipeline.stage import StageResult
 
 CALLS: list[str] = []
 

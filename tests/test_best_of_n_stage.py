@@ -129,13 +129,13 @@ def test_prompt_files_first_num_prompts_strings_and_message_lists(tmp_path):
             {"id": "own", "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]},
             {"prompt": "third"}, {"prompt": "never read"}]
     jsonl = _write_jsonl(tmp_path / "p.jsonl", rows)
-    prompts = best_of_n.load_prompts(best_of_n.parse_prompt_source({"path": str(jsonl)}), 3)
+    prompts = best_of_n.load_prompts(_prompts({"path": str(jsonl)}), 3)
     assert [p["prompt_id"] for p in prompts] == ["p.jsonl#0", "own", "p.jsonl#2"]
     assert prompts[0]["messages"] == [{"role": "user", "content": "What is 2 + 2?"}]
     assert prompts[1]["prompt"] == "Hi" and len(prompts[1]["messages"]) == 2
     parquet = tmp_path / "p.parquet"
     pd.DataFrame({"prompt": [p["messages"] for p in prompts]}).to_parquet(parquet)  # one Arrow type per column
-    from_parquet = best_of_n.load_prompts(best_of_n.parse_prompt_source({"path": str(parquet)}), 3)
+    from_parquet = best_of_n.load_prompts(_prompts({"path": str(parquet)}), 3)
     assert [p["messages"] for p in from_parquet] == [p["messages"] for p in prompts]
     assert [p["prompt_id"] for p in from_parquet] == ["p.parquet#0", "p.parquet#1", "p.parquet#2"]
 
@@ -144,15 +144,15 @@ def test_prompt_files_first_num_prompts_strings_and_message_lists(tmp_path):
 def test_bad_prompt_rows_fail_with_their_location(tmp_path):
     bad = _write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok"}, {"text": "no prompt field"}])
     with pytest.raises(ValueError, match=r"bad.jsonl:2 has no 'prompt' field"):
-        best_of_n.load_prompts(best_of_n.parse_prompt_source({"path": str(bad)}), 5)
+        best_of_n.load_prompts(_prompts({"path": str(bad)}), 5)
     ends_with_assistant = _write_jsonl(tmp_path / "a.jsonl", [{"prompt": [{"role": "assistant", "content": "x"}]}])
     with pytest.raises(ValueError, match="must end with a user turn"):
-        best_of_n.load_prompts(best_of_n.parse_prompt_source({"path": str(ends_with_assistant)}), 5)
+        best_of_n.load_prompts(_prompts({"path": str(ends_with_assistant)}), 5)
 
 
 @pytest.mark.unit
 def test_synthetic_prompts_come_from_the_test_split_with_answers():
-    prompts = best_of_n.load_prompts(best_of_n.parse_prompt_source({"synthetic": {"seed": 1}}), 4)
+    prompts = best_of_n.load_prompts(_prompts({"synthetic": {"seed": 1}}), 4)
     assert len(prompts) == 4 and all(p["prompt_id"].startswith("reason-test-") for p in prompts)
     assert all(isinstance(p["answer"], int) and p["messages"][0]["role"] == "user" for p in prompts)
 
@@ -166,7 +166,7 @@ def test_synthetic_prompts_come_from_the_test_split_with_answers():
 ])
 def test_prompt_source_config_errors(prompts, message):
     with pytest.raises(ConfigError, match=message):
-        best_of_n.parse_prompt_source(prompts)
+        _prompts(prompts)
 
 
 @pytest.mark.unit
@@ -195,6 +195,13 @@ def test_reward_model_from_config_else_train_stage_else_clear_error(tmp_path):
 def test_prompt_seed_is_stable_and_prompt_specific():
     assert best_of_n.prompt_seed(0, "a") == best_of_n.prompt_seed(0, "a")
     assert len({best_of_n.prompt_seed(0, "a"), best_of_n.prompt_seed(0, "b"), best_of_n.prompt_seed(1, "a")}) == 3
+
+
+def _prompts(mapping: dict):
+    """``best_of_n.prompts`` as the config builds it from YAML."""
+    import json
+
+    return load_config(None, [f"best_of_n.prompts={json.dumps(mapping)}"]).best_of_n.prompts
 
 
 # ----------------------------------------------------------------- integration: local Ray

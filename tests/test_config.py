@@ -1,9 +1,10 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import (ConfigError, PipelineConfig, config_hash, flatten, from_flat, load_config,
-                             parse_override, to_yaml)
+                             SourceConfig, parse_override, to_yaml)
 
 pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parents[1]
@@ -12,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_defaults_are_valid_and_frozen():
     cfg = PipelineConfig()
     assert cfg.loss.beta == 0.9 and cfg.loss.name == "normbt"
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.loss.beta = 0.5  # frozen
 
 
@@ -46,7 +47,7 @@ def test_unknown_section_is_an_error(tmp_path):
 
 def test_override_values_are_yaml():
     cfg = load_config(None, ["data.sources=[{path: a.jsonl, format: hh}]", "train.num_workers=1"])
-    assert cfg.data.sources == ({"path": "a.jsonl", "format": "hh"},)
+    assert cfg.data.sources == (SourceConfig(path="a.jsonl", format="hh"),)
     assert cfg.train.num_workers == 1
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
     with pytest.raises(ConfigError):
@@ -84,3 +85,37 @@ def test_config_hash_depends_only_on_selected_keys():
 
 def test_scientific_notation_without_dot_is_a_float():
     assert load_config(None, ["train.lr=1e-5"]).train.lr == 1e-5
+
+
+@pytest.mark.parametrize("section,body,expected", [
+    ("data", "sources: [{pth: a.jsonl}]", r"data.sources\[0\]: unknown key 'pth' \(did you mean: path"),
+    ("data", "sources: [{path: a.jsonl, columns: {chosen: c, rejectd: r}}]",
+     r"data.sources\[0\].columns: unknown key 'rejectd' \(did you mean: rejected"),
+    ("data", "sources: [{synthetic: {n_trian: 5}}]", r"data.sources\[0\].synthetic: unknown key 'n_trian' \(did you mean: n_train"),
+    ("data", "sources: [{path: a.jsonl, format: sharegtp}]", r"format='sharegtp'.*\(did you mean: sharegpt"),
+    ("rewardbench", "benchmarks: [{nmae: x, synthetic: {}}]", r"rewardbench.benchmarks\[0\]: unknown key 'nmae' \(did you mean: name"),
+    ("best_of_n", "prompts: {synthetc: {}}", r"best_of_n.prompts: unknown key 'synthetc' \(did you mean: synthetic"),
+    ("tune", "search_space: {train.lr: {loguniformm: [1, 2]}}",
+     r"tune.search_space\['train.lr'\]: unknown key 'loguniformm' \(did you mean: loguniform"),
+    ("tune", "search_space: {train.lrr: {uniform: [1, 2]}}", r"tune.search_space: unknown key 'train.lrr' \(did you mean: train.lr"),
+    ("tune", "losses: [{loss.name: bt}, {loss.nam: normbt}]", r"tune.losses\[1\]: unknown key 'loss.nam' \(did you mean: loss.name"),
+    ("tune", "losses: [{loss.name: bt}, {loss.name: nrombt}]", r"tune.losses\[1\]: loss.name='nrombt'.*\(did you mean: normbt"),
+    ("tune", "trial_overrides: {train.max_step: 2}", r"tune.trial_overrides: unknown key 'train.max_step' \(did you mean: train.max_steps"),
+])
+def test_a_bad_nested_key_fails_at_load_naming_the_file_the_key_and_the_closest_valid_one(section, body, expected,
+                                                                                          tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"{section}:\n  {body}\n")
+    with pytest.raises(ConfigError, match=expected) as err:
+        load_config(bad)
+    assert str(bad) in str(err.value)
+
+
+def test_describe_documents_the_nested_sections_and_their_choices():
+    from pipeline.config import describe
+
+    text = describe()
+    for line in ("data.sources[].columns.first_is_better", "rewardbench.benchmarks[].format",
+                 "best_of_n.prompts.field", "tune.search_space[].loguniform", "data.sources[].synthetic.n_train"):
+        assert line in text, line
+    assert "[auto | transformers | vllm]" in text  # best_of_n.engine: a Literal, listed

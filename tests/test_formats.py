@@ -36,18 +36,18 @@ def norm(row: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
     """Normalise a row that must be good; fail with the quarantine record otherwise."""
     kwargs.setdefault("source", "src")
     kwargs.setdefault("location", "f.jsonl:1")
-    record, bad = F.normalise_row(row, **kwargs)
-    assert bad is None, bad
-    assert record is not None
-    return dict(record)
+    records, bad = F.normalise_row(row, **kwargs)
+    assert bad == [], bad
+    assert len(records) == 1, records
+    return dict(records[0])
 
 
 def reason_of(row: Any, **kwargs: Any) -> str:
     """Normalise a row that must be bad; return its reason code."""
-    record, bad = F.normalise_row(row, source="src", location="f.jsonl:1", **kwargs)
-    assert record is None, record
-    assert bad is not None and set(bad) == F.QUARANTINE_KEYS
-    return bad["reason"]
+    records, bad = F.normalise_row(row, source="src", location="f.jsonl:1", **kwargs)
+    assert records == [], records
+    assert len(bad) == 1 and set(bad[0]) == F.QUARANTINE_KEYS
+    return bad[0]["reason"]
 
 
 def expected(prompt: list, chosen: list, rejected: list, *, id: str, subset=None, margin=None) -> dict:
@@ -77,7 +77,10 @@ def test_reasons_are_exported_constants() -> None:
         "no_preference",
         "broken_transcript",
         "unknown_format",
+        "tie",
+        "inverted",
         "over_length",
+        "contaminated",
     )
     assert F.NO_PREFERENCE in F.REASONS and F.OVER_LENGTH in F.REASONS
 

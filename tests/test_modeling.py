@@ -199,3 +199,15 @@ def test_scored_index_matches_the_models_own_pooling_when_eos_is_the_pad_token(t
     assert M.scored_index(ids, tok.pad_token_id) == len(ids) - 2
     input_ids, _ = M.pad_batch([ids], tok.pad_token_id)
     assert int(M.scored_positions(input_ids, tok.pad_token_id)[0]) == len(ids) - 2
+
+
+@pytest.mark.parametrize("name", ["tiny:llama", "llama-folder"])
+def test_batched_encoding_equals_one_conversation_at_a_time(name, tmp_path):
+    from pipeline.decoders import make_decoder
+
+    tok = M.load_tokenizer(make_decoder(tmp_path / "d", "llama") if name == "llama-folder" else name)
+    conversations = [c for pair in CONV for c in pair] + [[{"role": "user", "content": "only a question"}]]
+    one_by_one = [M.encode_batch(tok, [c])[0] for c in conversations]
+    assert M.encode_batch(tok, conversations) == one_by_one
+    assert [M.encode_messages(tok, c) for c in conversations] == one_by_one
+    assert len({tuple(x) for x in one_by_one}) == len(one_by_one)

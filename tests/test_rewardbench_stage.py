@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 
 from pipeline import metrics, modeling, raycluster, runner, scoring, synthetic, tracking
-from pipeline.config import REPO_ROOT, load_config
+from pipeline.stage import StageContext
+from pipeline.config import REPO_ROOT, ConfigError, load_config
+from pipeline import benchmarks as B
 from stages import rewardbench as rb
 
 SMOKE = REPO_ROOT / "configs" / "smoke.yaml"
@@ -57,7 +59,7 @@ def _context(tmp_path, model_dir, benchmarks, tracker=None, *overrides):
     cfg = load_config(SMOKE, [f"rewardbench.model={model_dir}", "rewardbench.max_length=128",
                               "rewardbench.batch_size=64", f"rewardbench.benchmarks={json.dumps(benchmarks)}",
                               *overrides])
-    return runner.StageContext(cfg=cfg, run_dir=tmp_path, out_dir=tmp_path / "rewardbench", upstream={},
+    return StageContext(cfg=cfg, run_dir=tmp_path, out_dir=tmp_path / "rewardbench", upstream={},
                                tracker=tracker or tracking.RunLogger(None, None), log=lambda _: None)
 
 
@@ -81,26 +83,29 @@ def _v2_rows() -> list[dict]:
 
 
 @pytest.mark.unit
-def test_benchmark_mapping_errors_name_the_key():
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['splt'\]"):
-        rb.parse_benchmark({"name": "x", "hf": "allenai/reward-bench", "splt": "filtered"})
-    with pytest.raises(ValueError, match="exactly one of"):
-        rb.parse_benchmark({"name": "x", "path": "a.jsonl", "synthetic": {}})
-    with pytest.raises(ValueError, match="need 'split'"):
-        rb.parse_benchmark({"name": "x", "hf": "allenai/reward-bench"})
-    with pytest.raises(ValueError, match="format='v3'"):
-        rb.parse_benchmark({"name": "x", "path": "a.jsonl", "format": "v3"})
-    with pytest.raises(ValueError, match=r"unknown SyntheticSpec key\(s\) \['n_tst'\]"):
-        rb.parse_benchmark({"name": "x", "synthetic": {"n_tst": 5}})
-    with pytest.raises(ValueError, match="duplicate name"):
-        rb.parse_benchmarks([{"name": "x", "synthetic": {}}, {"name": "x", "path": "a.jsonl"}])
-    assert rb.parse_benchmark({"path": "/d/rewardbench_v1_filtered.jsonl"}).name == "rewardbench_v1_filtered"
+def test_benchmark_mapping_errors_name_the_key_when_the_config_loads():
+    def load(benchmarks):
+        return load_config(None, [f"rewardbench.benchmarks={json.dumps(benchmarks)}"]).rewardbench.benchmarks
+
+    with pytest.raises(ConfigError, match=r"rewardbench.benchmarks\[0\]: unknown key 'splt' \(did you mean: split"):
+        load([{"name": "x", "hf": "allenai/reward-bench", "splt": "filtered"}])
+    with pytest.raises(ConfigError, match="exactly one of"):
+        load([{"name": "x", "path": "a.jsonl", "synthetic": {}}])
+    with pytest.raises(ConfigError, match="need split"):
+        load([{"name": "x", "hf": "allenai/reward-bench"}])
+    with pytest.raises(ConfigError, match=r"format='v3': expected one of v1, v2"):
+        load([{"name": "x", "path": "a.jsonl", "format": "v3"}])
+    with pytest.raises(ConfigError, match=r"synthetic: unknown key 'n_tst' \(did you mean: n_test"):
+        load([{"name": "x", "synthetic": {"n_tst": 5}}])
+    with pytest.raises(ConfigError, match="distinct name"):
+        load([{"name": "x", "synthetic": {}}, {"name": "x", "path": "a.jsonl"}])
+    assert load([{"path": "/d/rewardbench_v1_filtered.jsonl"}])[0].name == "rewardbench_v1_filtered"
 
 
 @pytest.mark.unit
 def test_no_model_is_a_clear_error(tmp_path):
     cfg = load_config(SMOKE)
-    ctx = runner.StageContext(cfg=cfg, run_dir=tmp_path, out_dir=tmp_path, upstream={},
+    ctx = StageContext(cfg=cfg, run_dir=tmp_path, out_dir=tmp_path, upstream={},
                               tracker=tracking.RunLogger(None, None))
     with pytest.raises(ValueError, match="no model to score"):
         rb.score_rewardbench(ctx)
@@ -109,16 +114,16 @@ def test_no_model_is_a_clear_error(tmp_path):
 @pytest.mark.unit
 def test_format_detection_and_explode():
     rows = _v2_rows()
-    assert rb.detect_format(rows) == "v2" and rb.detect_format([{"chosen": "a"}]) == "v1"
-    examples = rb.examples_frame(rows, "v2", "fixture")
-    convs = rb.conversations(examples, "v2")
+    assert B.detect_format(rows) == "v2" and B.detect_format([{"chosen": "a"}]) == "v1"
+    examples = B.examples_frame(rows, "v2", "fixture")
+    convs = B.conversations(examples, "v2")
     assert len(convs) == sum(len(r["chosen"]) + len(r["rejected"]) for r in rows)
     first = convs.iloc[0]
     assert (first["row"], first["side"], first["k"]) == (0, "chosen", 0)
     assert first["messages"] == [{"role": "user", "content": rows[0]["prompt"]},
                                  {"role": "assistant", "content": rows[0]["chosen"][0]}]
     with pytest.raises(TypeError, match="format: v2"):
-        rb.examples_frame(rows, "v1", "fixture")
+        B.examples_frame(rows, "v1", "fixture")
 
 
 def _scored(entries):
@@ -143,14 +148,14 @@ def test_v2_regroup_with_hand_set_scores():
         (3, "chosen", 0, 1.0, [0, 0]), (3, "rejected", 0, 0.0, [1, 0]),
         (4, "chosen", 1, 0.8, [0, 0]), (4, "chosen", 0, 1.0, [0, 0]), (4, "rejected", 0, 0.0, [2, 0]),
     ]
-    frame = rb.regroup(examples, _scored(entries), "v2")
+    frame = B.regroup(examples, _scored(entries), "v2")
     assert frame["score_chosen"].tolist() == [[1.0], [0.2], [0.7], [1.0], [1.0, 0.8]], "k order restored"
     assert frame["score_rejected"].tolist()[0] == [-1.0, 0.5]
     credit = frame["correct"].tolist()
     assert credit[:3] == [1.0, 0.0, 0.5] and math.isnan(credit[3]) and math.isnan(credit[4])
     np.testing.assert_allclose(frame["distance"], [4.0, 1.0, 1.0, 1.0, 2.0])
-    frame["section"] = rb.sections(frame, "v2")
-    summary = rb.summarise(frame, "v2")
+    frame["section"] = B.sections(frame, "v2")
+    summary = B.summarise(frame, "v2")
     assert summary["subsets"]["Math"] == 0.5 and summary["subsets"]["Focus"] == 0.5
     assert summary["counts"] == {"Focus": 1, "Math": 2, "Ties": 2}
     assert summary["sections"] == summary["subsets"]
@@ -163,12 +168,12 @@ def test_v1_regroup_tie_is_wrong_and_distance_is_euclidean():
                              "chosen": ["a", "b"], "rejected": ["c", "d"]})
     entries = [(0, "chosen", 0, 0.3, [0, 0]), (0, "rejected", 0, 0.3, [3, 4]),
                (1, "rejected", 0, -2.0, [1, 1]), (1, "chosen", 0, 1.0, [1, 1])]
-    frame = rb.regroup(examples, _scored(entries), "v1")
+    frame = B.regroup(examples, _scored(entries), "v1")
     assert frame["correct"].tolist() == [False, True]
     np.testing.assert_allclose(frame["distance"], [5.0, 0.0])
-    frame["section"] = rb.sections(frame, "v1")
-    assert rb.summarise(frame, "v1")["tie_rate"] == 0.5  # by hand: row 0 ties at 0.3
-    assert rb.metric_keys("b", rb.summarise(frame, "v1"))["b/tie_rate"] == 0.5
+    frame["section"] = B.sections(frame, "v1")
+    assert B.summarise(frame, "v1")["tie_rate"] == 0.5  # by hand: row 0 ties at 0.3
+    assert B.metric_keys("b", B.summarise(frame, "v1"))["b/tie_rate"] == 0.5
 
 
 # ------------------------------------------------------------------ integration: through Ray
@@ -217,8 +222,8 @@ def test_synthetic_and_v2_benchmarks_in_one_run(ray_cluster, model_dir, tmp_path
     assert (synth_scores["section"] == synth_scores["subset"].map(synthetic.SECTION_OF_SUBSET)).all()
     # Through Ray or in-process, one scoring path: the same scores.
     rows = synthetic.test_rows_rewardbench(synthetic.SyntheticSpec(n_test=48))
-    examples = rb.examples_frame(rows, "v1", "s")
-    local = rb.regroup(examples, scoring.score_locally(rb.conversations(examples, "v1"), str(model_dir),
+    examples = B.examples_frame(rows, "v1", "s")
+    local = B.regroup(examples, scoring.score_locally(B.conversations(examples, "v1"), str(model_dir),
                                                        max_length=128), "v1")
     np.testing.assert_allclose(synth_scores["score_chosen"], local["score_chosen"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(synth_scores["distance"], local["distance"], rtol=1e-4, atol=1e-5)

@@ -6,6 +6,7 @@ import pytest
 
 from pipeline import runner, tracking
 from pipeline.config import load_config
+from pipeline.stage import STAGES, StageSpec, stage_hash
 from tests import fake_stages
 
 
@@ -13,8 +14,8 @@ from tests import fake_stages
 @pytest.fixture
 def fake(monkeypatch, tmp_path, request):
     specs = {
-        "data": runner.StageSpec(name="data", entry="tests.fake_stages:first", keys=("train.lr",)),
-        "train": runner.StageSpec(name="train", entry="tests.fake_stages:second", keys=("loss",), needs=("data",)),
+        "data": StageSpec(name="data", entry="tests.fake_stages:first", reads=("train.lr",)),
+        "train": StageSpec(name="train", entry="tests.fake_stages:second", reads=("loss",), needs=("data",)),
     }
     monkeypatch.setattr(runner, "STAGES", specs)
     fake_stages.CALLS.clear()
@@ -142,10 +143,10 @@ def test_preflight_reports_every_problem_at_once(fake, tmp_path):
 
 @pytest.mark.unit
 def test_tune_hash_follows_the_benchmarks_only_in_compare_mode():
-    spec = runner.STAGES["tune"]
+    spec = STAGES["tune"]
 
     def digest(*overrides):
-        return runner.stage_hash(load_config(None, list(overrides)), spec, {})
+        return stage_hash(load_config(None, list(overrides)), spec, {})
 
     bench = "rewardbench.max_length=512"
     assert digest() == digest(bench)  # a search never scores benchmarks: rescoring config keeps it

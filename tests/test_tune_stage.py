@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from pipeline import runner
-from pipeline.config import PipelineConfig, from_flat, load_config
+from pipeline.config import ConfigError, PipelineConfig, from_flat, load_config
 from stages import tune as T
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,8 +27,9 @@ TRIAL_OVERRIDES = ["tune.trial_overrides={train.max_steps: 2}"]
 def test_search_space_maps_each_domain():
     from ray.tune.search.sample import Categorical, Float, Integer
 
-    space = T.search_space({"loss.beta": {"uniform": [0.5, 0.99]}, "train.lr": {"loguniform": [1e-5, 1e-3]},
-                            "loss.name": {"choice": ["bt", "normbt"]}, "train.grad_accum": {"randint": [1, 4]}})
+    cfg = load_config(None, ["tune.search_space={loss.beta: {uniform: [0.5, 0.99]}, train.lr: {loguniform: [1e-5, 1e-3]},"
+                             " loss.name: {choice: [bt, normbt]}, train.grad_accum: {randint: [1, 4]}}"])
+    space = T.search_space(cfg.tune.search_space)
     assert isinstance(space["loss.beta"], Float) and (space["loss.beta"].lower, space["loss.beta"].upper) == (0.5, 0.99)
     assert isinstance(space["train.lr"], Float) and "LogUniform" in type(space["train.lr"].get_sampler()).__name__
     assert isinstance(space["loss.name"], Categorical) and space["loss.name"].categories == ["bt", "normbt"]
@@ -39,12 +40,12 @@ def test_search_space_maps_each_domain():
 
 @pytest.mark.unit
 @pytest.mark.parametrize("spec, message", [
-    ({"gaussian": [0, 1]}, "expected one of"), ({"uniform": [1.0]}, r"\[low, high\]"),
-    ({"uniform": [2, 1]}, "low < high"), ({"loguniform": [0, 1]}, "low > 0"), ({"choice": []}, "non-empty"),
-    ({"randint": [1.5, 3]}, "integers"), (0.5, "expected one of"), ({"uniform": [0, 1], "choice": [1]}, "expected")])
-def test_search_space_rejects_bad_specs_naming_the_key(spec, message):
-    with pytest.raises(ValueError, match=message) as err:
-        T.search_domain("loss.beta", spec)
+    ("{gaussian: [0, 1]}", "unknown key 'gaussian'"), ("{uniform: [1.0]}", r"\[low, high\]"),
+    ("{uniform: [2, 1]}", "low < high"), ("{loguniform: [0, 1]}", "low > 0"), ("{choice: []}", "non-empty"),
+    ("{randint: [1.5, 3]}", "expects int"), ("0.5", "expects a mapping"), ("{uniform: [0, 1], choice: [1]}", "exactly one")])
+def test_search_space_rejects_bad_specs_naming_the_key_when_the_config_loads(spec, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(None, [f"tune.search_space={{loss.beta: {spec}}}"])
     assert "loss.beta" in str(err.value)
 
 

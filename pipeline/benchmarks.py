@@ -1,0 +1,276 @@
+"""Preference benchmarks (RewardBench v1/v2 and the built-in synthetic test split): reading, scoring with a reward
+model, metrics. Used by the RewardBench stage, by the tune stage's compare mode and by the data stage's
+decontamination count. The file contract is the RewardBench stage's (``stages/rewardbench.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline import formats, metrics, readers, scoring, synthetic
+from pipeline.artifacts import write_json
+from pipeline.config import BenchmarkConfig
+from pipeline.stage import StageContext
+
+OTHER_SECTION = "Other"
+
+
+# ------------------------------------------------------------------ loading
+
+
+def read_rows(bench: BenchmarkConfig) -> list[dict[str, Any]]:
+    """Raw rows of a benchmark, in source order, cut to ``limit``; a bad file row raises naming file and line."""
+    if bench.kind == "synthetic":
+        rows = synthetic.test_rows_rewardbench(bench.synthetic)
+    elif bench.kind == "hf":
+        split = f"{bench.split}[:{bench.limit}]" if bench.limit else bench.split
+        rows = readers.load_hf(bench.hf, name=bench.config, split=split, revision=bench.revision).to_list()
+    else:
+        rows = [row for _, row in readers.read_path(bench.path)]
+    rows = rows[: bench.limit] if bench.limit else rows
+    if not rows:
+        raise ValueError(f"benchmark {bench.name!r}: no rows in {getattr(bench, bench.kind)}")
+    return rows
+
+
+def prompt_keys(benches: Sequence[BenchmarkConfig]) -> set[str]:
+    """:func:`pipeline.formats.prompt_key` of every benchmark prompt (scored as one user turn), for the data
+    stage's decontamination count."""
+    keys = set()
+    for bench in benches:
+        for row in read_rows(bench):
+            if isinstance(row.get("prompt"), str):
+                keys.add(formats.prompt_key([{"role": "user", "content": row["prompt"]}]))
+    return keys
+
+
+def detect_format(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``v2`` when the first row's ``chosen`` is a list of responses, else ``v1``."""
+    return "v2" if _is_list(rows[0].get("chosen")) else "v1"
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple, np.ndarray))
+
+
+def examples_frame(rows: Sequence[Mapping[str, Any]], fmt: str, name: str) -> pd.DataFrame:
+    """Checked examples: ``prompt`` (str), ``chosen`` / ``rejected`` (str for v1, list of str for v2),
+    ``subset`` (str), ``id`` (str). Errors name the benchmark, row and field."""
+    records = []
+    for i, row in enumerate(rows):
+        where = f"benchmark {name!r} row {i}"
+        records.append({
+            "prompt": _text(row, "prompt", where),
+            "chosen": _responses(row, "chosen", where) if fmt == "v2" else _text(row, "chosen", where),
+            "rejected": _responses(row, "rejected", where) if fmt == "v2" else _text(row, "rejected", where),
+            "subset": str(row.get("subset") or name),
+            "id": str(row["id"]) if row.get("id") is not None else str(i),
+        })
+    return pd.DataFrame.from_records(records, columns=["prompt", "chosen", "rejected", "subset", "id"])
+
+
+def _text(row: Mapping[str, Any], field: str, where: str) -> str:
+    if field not in row:
+        raise ValueError(f"{where}: missing field {field!r} (has: {', '.join(map(str, row))})")
+    value = row[field]
+    if not isinstance(value, str):
+        hint = " (lists of responses mean RewardBench 2: set format: v2)" if _is_list(value) else ""
+        raise TypeError(f"{where}: field {field!r} must be a string, got {type(value).__name__}{hint}")
+    return value
+
+
+def _responses(row: Mapping[str, Any], field: str, where: str) -> list[str]:
+    if field not in row:
+        raise ValueError(f"{where}: missing field {field!r} (has: {', '.join(map(str, row))})")
+    value = row[field]
+    if not _is_list(value) or len(value) == 0 or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{where}: field {field!r} must be a non-empty list of strings (RewardBench 2)")
+    return list(value)
+
+
+# ------------------------------------------------------------------ explode / regroup
+
+
+def conversations(examples: pd.DataFrame, fmt: str) -> pd.DataFrame:
+    """One row per response: ``row`` (example position), ``side`` (chosen|rejected), ``k`` (index in
+    the side's list; 0 for v1) and ``messages = [user: prompt, assistant: response]``."""
+    records = []
+    for row, (prompt, chosen, rejected) in enumerate(zip(examples["prompt"], examples["chosen"],
+                                                         examples["rejected"], strict=True)):
+        for side, value in (("chosen", chosen), ("rejected", rejected)):
+            for k, text in enumerate(value if fmt == "v2" else [value]):
+                records.append({"row": row, "side": side, "k": k, "messages": [
+                    {"role": "user", "content": prompt}, {"role": "assistant", "content": text}]})
+    return pd.DataFrame.from_records(records, columns=["row", "side", "k", "messages"])
+
+
+def regroup(examples: pd.DataFrame, scored: pd.DataFrame, fmt: str) -> pd.DataFrame:
+    """Per-example table (``id, subset, score_chosen, score_rejected, correct, distance``) from the
+    per-response ``scored`` table (``row, side, k, score, hidden``); see the module contract."""
+    per_side = _collect(scored, len(examples))
+    chosen, rejected = per_side["chosen"], per_side["rejected"]
+    frame = pd.DataFrame({"id": examples["id"].to_numpy(), "subset": examples["subset"].to_numpy()})
+    if fmt == "v1":
+        frame["score_chosen"] = [s[0] for s, _ in chosen]
+        frame["score_rejected"] = [s[0] for s, _ in rejected]
+        frame["correct"] = metrics.pair_correct(frame["score_chosen"], frame["score_rejected"])
+        frame["distance"] = [_distance(hc[0], hr[0])
+                             for (_, hc), (_, hr) in zip(chosen, rejected, strict=True)]
+        return frame
+    frame["score_chosen"] = [list(s) for s, _ in chosen]
+    frame["score_rejected"] = [list(s) for s, _ in rejected]
+    frame["correct"] = metrics.v2_row_results(frame).to_numpy()
+    # Distance partner: the top-scoring rejected response, the one comparison that decides the credit.
+    frame["distance"] = [_distance(hc[0], hr[int(np.argmax(sr))])
+                         for (_, hc), (sr, hr) in zip(chosen, rejected, strict=True)]
+    return frame
+
+
+def _collect(scored: pd.DataFrame, n_rows: int) -> dict[str, list[tuple[list[float], list[np.ndarray]]]]:
+    """``{side: [(scores by k, hidden by k) for each row]}``; every row must have both sides."""
+    ordered = scored.sort_values(["row", "side", "k"], kind="stable")
+    out: dict[str, list[tuple[list[float], list[np.ndarray]]]] = {
+        side: [([], []) for _ in range(n_rows)] for side in ("chosen", "rejected")}
+    for row, side, score, hidden in zip(ordered["row"], ordered["side"], ordered["score"], ordered["hidden"],
+                                        strict=True):
+        out[side][int(row)][0].append(float(score))
+        out[side][int(row)][1].append(np.asarray(hidden, dtype=np.float32))
+    empty = [i for i in range(n_rows) if not out["chosen"][i][0] or not out["rejected"][i][0]]
+    if empty:
+        raise RuntimeError(f"scores missing for example rows {empty[:10]} (chosen or rejected side)")
+    return out
+
+
+def _distance(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a.astype(np.float64) - b.astype(np.float64)))
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def section_of(subset: str) -> str:
+    """Official v1 section, else the synthetic benchmark's, else ``Other``."""
+    official = metrics.V1_SECTION_OF_SUBSET.get(subset)
+    return official or synthetic.SECTION_OF_SUBSET.get(subset) or OTHER_SECTION
+
+
+def sections(frame: pd.DataFrame, fmt: str) -> pd.Series:
+    """The ``section`` column: :func:`section_of` the subset for v1; the subset itself for v2."""
+    return frame["subset"].astype(str) if fmt == "v2" else frame["subset"].map(section_of)
+
+
+def tie_rate(frame: pd.DataFrame, fmt: str) -> float:
+    """Share of examples whose deciding comparison is an exact tie in score (chosen vs rejected; v2: the best
+    chosen vs the best rejected). Ties count as wrong, so a high rate flags a precision problem (bf16 rewards)."""
+    if fmt == "v1":
+        tied = frame["score_chosen"].to_numpy(dtype=float) == frame["score_rejected"].to_numpy(dtype=float)
+    else:
+        tied = np.array([max(c) == max(r) for c, r in zip(frame["score_chosen"], frame["score_rejected"],
+                                                          strict=True)])
+    return float(tied.mean()) if len(tied) else math.nan
+
+
+def summarise(frame: pd.DataFrame, fmt: str) -> dict[str, Any]:
+    """``{"subsets", "sections", "overall", "counts", "missing", "tie_rate"[, "ties"]}`` (module contract)."""
+    counts = metrics.subset_counts(frame)
+    ties = tie_rate(frame, fmt)
+    if fmt == "v2":
+        result = metrics.v2_metrics(frame)
+        return {"subsets": result["subsets"], "sections": dict(result["subsets"]),
+                "overall": result["overall"], "counts": counts, "missing": result["missing"],
+                "ties": result["ties"], "tie_rate": ties}
+    if set(counts) <= set(metrics.V1_SECTION_OF_SUBSET):
+        result = metrics.v1_metrics(frame)  # official RewardBench weights
+        return {**{k: result[k] for k in ("subsets", "sections", "overall", "missing")}, "counts": counts,
+                "tie_rate": ties}
+    subsets = metrics.v1_subset_accuracy(frame)
+    sections = metrics.sections_from_map(subsets, {s: section_of(s) for s in counts}, counts)
+    return {"subsets": subsets, "sections": sections, "overall": metrics.overall_score(sections),
+            "counts": counts, "missing": {}, "tie_rate": ties}
+
+
+def distance_table(frame: pd.DataFrame, fmt: str, n_bins: int) -> pd.DataFrame:
+    """Accuracy by distance bin per section; v2 rows use their credit, Ties rows (no credit) left out."""
+    if fmt == "v1":
+        columns = ["section", "score_chosen", "score_rejected", "distance"]
+        return metrics.accuracy_by_distance_bin(frame[columns], n_bins, by="section")
+    judged = frame.loc[frame["correct"].notna(), ["section", "correct", "distance"]]
+    return metrics.accuracy_by_distance_bin(judged, n_bins, by="section")
+
+
+def metric_keys(name: str, summary: Mapping[str, Any]) -> dict[str, float]:
+    """Flat ``<name>/overall``, ``<name>/section/<S>``, ``<name>/subset/<s>`` metrics."""
+    flat = {f"{name}/overall": float(summary["overall"]), f"{name}/tie_rate": float(summary["tie_rate"])}
+    flat.update({f"{name}/section/{_safe(s)}": float(v) for s, v in summary["sections"].items()})
+    flat.update({f"{name}/subset/{_safe(s)}": float(v) for s, v in summary["subsets"].items()})
+    return flat
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text))
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf -> None and numpy scalars -> Python, so metrics.json is strict JSON."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# ------------------------------------------------------------------ scoring one benchmark
+
+
+def score_benchmark(bench: BenchmarkConfig, model_path: str, ctx: StageContext
+                    ) -> tuple[dict[str, str], dict[str, float]]:
+    """Score one benchmark, write its files and log them as artifacts; ``(outputs, metrics)`` keyed by the
+    benchmark name (the caller logs the metrics)."""
+    rb = ctx.cfg.rewardbench
+    started = time.time()
+    rows = read_rows(bench)
+    fmt = bench.format or detect_format(rows)
+    examples = examples_frame(rows, fmt, bench.name)
+    convs = conversations(examples, fmt)
+    scored = scoring.score_conversations(
+        convs, model_path, max_length=rb.max_length, truncation_side=rb.truncation_side,
+        batch_size=rb.batch_size, num_actors=rb.num_actors, cpus_per_actor=rb.cpus_per_actor,
+        use_gpu=ctx.cfg.train.use_gpu)
+    frame = regroup(examples, scored, fmt)
+    frame["section"] = sections(frame, fmt)
+    summary = summarise(frame, fmt)
+    table = distance_table(frame, fmt, rb.distance_bins)
+    files = _write(ctx.out_dir / bench.name, frame, table, {
+        "format": fmt, "model": model_path, **summary, "distance_bins": table.to_dict("records")})
+    for path in files.values():
+        ctx.tracker.log_artifact(path, artifact_path=bench.name)
+    flat = metric_keys(bench.name, summary)  # logged by the caller (the runner logs a stage's metrics once)
+    ctx.log(f"rewardbench[{bench.name}]: {len(examples)} examples ({fmt}), {len(convs)} responses in "
+            f"{time.time() - started:.1f}s; overall {summary['overall']:.4f}, ties {summary['tie_rate']:.4f}")
+    return {f"{bench.name}/{key}": str(path) for key, path in files.items()}, flat
+
+
+def _write(folder: Path, frame: pd.DataFrame, table: pd.DataFrame, payload: dict[str, Any]
+           ) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    columns = ["id", "subset", "section", "score_chosen", "score_rejected", "correct", "distance"]
+    files = {"scores": folder / "scores.parquet", "metrics": folder / "metrics.json",
+             "distance_bins": folder / "accuracy_by_distance.csv"}
+    frame[columns].to_parquet(files["scores"], index=False)
+    write_json(files["metrics"], _json_safe(payload))
+    table.to_csv(files["distance_bins"], index=False)
+    if not table.empty:
+        files["distance_plot"] = metrics.plot_accuracy_by_distance(table, folder / "accuracy_by_distance.png")
+    return files

@@ -1,0 +1,141 @@
+"""The public preference schemas users bring, on fixture rows written in each dataset's real schema
+(``tests/data/formats/SCHEMAS.md`` says where each schema was checked), and a column mapping for anything else."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline import formats as F
+
+pytestmark = pytest.mark.unit
+FIXTURES = Path(__file__).resolve().parent / "data" / "formats"
+
+
+def rows_of(name: str) -> list[dict]:
+    return [json.loads(line) for line in (FIXTURES / f"{name}.jsonl").read_text().splitlines() if line.strip()]
+
+
+def normalise(row: dict, **options) -> tuple[list[dict], list[dict]]:
+    return F.normalise_row(row, source="src", location="f.jsonl:1", options=F.RowOptions(**options))
+
+
+@pytest.mark.parametrize("name,fmt", [("unified_feedback", F.UNIFIED_FEEDBACK), ("pku_saferlhf", F.PKU_SAFERLHF),
+                                      ("arena_55k", F.ARENA), ("ultrafeedback_raw", F.ULTRAFEEDBACK),
+                                      ("nectar", F.KWISE)])
+def test_each_public_schema_is_detected_by_its_keys(name, fmt):
+    assert {F.detect_format(row) for row in rows_of(name)} == {fmt}
+
+
+def test_unified_feedback_prefers_the_higher_rating_with_the_difference_as_margin_and_quarantines_ties():
+    for row in rows_of("unified_feedback"):
+        records, bad = normalise(row)
+        a, b = row["conv_A_rating"], row["conv_B_rating"]
+        if a == b:
+            assert records == [] and [q["reason"] for q in bad] == ["tie"]
+            continue
+        winner, loser = (row["conv_A"], row["conv_B"]) if a > b else (row["conv_B"], row["conv_A"])
+        (record,) = records
+        assert record["chosen"][-1]["content"] == winner[-1]["content"]
+        assert record["rejected"][-1]["content"] == loser[-1]["content"]
+        assert record["margin"] == abs(a - b) and record["id"] == row["id"]
+        assert record["prompt"] == [{"role": m["role"], "content": m["content"]}
+                                    for m in winner[: len(record["prompt"])]], "the shared turns are the prompt"
+    assert sum(normalise(r)[1] != [] for r in rows_of("unified_feedback")) == 2  # rows 1 and 5: 0.5/0.5, 7.5/7.5
+
+
+@pytest.mark.parametrize("follow", ["better", "safer"])
+def test_pku_saferlhf_follows_the_configured_label(follow):
+    for row in rows_of("pku_saferlhf"):
+        (record,), bad = normalise(row, follow=follow)
+        index = row[f"{follow}_response_id"]
+        assert bad == [] and record["chosen"][-1]["content"] == row[f"response_{index}"]
+        assert record["rejected"][-1]["content"] == row[f"response_{1 - index}"]
+    differ = [r for r in rows_of("pku_saferlhf") if r["better_response_id"] != r["safer_response_id"]]
+    assert differ, "the fixture must have a row where the two labels disagree"
+
+
+def test_arena_decodes_json_turn_lists_follows_the_winner_and_quarantines_ties_and_missing_replies():
+    results = [normalise(row) for row in rows_of("arena_55k")]
+    assert [[q["reason"] for q in bad] for _, bad in results] == [[], ["tie"], ["empty_response"], [], ["tie"]]
+    (first,), _ = results[0]
+    assert first["chosen"][-1]["content"].startswith("1. Put your phone")  # winner_model_a
+    (fourth,), _ = results[3]
+    assert fourth["chosen"][-1]["content"] == "Divide by 3.6: 90 km/h = 25 m/s."  # b won; "\\/" decoded
+    assert fourth["prompt"] == [{"role": "user", "content": "Convert 90 km/h to m/s."}]
+
+
+def test_arena_multi_turn_conversation_keeps_every_turn_of_the_winner():
+    row = dict(rows_of("arena_55k")[1], winner_model_a=1, winner_tie=0)  # the 3-turn row, judged for a
+    (record,), bad = normalise(row)
+    assert bad == [] and record["prompt"] == [{"role": "user", "content": "Suggest a name for a bakery."}]
+    assert [m["content"] for m in record["chosen"]] == ["Morning Crumb", "Make it a pun.", "Bread Pitt",
+                                                        "Now one that works in French too.", "Pain Staking"]
+    assert record["rejected"][-1]["content"] == "Croissant Ever After"
+
+
+def test_ultrafeedback_best_vs_random_other_by_overall_score_or_an_aspect():
+    rows = rows_of("ultrafeedback_raw")
+    for row in rows:
+        (record,), bad = normalise(row)
+        scores = [c["overall_score"] for c in row["completions"]]
+        best = scores.index(max(scores))
+        assert record["chosen"][-1]["content"] == row["completions"][best]["response"]
+        assert record["margin"] == max(scores) - next(s for c, s in zip(row["completions"], scores, strict=True)
+                                                      if c["response"] == record["rejected"][-1]["content"])
+        again, _ = normalise(row)
+        assert again == [record], "the random other is seeded by the row: reruns pick the same"
+    # helpfulness Ratings are strings; honesty is "N/A" throughout row 2: nothing to compare there
+    (helpful,), _ = normalise(rows[0], aspect="helpfulness")
+    assert helpful["chosen"][-1]["content"] == rows[0]["completions"][0]["response"]  # Rating "5"
+    records, bad = normalise(rows[1], aspect="honesty")
+    assert records == [] and [q["reason"] for q in bad] == ["no_preference"]
+
+
+def test_ultrafeedback_all_pairs_quarantines_each_tied_pair():
+    row = rows_of("ultrafeedback_raw")[0]  # overall 8.5, 4.0, 8.5, 2.0
+    records, bad = normalise(row, pairs="all_pairs")
+    assert len(records) == 5 and [q["reason"] for q in bad] == ["tie"]  # 6 pairs, the 8.5/8.5 one tied
+    assert all(r["margin"] > 0 for r in records) and len({r["id"] for r in records}) == 5
+
+
+def test_kwise_rankings_best_vs_each_other_by_default_and_all_pairs_with_ties():
+    rows = rows_of("nectar")
+    for row in rows:
+        records, bad = normalise(row)
+        best = min(row["answers"], key=lambda a: a["rank"])["answer"]
+        assert bad == [] and len(records) == len(row["answers"]) - 1
+        assert {r["chosen"][-1]["content"] for r in records} == {best}
+        assert records[0]["prompt"][-1]["role"] == "user", "the open 'Assistant:' of the transcript is dropped"
+    multi, _ = normalise(rows[1])
+    assert [m["role"] for m in multi[0]["prompt"]] == ["user", "assistant", "user"]
+    ranks = [a["rank"] for a in rows[3]["answers"]]
+    records, bad = normalise(rows[3], pairs="all_pairs")
+    pairs = list(itertools.combinations(ranks, 2))
+    assert len(bad) == sum(a == b for a, b in pairs) == 1 and len(records) == len(pairs) - 1
+
+
+def test_rating_format_quarantines_ties_and_inverted_pairs():
+    row = {"prompt": "q?", "chosen": "good", "rejected": "bad", "score_chosen": 7.0, "score_rejected": 7.0}
+    assert [q["reason"] for q in normalise(row)[1]] == ["tie"]
+    (kept,), _ = normalise(row, ties="keep")
+    assert kept["margin"] == 0.0
+    assert [q["reason"] for q in normalise(dict(row, score_chosen=3.0))[1]] == ["inverted"]
+
+
+def test_an_unseen_schema_loads_with_a_column_mapping_alone():
+    pairwise = {"question": "Name a prime.", "good_answer": "7 is prime.", "bad_answer": "9 is prime.", "uid": 4}
+    (record,), bad = normalise(pairwise, columns={"prompt": "question", "chosen": "good_answer",
+                                                  "rejected": "bad_answer", "id": "uid"})
+    assert bad == [] and record["chosen"][-1]["content"] == "7 is prime." and record["id"] == "4"
+    labelled = {"q": [{"role": "user", "content": "2+2?"}], "r1": "4", "r2": "5", "pref": "B", "m": 2}
+    mapping = {"prompt": "q", "first": "r1", "second": "r2", "label": "pref", "first_is_better": "A", "tie": "=",
+               "margin": "m"}
+    (record,), _ = normalise(labelled, columns=mapping)
+    assert (record["chosen"][-1]["content"], record["rejected"][-1]["content"], record["margin"]) == ("5", "4", 2.0)
+    assert [q["reason"] for q in normalise(dict(labelled, pref="="), columns=mapping)[1]] == ["tie"]
+    records, bad = normalise(pairwise, columns={"prompt": "question", "chosen": "good", "rejected": "bad_answer"})
+    assert records == [] and bad[0]["reason"] == "missing_field" and "column 'good'" in bad[0]["detail"]
