@@ -144,8 +144,8 @@ class DataConfig:
     split_seed: int = _f(0, "Salt of the prompt hash that assigns pairs to train/validation.")
     batch_size: int = _f(256, "Rows per Ray Data map_batches call during tokenisation.")
     num_cpus: float = _f(0.5, "CPUs reserved by each Ray Data tokenisation task (below 1 so Train never starves it).")
-    max_actors: int = _f(2, "Tokenising actors at most (each loads the tokenizer once); the output does not depend "
-                         "on it.")
+    max_actors: int = _f(2, "Tokenising tasks at once (each worker loads the tokenizer once); the output does not "
+                         "depend on it.")
     template_date: str = _f("2024-07-26", "Date (ISO) chat templates see (Llama 3.x writes it into every prompt): "
                             "fixed, so tokenisation never depends on the calendar; saved with the tokenizer.")
     shuffle_seed: int = _f(0, "Seed of the global shuffle of the train split (the order training reads).")
