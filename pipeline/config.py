@@ -16,6 +16,7 @@ import difflib
 import functools
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -60,8 +61,11 @@ class ColumnsConfig:
     first: str | None = _f(None, "Instead of chosen/rejected: column of the first of two responses.")
     second: str | None = _f(None, "Column of the second response.")
     label: str | None = _f(None, "Column saying which of first/second is better.")
-    first_is_better: Scalar | None = _f(None, "Value of label meaning the first response is better; any other "
-                                        "value means the second (except tie).")
+    first_is_better: Scalar | None = _f(None, "Value of label meaning the first response is better (quote it in "
+                                        "YAML: yes/no read as booleans); any other value means the second, unless "
+                                        "second_is_better is given.")
+    second_is_better: Scalar | None = _f(None, "Value of label meaning the second is better; with it, any value that "
+                                         "is neither (nor tie) is quarantined.")
     tie: Scalar | None = _f(None, "Value of label meaning a tie (quarantined with reason 'tie').")
     margin: str | None = _f(None, "Column of a numeric margin (optional).")
     id: str | None = _f(None, "Column of the row id (optional; default: a content hash).")
@@ -114,6 +118,9 @@ class SourceConfig:
         if (self.columns is not None) != (self.format == "columns") and self.format != "auto":
             raise ConfigError("format: columns goes with a columns mapping (and a columns mapping with format "
                               "auto or columns)")
+        if self.limit is not None and self.synthetic is not None:
+            raise ConfigError("limit does not apply to synthetic (it keeps the first rows, all of them train): "
+                              "set synthetic.n_train and synthetic.n_validation")
         if self.ties == "keep" and self.format not in ("rating", "auto"):
             raise ConfigError("ties: keep applies to the rating format only (the others name no chosen side in a tie)")
 
@@ -523,11 +530,13 @@ def _value(hint: Any, value: Any, where: str) -> Any:
 def _scalar(hint: type, value: Any, where: str) -> Any:
     if hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
     if hint is bool and not isinstance(value, bool):
         raise ConfigError(f"{where} expects true/false, got {value!r}")
     if hint in (int, float) and isinstance(value, bool):

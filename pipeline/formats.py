@@ -45,6 +45,7 @@ TIE = "tie"  # equal ratings or ranks, or a tie label: no preference to learn
 INVERTED = "inverted"  # a rating row whose 'chosen' side scored lower than its 'rejected' side
 OVER_LENGTH = "over_length"  # assigned later by the tokeniser stage, never here
 CONTAMINATED = "contaminated"  # assigned later by the data stage (data.decontaminate), never here
+SUBSAMPLED = "subsampled"  # assigned later by the data stage (a source weight below 1), never here
 
 REASONS: tuple[str, ...] = (
     INVALID_JSON,
@@ -60,6 +61,7 @@ REASONS: tuple[str, ...] = (
     INVERTED,
     OVER_LENGTH,
     CONTAMINATED,
+    SUBSAMPLED,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -445,8 +447,9 @@ def _extract_pku(row: Mapping[str, Any], options: RowOptions) -> _Parts:
     """PKU-SafeRLHF: ``better_response_id`` or ``safer_response_id`` (``follow``), 0 or 1, names the chosen one."""
     key = f"{options.follow}_response_id"
     index = _field(row, key)
-    if isinstance(index, bool) or index not in (0, 1):
+    if isinstance(index, bool) or not isinstance(index, numbers.Real) or index not in (0, 1):
         raise BadRow(BAD_TYPE, f"field '{key}' is {index!r}, expected 0 or 1", key)
+    index = int(index)  # a Parquet column with a missing value stores 1 as 1.0
     prompt = _turns(_field(row, "prompt"), "prompt", USER)
     responses = [_text(_field(row, f"response_{i}"), f"field 'response_{i}'", f"response_{i}") for i in (0, 1)]
     return prompt, _reply(responses[index]), _reply(responses[1 - index]), None
@@ -602,15 +605,31 @@ def _extract_columns(row: Mapping[str, Any], options: RowOptions) -> _Parts:
         rejected = _turns(_column(row, columns["rejected"]), columns["rejected"], ASSISTANT)
     else:
         label = _column(row, columns["label"])
-        if columns.get("tie") is not None and label == columns["tie"]:
-            raise BadRow(TIE, f"column '{columns['label']}' is {label!r}, the tie value", columns["label"])
+        name = columns["label"]
+        if label is None:
+            raise BadRow(MISSING_FIELD, f"column '{name}' is null: no preference stated", name)
+        if columns.get("tie") is not None and _same(label, columns["tie"]):
+            raise BadRow(TIE, f"column '{name}' is {label!r}, the tie value", name)
+        first_wins = _same(label, columns["first_is_better"])
+        if not first_wins and columns.get("second_is_better") is not None and \
+                not _same(label, columns["second_is_better"]):
+            raise BadRow(BAD_TYPE, f"column '{name}' is {label!r}: neither first_is_better "
+                                   f"({columns['first_is_better']!r}) nor second_is_better "
+                                   f"({columns['second_is_better']!r})", name)
         first = _turns(_column(row, columns["first"]), columns["first"], ASSISTANT)
         second = _turns(_column(row, columns["second"]), columns["second"], ASSISTANT)
-        chosen, rejected = (first, second) if label == columns["first_is_better"] else (second, first)
+        chosen, rejected = (first, second) if first_wins else (second, first)
     margin = None
     if columns.get("margin"):
         margin = _number(_column(row, columns["margin"]), f"column '{columns['margin']}'", columns["margin"])
     return prompt, chosen, rejected, margin
+
+
+def _same(value: Any, configured: Any) -> bool:
+    """A label equals a configured value; across types by text (a label column of "1" and a configured 1)."""
+    if isinstance(value, bool) != isinstance(configured, bool):
+        return False
+    return value == configured or str(value) == str(configured)
 
 
 def _one(extract):
@@ -791,9 +810,11 @@ def _normalise(row: Any, fmt: str, source: str, location: str, options: RowOptio
         except BadRow as exc:
             out.append(exc)
             continue
-        pair_id = f"{own_id}:{suffix}" if own_id is not None and suffix else own_id
+        base = own_id if own_id is not None else stable_id(source, prompt, chosen, rejected)
         out.append({
-            "id": pair_id if pair_id is not None else stable_id(source, prompt, chosen, rejected),
+            # a row of k responses gives several pairs: the suffix keeps their ids distinct even when two
+            # responses read the same
+            "id": f"{base}:{suffix}" if suffix else base,
             "prompt": prompt,
             "chosen": chosen,
             "rejected": rejected,

@@ -37,19 +37,32 @@ def ensure_ray(cfg: PipelineConfig) -> Any:
         address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
         runtime_env = {"env_vars": worker_env(cfg.train.use_gpu)}
         if address:
+            _token_auth_like_the_head()
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
             print(f"ray: joined the existing cluster at {address} ({cluster_nodes()} node(s), "
                   f"{ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs)",
                   flush=True)
         else:
             os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-            ray.init(num_cpus=cfg.ray.num_cpus, runtime_env=runtime_env, include_dashboard=True,
+            # address="local": a new cluster for this run. Without it ray.init joins the last cluster started on
+            # this machine (/tmp/ray/ray_current_cluster), even one that has since been stopped (a hang).
+            ray.init(address="local", num_cpus=cfg.ray.num_cpus, runtime_env=runtime_env, include_dashboard=True,
                      log_to_driver=True, configure_logging=True, logging_level="WARNING")
         _STARTED = True
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     return ray
+
+
+def _token_auth_like_the_head() -> None:
+    """Ray 2.60 turns on token authentication for a cluster started with ``ray start`` when a token exists
+    (``RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``), but a driver joining it does not send that token unless
+    ``RAY_AUTH_MODE=token``: the join fails with "InvalidAuthToken". Apply the head's rule here too (Ray's own
+    function, which also refreshes the config Ray has already read), unless the user chose a mode."""
+    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def cluster_nodes() -> int:

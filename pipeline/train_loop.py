@@ -365,6 +365,8 @@ def run_loop(cfg: PipelineConfig, plan: LoopPlan, *, train_windows: Callable[[in
         step, consumed = client["step"], client["consumed"]
         ema.load_state_dict(client["ema"])
         torch.set_rng_state(client["torch_rng"])
+        if plan.rank == 0:
+            print(f"resumed from the checkpoint at step {step} ({consumed} global batches consumed)", flush=True)
     t = cfg.train
     global_batch = t.micro_batch_size * t.grad_accum * plan.world_size
     start, seen = time.time(), step

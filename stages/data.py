@@ -178,6 +178,9 @@ def _apply_weight_and_limit(ds: Any, source: SourceConfig) -> Any:
         if not row["ok"]:
             return [row]
         copies = int(weight) + (_unit_hash(row["id"], "weight") < weight - int(weight))
+        if copies == 0:  # left out by the weight: counted with its reason, like every row not trained on
+            return [{**row, "ok": False, "messages": "", "reason": formats.SUBSAMPLED,
+                     "detail": f"weight {weight} keeps a hash-chosen {weight:.0%} of the source"}]
         return [row if k == 0 else {**row, "id": f"{row['id']}#w{k}"} for k in range(copies)]
 
     return ds.flat_map(reweight)
@@ -220,7 +223,8 @@ class Tokenise:
         good = [r for r in rows if r["ok"]]
         for r in good:
             r["prompt"], r["chosen"], r["rejected"] = json.loads(r["messages"])
-        ids = modeling.encode_batch(self.tok, [r["prompt"] + r[side] for r in good for side in ("chosen", "rejected")])
+        ids = self._encode(good)
+        good = [r for r in good if r["ok"]]
         for r in rows:
             r.update(truncated=False, chosen_ids=[], rejected_ids=[], chosen_len=0, rejected_len=0, chosen_scored=0,
                      rejected_scored=0, prompt_key="", order="", margin_missing=False)
@@ -229,6 +233,23 @@ class Tokenise:
         import pyarrow as pa
 
         return pa.table({c: [r[c] for r in rows] for c in _TOKENISED_SCHEMA.names}, schema=_TOKENISED_SCHEMA)
+
+    def _encode(self, rows: list[dict]) -> list[list[int]]:
+        """Token ids of both sides of every row, one tokenizer call; if the chat template refuses a conversation
+        (e.g. a system turn a template does not support), row by row, quarantining the refused rows."""
+        conversations = [r["prompt"] + r[side] for r in rows for side in ("chosen", "rejected")]
+        try:
+            return modeling.encode_batch(self.tok, conversations)
+        except Exception:  # noqa: BLE001 - which row failed is found below
+            pass
+        ids = []
+        for r in rows:
+            try:
+                ids += modeling.encode_batch(self.tok, [r["prompt"] + r[side] for side in ("chosen", "rejected")])
+            except Exception as err:  # noqa: BLE001 - the template's own message names the problem
+                r.update(ok=False, reason=formats.BROKEN_TRANSCRIPT,
+                         detail=f"the chat template refused the conversation: {type(err).__name__}: {err}")
+        return ids
 
     def _tokenised(self, row: dict, ids: dict[str, list[int]]) -> None:
         data = self.data
@@ -302,7 +323,7 @@ def _collect(ray: Any, dataset: Any) -> Any:
     import pyarrow as pa
 
     blocks = ray.get(dataset.to_arrow_refs())
-    return pa.concat_tables(blocks, promote_options="default") if blocks else pa.table({})
+    return pa.concat_tables(blocks, promote_options="default") if blocks else _TOKENISED_SCHEMA.empty_table()
 
 
 @contextlib.contextmanager
@@ -393,7 +414,7 @@ def _one_side_per_prompt(table: Any) -> tuple[Any, int]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    ok, split = table["ok"], table["split"]
+    ok, split = table["ok"], pc.fill_null(table["split"], "")  # a quarantined row has no split (null)
     train_keys = pc.filter(table["prompt_key"], pc.and_(ok, pc.equal(split, "train"))).unique()
     move = pc.and_(pc.and_(ok, pc.equal(split, "validation")), pc.is_in(table["prompt_key"], value_set=train_keys))
     moved = int(pc.sum(move).as_py() or 0)
@@ -408,7 +429,7 @@ def _quarantine_contaminated(table: Any, keys: frozenset[str]) -> Any:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    hit = pc.and_(pc.and_(table["ok"], pc.equal(table["split"], "train")),
+    hit = pc.and_(pc.and_(table["ok"], pc.equal(pc.fill_null(table["split"], ""), "train")),  # null split: bad row
                   pc.is_in(table["prompt_key"], value_set=pa.array(sorted(keys), pa.string())))
     detail = "the prompt occurs in a configured benchmark (data.decontaminate)"
     for name, value in (("ok", pc.and_(table["ok"], pc.invert(hit))),
@@ -435,7 +456,7 @@ def _write_outputs(table: Any, out_dir: Path) -> dict[str, str]:
 
     outputs = {}
     for split in ("train", "validation"):
-        part = table.filter(pc.and_(table["ok"], pc.equal(table["split"], split)))
+        part = table.filter(pc.and_(table["ok"], pc.equal(pc.fill_null(table["split"], ""), split)))
         part = part.take(pc.sort_indices(part, sort_keys=[("order", "ascending")]))
         _write_parquet(part, out_dir / split, _SPLIT_SCHEMA)
         outputs[split] = str(out_dir / split)

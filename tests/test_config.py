@@ -119,3 +119,12 @@ def test_describe_documents_the_nested_sections_and_their_choices():
                  "best_of_n.prompts.field", "tune.search_space[].loguniform", "data.sources[].synthetic.n_train"):
         assert line in text, line
     assert "[auto | transformers | vllm]" in text  # best_of_n.engine: a Literal, listed
+
+
+def test_non_finite_numbers_and_a_limit_on_the_synthetic_source_are_refused_at_load():
+    with pytest.raises(ConfigError, match="finite"):
+        load_config(None, ["data.sources=[{path: a.jsonl, weight: .inf}]"])
+    with pytest.raises(ConfigError, match="finite"):
+        load_config(None, ["train.lr=nan"])
+    with pytest.raises(ConfigError, match="limit does not apply to synthetic"):
+        load_config(None, ["data.sources=[{synthetic: {}, limit: 10}]"])

@@ -211,3 +211,19 @@ def test_benchmark_prompts_in_train_are_counted_and_can_be_dropped(ray_session, 
     assert _stats_of(dropped)["quarantine"]["by_reason"] == {"contaminated": counted["train_pairs"]}
     lines = {int(loc.rsplit(":", 1)[1]) - 1 for loc in _good(dropped).query("split == 'train'")["location"]}
     assert lines and not lines & set(range(10)), "no train pair keeps a benchmark prompt"
+
+
+def test_a_weight_below_one_and_decontamination_count_every_pair_they_leave_out(ray_session, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    lines = [json.dumps({"prompt": f"Question {i}?", "chosen": "Yes.", "rejected": "No."}) for i in range(40)]
+    pairs.write_text("\n".join(lines[:20] + ["{not json"] + lines[20:]) + "\n")
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": "a", "rejected": "b"}) + "\n"
+                             for i in range(40)))
+    result = _run(tmp_path, [f"data.sources=[{{path: '{pairs}', weight: 0.5}}]", "data.decontaminate=true",
+                             f"rewardbench.benchmarks=[{{name: b, path: '{bench}'}}]"])
+    reasons = _stats_of(result)["quarantine"]["by_reason"]
+    good = _good(result)
+    assert reasons["invalid_json"] == 1 and reasons["subsampled"] > 0 and reasons["contaminated"] > 0
+    assert len(good) + sum(reasons.values()) == 41, "every row is trained on or counted with its reason"
+    assert (good["split"] == "validation").all(), "every train prompt was a benchmark prompt"

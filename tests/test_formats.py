@@ -81,6 +81,7 @@ def test_reasons_are_exported_constants() -> None:
         "inverted",
         "over_length",
         "contaminated",
+        "subsampled",
     )
     assert F.NO_PREFERENCE in F.REASONS and F.OVER_LENGTH in F.REASONS
 

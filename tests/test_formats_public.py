@@ -139,3 +139,30 @@ def test_an_unseen_schema_loads_with_a_column_mapping_alone():
     assert [q["reason"] for q in normalise(dict(labelled, pref="="), columns=mapping)[1]] == ["tie"]
     records, bad = normalise(pairwise, columns={"prompt": "question", "chosen": "good", "rejected": "bad_answer"})
     assert records == [] and bad[0]["reason"] == "missing_field" and "column 'good'" in bad[0]["detail"]
+
+
+def test_pku_ids_stored_as_floats_still_pick_the_right_response():
+    row = dict(rows_of("pku_saferlhf")[1], better_response_id=1.0)  # a Parquet column with a gap stores 1.0
+    (record,), bad = normalise(row)
+    assert bad == [] and record["chosen"][-1]["content"] == row["response_1"]
+    assert [q["reason"] for q in normalise(dict(row, better_response_id=0.5))[1]] == ["bad_type"]
+
+
+def test_a_column_mapping_never_turns_a_missing_or_unknown_label_into_a_preference():
+    row = {"q": "2+2?", "r1": "4", "r2": "5", "pref": None}
+    mapping = {"prompt": "q", "first": "r1", "second": "r2", "label": "pref", "first_is_better": 1}
+    assert [q["reason"] for q in normalise(row, columns=mapping)[1]] == ["missing_field"]
+    (record,), _ = normalise(dict(row, pref="1"), columns=mapping)  # "1" in the data, 1 in the config
+    assert record["chosen"][-1]["content"] == "4"
+    strict = {**mapping, "second_is_better": 2}
+    assert normalise(dict(row, pref=2), columns=strict)[0][0]["chosen"][-1]["content"] == "5"
+    assert [q["reason"] for q in normalise(dict(row, pref=3), columns=strict)[1]] == ["bad_type"]
+    assert [q["reason"] for q in normalise(dict(row, pref=True), columns=strict)[1]] == ["bad_type"]
+
+
+def test_pairs_of_a_ranked_row_get_distinct_ids_even_when_two_answers_read_the_same():
+    row = {"prompt": "Name a prime.", "answers": [{"answer": "7.", "rank": 1}, {"answer": "11.", "rank": 2},
+                                                   {"answer": "11.", "rank": 3}]}
+    records, bad = normalise(row, pairs="all_pairs")
+    assert len(records) == 2 and len({r["id"] for r in records}) == 2  # 7 > 11 twice: two distinct pairs
+    assert [q["reason"] for q in bad] == ["identical_responses"]  # 11 vs 11
