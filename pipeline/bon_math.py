@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -191,3 +191,30 @@ def _table_row(
         "proxy_mean": float(proxy.mean()),
         "oracle_gold_mean": float(oracle.mean()),
     }
+
+
+def summary_metrics(table: pd.DataFrame) -> dict[str, float]:
+    """End points, the peak, and whether selecting by the reward model beat random selection (n = 1, the same
+    pools): ``bon/beats_random`` is 1 when some n > 1 has its whole 95% gold CI above n = 1's gold;
+    ``bon/clearest_n`` is the n > 1 whose CI reaches highest."""
+    first, last = table.iloc[0], table.iloc[-1]
+    peak = table.loc[table["gold_mean"].idxmax()]
+    rest = table[table["n"] > 1]
+    clearest = rest.loc[rest["gold_ci_low"].idxmax()] if len(rest) else first
+    return {"bon/gold_at_1": float(first["gold_mean"]), "bon/gold_at_nmax": float(last["gold_mean"]),
+            "bon/gain": float(last["gold_mean"] - first["gold_mean"]),
+            "bon/oracle_at_nmax": float(last["oracle_gold_mean"]), "bon/peak_n": int(peak["n"]),
+            "bon/gold_at_peak": float(peak["gold_mean"]), "bon/clearest_n": int(clearest["n"]),
+            "bon/clearest_gold": float(clearest["gold_mean"]), "bon/clearest_ci_low": float(clearest["gold_ci_low"]),
+            "bon/beats_random": float(len(rest) > 0 and clearest["gold_ci_low"] > first["gold_mean"])}
+
+
+def verdict(metrics: Mapping[str, float]) -> str:
+    """One line saying whether selecting by the reward model beat random selection, with the numbers."""
+    random = metrics["bon/gold_at_1"]
+    if metrics["bon/beats_random"]:
+        return (f"the reward model beats random selection: gold {metrics['bon/clearest_gold']:.3f} at "
+                f"n={metrics['bon/clearest_n']} (95% CI from {metrics['bon/clearest_ci_low']:.3f}) vs {random:.3f} "
+                f"at n=1; the curve peaks at n={metrics['bon/peak_n']} ({metrics['bon/gold_at_peak']:.3f})")
+    return (f"the reward model does NOT beat random selection: no n > 1 has its 95% CI above {random:.3f} (n=1); "
+            f"the curve peaks at n={metrics['bon/peak_n']} ({metrics['bon/gold_at_peak']:.3f})")

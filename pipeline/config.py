@@ -26,6 +26,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from pipeline.losses import DEFAULT_BETA, DEFAULT_EPS, check_label_smoothing
 from pipeline.synthetic import SyntheticSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -174,8 +175,8 @@ class ModelConfig:
 @dataclass(frozen=True, kw_only=True)
 class LossConfig:
     name: Literal["bt", "normbt"] = _f("normbt", "Loss: 'bt' (Bradley-Terry) or 'normbt' (distance-normalised BT).")
-    beta: float = _f(0.9, "NormBT EMA decay of the mean representation distance (paper: 0.9).")
-    eps: float = _f(1e-3, "NormBT weight stabiliser: w = mu / (d + eps).")
+    beta: float = _f(DEFAULT_BETA, "NormBT EMA decay of the mean representation distance (paper: 0.9).")
+    eps: float = _f(DEFAULT_EPS, "NormBT weight stabiliser: w = mu / (d + eps).")
     use_margin: bool = _f(False, "Subtract the data's per-pair margin inside the sigmoid.")
     label_smoothing: float = _f(0.0, "Probability mass on the flipped label (conservative BT).")
     center_coef: float = _f(0.0, "Reward-centering coefficient on mean((r_c + r_r)^2).")
@@ -415,7 +416,6 @@ def _check(cfg: PipelineConfig) -> None:
         (0 <= cfg.train.zero_stage <= 3, "train.zero_stage must be 0, 1, 2 or 3"),
         (0.0 <= cfg.loss.beta < 1.0, "loss.beta must be in [0, 1)"),
         (cfg.loss.eps > 0, "loss.eps must be > 0 (it bounds the NormBT weight at mu/eps)"),
-        (0.0 <= cfg.loss.label_smoothing < 0.5, "loss.label_smoothing must be in [0, 0.5)"),
         (0.0 < cfg.data.validation_fraction < 1.0, "data.validation_fraction must be in (0, 1)"),
         (cfg.data.max_length >= 8, "data.max_length must be >= 8"),
         (cfg.train.num_workers >= 1, "train.num_workers must be >= 1"),
@@ -433,6 +433,10 @@ def _check(cfg: PipelineConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    try:
+        check_label_smoothing(cfg.loss.label_smoothing)  # the loss's own rule, not a copy of it
+    except ValueError as err:
+        raise ConfigError(f"loss.{err}") from None
     for key in cfg.tune.search_space:
         if key not in flat:
             raise ConfigError(f"tune.search_space: unknown key {key!r}{_suggest(key, flat)}")

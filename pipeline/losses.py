@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "check_label_smoothing",
     "DEFAULT_BETA",
     "DEFAULT_EPS",
     "DistanceEMA",
@@ -63,9 +64,14 @@ def _check_rewards(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor)
         raise ValueError("empty batch: the loss of zero pairs is undefined")
 
 
+def check_label_smoothing(label_smoothing: float) -> None:
+    """``label_smoothing`` must be in [0, 0.5): at 0.5 both labels are equally likely and nothing is learnt."""
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+
+
 def _check_coefs(label_smoothing: float, center_coef: float) -> None:
-    if not 0.0 <= label_smoothing <= 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
+    check_label_smoothing(label_smoothing)
     if not (center_coef >= 0.0 and math.isfinite(center_coef)):
         raise ValueError(f"center_coef must be finite and >= 0, got {center_coef}")
 
@@ -88,13 +94,13 @@ def bt_per_pair(
         chosen_rewards (torch.Tensor): rewards of the preferred responses, shape ``[B]``.
         rejected_rewards (torch.Tensor): rewards of the dispreferred responses, shape ``[B]``.
         margin (torch.Tensor | None): per-pair margin ``[B]`` the reward gap must exceed.
-        label_smoothing (float): probability ``a`` in [0, 0.5] that a label is flipped.
+        label_smoothing (float): probability ``a`` in [0, 0.5) that a label is flipped.
 
     Returns:
         torch.Tensor: per-pair loss, shape ``[B]``.
 
     Raises:
-        ValueError: on mismatched shapes, an empty batch or ``label_smoothing`` outside [0, 0.5].
+        ValueError: on mismatched shapes, an empty batch or ``label_smoothing`` outside [0, 0.5).
     """
     _check_rewards(chosen_rewards, rejected_rewards)
     _check_coefs(label_smoothing, 0.0)
@@ -168,7 +174,7 @@ def bt_loss(
         chosen_rewards (torch.Tensor): shape ``[B]``.
         rejected_rewards (torch.Tensor): shape ``[B]``.
         margin (torch.Tensor | None): per-pair margin, shape ``[B]``; None means 0.
-        label_smoothing (float): in [0, 0.5].
+        label_smoothing (float): in [0, 0.5).
         center_coef (float): weight of the centering penalty (arXiv 2312.09244), >= 0.
 
     Returns:
@@ -263,7 +269,7 @@ def normbt_loss(
             data-parallel rank so that per-rank losses average to the global loss.
         eps (float): additive floor in the weight denominator, > 0 (see ``DEFAULT_EPS``).
         margin (torch.Tensor | None): per-pair margin, shape ``[B]``; None means 0.
-        label_smoothing (float): in [0, 0.5].
+        label_smoothing (float): in [0, 0.5).
         center_coef (float): weight of the (unweighted) centering penalty, >= 0.
 
     Returns:

@@ -69,6 +69,11 @@ def tiny_arch(name: str) -> str | None:
     return name.split(":", 1)[1] if name.startswith("tiny:") else None
 
 
+def is_builtin(name: str) -> bool:
+    """A model name of this project's own (``tiny:<arch>``, ``embedded:minilm``): not a hub id or a path."""
+    return name.startswith(("tiny:", "embedded:"))
+
+
 def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code: bool = False,
                    template_date: str | None = None):
     """Tokenizer with a pad token (eos, else unk), right padding, and ``template_date`` recorded in its config

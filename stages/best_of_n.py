@@ -51,17 +51,14 @@ Metrics: ``bon/gold_at_1``, ``bon/gold_at_nmax``, ``bon/gain`` (= gold at n_max 
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from pipeline import bon_math, formats, modeling, readers, synthetic
+from pipeline import bon_math, formats, generation, readers, synthetic
 from pipeline.artifacts import save_png, write_json
 from pipeline.config import BestOfNConfig, ConfigError, PipelineConfig, PromptsConfig
 from pipeline.raycluster import ensure_ray
@@ -90,11 +87,11 @@ def run_best_of_n(ctx: StageContext) -> StageResult:
     table = estimate(candidates, bon.n_max, n_boot=bon.bootstrap, seed=bon.seed)
     outputs = write_outputs(candidates, table, Path(ctx.out_dir), settings=_settings(bon, len(prompts)))
     track_outputs(ctx, outputs, table)
-    metrics = summary_metrics(table)
+    metrics = bon_math.summary_metrics(table)
     ctx.log(f"best-of-n: gold@1={metrics['bon/gold_at_1']:.3f} gold@{bon.n_max}={metrics['bon/gold_at_nmax']:.3f} "
             f"(oracle {metrics['bon/oracle_at_nmax']:.3f})")
-    ctx.log(f"best-of-n: {verdict(metrics)}")
-    ctx.tracker.set_tags({"bon.verdict": verdict(metrics)})
+    ctx.log(f"best-of-n: {bon_math.verdict(metrics)}")
+    ctx.tracker.set_tags({"bon.verdict": bon_math.verdict(metrics)})
     return StageResult(outputs=outputs, metrics=metrics)
 
 
@@ -203,7 +200,7 @@ def sample_pools(prompts: list[dict[str, Any]], cfg: PipelineConfig) -> pd.DataF
                                                                      seed=bon.seed))]
         frame = pd.DataFrame(rows, columns=["prompt_id", "candidate_id", "text"])
     else:
-        frame = generate_with_ray(prompts, cfg)
+        frame = generation.generate_with_ray(prompts, cfg)
     return _in_prompt_order(frame, prompts, bon.n_max)
 
 
@@ -217,125 +214,6 @@ def _in_prompt_order(frame: pd.DataFrame, prompts: list[dict[str, Any]], n_max: 
                            f"e.g. {short[:3]}")
     frame = frame.assign(_order=frame["prompt_id"].map(order), candidate_id=frame["candidate_id"].astype("int64"))
     return frame.sort_values(["_order", "candidate_id"]).drop(columns="_order").reset_index(drop=True)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Sampling:
-    """What a generation actor needs (plain values: it is pickled to every actor)."""
-
-    model: str
-    n: int
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    seed: int
-    use_gpu: bool
-
-
-def generate_with_ray(prompts: list[dict[str, Any]], cfg: PipelineConfig) -> pd.DataFrame:
-    """Sample ``n_max`` completions per prompt with the ``hf`` policy in a Ray Data actor pool."""
-    import ray
-
-    bon = cfg.best_of_n
-    sampling = Sampling(model=bon.policy_model, n=bon.n_max, temperature=bon.temperature, top_p=bon.top_p,
-                        max_new_tokens=bon.max_new_tokens, seed=bon.seed, use_gpu=cfg.train.use_gpu)
-    # Prompts are tokenised once here, so both engines see identical token ids (no double BOS).
-    tokenizer = modeling.load_tokenizer(bon.policy_model)
-    items = [{"prompt_id": p["prompt_id"], "prompt_ids": render_prompt_ids(tokenizer, p["messages"])}
-             for p in prompts]
-    actors = actor_count(cfg.train.use_gpu, len(items))
-    resources = {"num_gpus": 1} if cfg.train.use_gpu else {"num_cpus": 1}
-    generated = ray.data.from_items(items).map_batches(
-        _generator_class(sampling, bon.engine), fn_constructor_kwargs={"sampling": sampling}, batch_format="pandas",
-        batch_size=max(1, min(8, -(-len(items) // actors))), compute=ray.data.ActorPoolStrategy(size=actors),
-        **resources)
-    return generated.to_pandas()
-
-
-def render_prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
-    """Prompt token ids: chat template + generation prompt (at the fixed template date), else
-    ``"User: ...\\n\\nAssistant:"``."""
-    return modeling.encode_messages(tokenizer, messages, add_generation_prompt=True)
-
-
-def actor_count(use_gpu: bool, work_items: int) -> int:
-    """One actor per GPU; on CPU half the cores, so Ray Data's own tasks are never starved (2-core trap)."""
-    import ray
-
-    resources = ray.cluster_resources()
-    available = int(resources.get("GPU", 0)) if use_gpu else int(resources.get("CPU", 1)) // 2
-    return max(1, min(work_items, available))
-
-
-def _generator_class(sampling: Sampling, engine: str) -> type:
-    """``best_of_n.engine``: vLLM or transformers when forced; auto picks vLLM on GPU when it is installed."""
-    vllm_ok = importlib.util.find_spec("vllm") is not None
-    if engine == "vllm" and not vllm_ok:
-        raise ConfigError("best_of_n.engine=vllm but vllm is not installed")
-    automatic = sampling.use_gpu and vllm_ok and not modeling.tiny_arch(sampling.model)
-    return VllmGenerator if engine == "vllm" or (engine == "auto" and automatic) else HFGenerator
-
-
-def prompt_seed(seed: int, prompt_id: str) -> int:
-    """Per-prompt sampling seed: a prompt's candidates do not depend on which actor or batch drew them."""
-    return int.from_bytes(hashlib.sha256(f"{seed}|{prompt_id}".encode()).digest()[:4], "big")
-
-
-class HFGenerator:
-    """``map_batches`` callable: loads the policy once per actor; ``generate`` samples each prompt's pool."""
-
-    def __init__(self, sampling: Sampling) -> None:
-        import torch
-
-        self.sampling = sampling
-        self.device = "cuda" if sampling.use_gpu else "cpu"
-        self.tokenizer = modeling.load_tokenizer(sampling.model)
-        dtype = torch.bfloat16 if sampling.use_gpu else None
-        model = modeling.build_causal_lm(sampling.model, self.tokenizer, seed=sampling.seed, dtype=dtype)
-        self.model = model.to(self.device).eval()
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        rows = [row for pid, ids in zip(batch["prompt_id"], batch["prompt_ids"], strict=True)
-                for row in self._pool(str(pid), [int(i) for i in ids])]
-        return pd.DataFrame(rows, columns=["prompt_id", "candidate_id", "text"])
-
-    def _pool(self, prompt_id: str, prompt_ids: list[int]) -> list[dict[str, Any]]:
-        import torch
-
-        s = self.sampling
-        torch.manual_seed(prompt_seed(s.seed, prompt_id))
-        input_ids = torch.tensor([prompt_ids], device=self.device)
-        # One prompt per call (no padding): sampling stays reproducible whatever the batching.
-        with torch.no_grad():
-            out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                      do_sample=True, temperature=s.temperature, top_p=s.top_p,
-                                      max_new_tokens=s.max_new_tokens, num_return_sequences=s.n,
-                                      pad_token_id=self.tokenizer.pad_token_id)
-        texts = self.tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
-        return [{"prompt_id": prompt_id, "candidate_id": j, "text": t.strip()} for j, t in enumerate(texts)]
-
-
-class VllmGenerator:
-    """``map_batches`` callable with vLLM as the engine (optional; same contract as :class:`HFGenerator`)."""
-
-    def __init__(self, sampling: Sampling) -> None:
-        from vllm import LLM
-
-        self.sampling = sampling
-        self.llm = LLM(model=modeling.resolve_model_path(sampling.model), seed=sampling.seed)
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from vllm import SamplingParams
-
-        s = self.sampling
-        ids = [str(pid) for pid in batch["prompt_id"]]
-        params = [SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
-                                 seed=prompt_seed(s.seed, pid)) for pid in ids]
-        inputs = [{"prompt_token_ids": [int(i) for i in toks]} for toks in batch["prompt_ids"]]
-        results = self.llm.generate(inputs, params, use_tqdm=False)
-        rows = [{"prompt_id": pid, "candidate_id": j, "text": c.text.strip()}
-                for pid, result in zip(ids, results, strict=True) for j, c in enumerate(result.outputs)]
-        return pd.DataFrame(rows, columns=["prompt_id", "candidate_id", "text"])
 
 
 # ----------------------------------------------------------------- proxy and gold
@@ -352,7 +230,7 @@ def score_candidates(candidates: pd.DataFrame, prompts: list[dict[str, Any]], mo
             for pid, cid, text in candidates[["prompt_id", "candidate_id", "text"]].itertuples(index=False)]
     use_gpu = cfg.train.use_gpu
     # No more actors (each loads the model) than there are batches to score.
-    actors = actor_count(use_gpu, -(-len(rows) // _SCORE_BATCH))
+    actors = generation.actor_count(use_gpu, -(-len(rows) // _SCORE_BATCH))
     scored = score_conversations(rows, model_path, batch_size=_SCORE_BATCH, num_actors=actors, use_gpu=use_gpu)
     keys = ["prompt_id", "candidate_id"]
     scored = scored[[*keys, "score"]].astype({"candidate_id": "int64"})
@@ -386,33 +264,6 @@ def estimate(candidates: pd.DataFrame, n_max: int, *, n_boot: int, seed: int) ->
     pools = [(pool["proxy"].to_numpy(np.float64), pool["gold"].to_numpy(np.float64))
              for _, pool in candidates.groupby("prompt_id", sort=False)]
     return bon_math.best_of_n_table(pools, bon_math.n_grid(n_max), n_boot=n_boot, seed=seed)
-
-
-def summary_metrics(table: pd.DataFrame) -> dict[str, float]:
-    """End points, the peak, and whether selecting by the reward model beat random selection (n = 1, the same
-    pools): ``bon/beats_random`` is 1 when some n > 1 has its whole 95% gold CI above n = 1's gold;
-    ``bon/clearest_n`` is the n > 1 whose CI reaches highest."""
-    first, last = table.iloc[0], table.iloc[-1]
-    peak = table.loc[table["gold_mean"].idxmax()]
-    rest = table[table["n"] > 1]
-    clearest = rest.loc[rest["gold_ci_low"].idxmax()] if len(rest) else first
-    return {"bon/gold_at_1": float(first["gold_mean"]), "bon/gold_at_nmax": float(last["gold_mean"]),
-            "bon/gain": float(last["gold_mean"] - first["gold_mean"]),
-            "bon/oracle_at_nmax": float(last["oracle_gold_mean"]), "bon/peak_n": int(peak["n"]),
-            "bon/gold_at_peak": float(peak["gold_mean"]), "bon/clearest_n": int(clearest["n"]),
-            "bon/clearest_gold": float(clearest["gold_mean"]), "bon/clearest_ci_low": float(clearest["gold_ci_low"]),
-            "bon/beats_random": float(len(rest) > 0 and clearest["gold_ci_low"] > first["gold_mean"])}
-
-
-def verdict(metrics: Mapping[str, float]) -> str:
-    """One line saying whether selecting by the reward model beat random selection, with the numbers."""
-    random = metrics["bon/gold_at_1"]
-    if metrics["bon/beats_random"]:
-        return (f"the reward model beats random selection: gold {metrics['bon/clearest_gold']:.3f} at "
-                f"n={metrics['bon/clearest_n']} (95% CI from {metrics['bon/clearest_ci_low']:.3f}) vs {random:.3f} "
-                f"at n=1; the curve peaks at n={metrics['bon/peak_n']} ({metrics['bon/gold_at_peak']:.3f})")
-    return (f"the reward model does NOT beat random selection: no n > 1 has its 95% CI above {random:.3f} (n=1); "
-            f"the curve peaks at n={metrics['bon/peak_n']} ({metrics['bon/gold_at_peak']:.3f})")
 
 
 def write_outputs(candidates: pd.DataFrame, table: pd.DataFrame, out_dir: Path,

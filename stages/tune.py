@@ -33,7 +33,7 @@ stopping). Each trial's exported model (``model/`` of its final checkpoint) is t
 benchmark's overall score and each of its sections, the table gives the mean and 95% t-interval over seeds per
 loss setting, and for the paired difference (setting − first setting, paired by seed).
 
-Resources (trap 4 of the shared notes): a trial function reserves 0.1 CPU (:data:`TRIAL_CPUS`), its Train
+Resources: a trial function reserves 0.1 CPU (:data:`TRIAL_CPUS`), its Train
 workers ``train.num_workers × train.cpus_per_worker``; unless ``tune.max_concurrent_trials`` is set,
 concurrency = ⌊(CPUs − ``tune.reserve_cpus``) / per-trial CPUs⌋ ≥ 1 (:func:`derive_concurrency`; one on 2
 cores). Each trial hands its workers the train/validation splits as in-memory datasets read by the trial
@@ -87,8 +87,7 @@ import math
 import os
 import re
 import shutil
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -97,7 +96,9 @@ import numpy as np
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.artifacts import Manifest, save_png, write_json
+from pipeline.compare import compare_grid, compare_metric_names, compare_table, plot_compare
+from pipeline.raycluster import await_free_cpu, job_placement_groups, remove_placement_groups
+from pipeline.artifacts import Manifest, write_json
 from pipeline.config import PipelineConfig, SearchDomain, flatten, from_flat
 from pipeline.stage import STAGES, StageContext, StageResult, stage_hash
 
@@ -147,113 +148,6 @@ def eval_cadence(max_steps: int, eval_every: int, reports: int) -> int:
     if eval_every > 0:
         return eval_every
     return max(1, max_steps // max(1, reports))
-
-
-def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float, int]:
-    """``(mean, low, high, n)`` of the Student-t interval over the finite ``values``; bounds NaN when n < 2."""
-    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
-    n = len(x)
-    if n == 0:
-        return math.nan, math.nan, math.nan, 0
-    mean = float(x.mean())
-    if n < 2:
-        return mean, math.nan, math.nan, 1
-    from scipy import stats
-
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * float(x.std(ddof=1)) / math.sqrt(n)
-    return mean, mean - half, mean + half, n
-
-
-def loss_label(setting: Mapping[str, Any]) -> str:
-    """A short name for a loss setting: ``bt`` for ``{loss.name: bt}``, else ``name=bt,beta=0.5``."""
-    if set(setting) == {"loss.name"}:
-        return str(setting["loss.name"])
-    return ",".join(f"{k.removeprefix('loss.')}={_plain(v)}" for k, v in setting.items()) or "base"
-
-
-def compare_grid(cfg: PipelineConfig) -> list[dict[str, Any]]:
-    """The compare trials in grid order: ``{"loss": label, "seed": s, "setting": {...}, "overrides": {...}}``."""
-    settings = [dict(s) for s in cfg.tune.losses]
-    if len(settings) < 2:
-        raise ValueError("tune.losses: compare mode needs at least two loss settings")
-    labels = [loss_label(s) for s in settings]
-    labels = [f"{lab}#{i}" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
-    grid = []
-    for label, setting in zip(labels, settings, strict=True):
-        for i in range(cfg.tune.seeds):
-            seed = cfg.train.seed + i
-            grid.append({"loss": label, "seed": seed, "setting": setting,
-                         "overrides": {**setting, "train.seed": seed, "model.seed": seed}})
-    return grid
-
-
-def compare_table(records: Sequence[Mapping[str, Any]], metric_names: Sequence[str], labels: Sequence[str],
-                  confidence: float = 0.95) -> pd.DataFrame:
-    """Per metric: mean and t-interval over seeds for each loss label, then the paired difference of each
-    later label minus the first (seeds present in both). ``records`` hold ``loss``, ``seed`` and the metrics."""
-    rows = []
-    frame = pd.DataFrame.from_records(records)
-    first = labels[0]
-    for metric in metric_names:
-        per = {lab: _by_seed(frame, lab, metric) for lab in labels}
-        for lab in labels:
-            mean, low, high, n = t_interval(list(per[lab].values()), confidence)
-            rows.append({"loss": lab, "metric": metric, "mean": mean, "ci_low": low, "ci_high": high, "n": n})
-        for lab in labels[1:]:
-            seeds = sorted(set(per[lab]) & set(per[first]))
-            diffs = [per[lab][s] - per[first][s] for s in seeds]
-            mean, low, high, n = t_interval(diffs, confidence)
-            name = "diff" if len(labels) == 2 else f"diff:{lab}-{first}"
-            rows.append({"loss": name, "metric": metric, "mean": mean, "ci_low": low, "ci_high": high, "n": n})
-    return pd.DataFrame(rows, columns=["loss", "metric", "mean", "ci_low", "ci_high", "n"])
-
-
-def _by_seed(frame: pd.DataFrame, label: str, metric: str) -> dict[int, float]:
-    if frame.empty or metric not in frame:
-        return {}
-    sel = frame[frame["loss"] == label]
-    return {int(s): float(v) for s, v in zip(sel["seed"], sel[metric], strict=True) if _finite(v)}
-
-
-def compare_metric_names(names: Sequence[str], metric: str) -> list[str]:
-    """The compared metrics: the validation metric, then per benchmark its overall score and its sections."""
-    bench = [n for n in names if n.endswith("/overall") or "/section/" in n]
-    return [metric, *sorted(bench, key=lambda n: (n.split("/")[0], "/section/" in n, n))]
-
-
-def plot_compare(table: pd.DataFrame, path: str | Path) -> Path:
-    """Bars with 95% CI whiskers: left the loss settings per metric, right the paired difference(s)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    metric_names = list(dict.fromkeys(table["metric"]))
-    is_diff = table["loss"].str.startswith("diff")
-    groups = [list(dict.fromkeys(table.loc[~is_diff, "loss"])), list(dict.fromkeys(table.loc[is_diff, "loss"]))]
-    fig = Figure(figsize=(max(8.0, 1.6 * len(metric_names) * 2), 4.8))
-    FigureCanvasAgg(fig)
-    x = np.arange(len(metric_names))
-    titles = ("mean over seeds (95% CI)", "paired difference (95% CI)")
-    for col, (labels, title) in enumerate(zip(groups, titles, strict=True)):
-        ax = fig.add_subplot(1, 2, col + 1)
-        width = 0.8 / max(1, len(labels))
-        for i, label in enumerate(labels):
-            sub = table[table["loss"] == label].set_index("metric").reindex(metric_names)
-            mean = sub["mean"].to_numpy(dtype=float)
-            err = np.vstack([mean - sub["ci_low"].to_numpy(dtype=float), sub["ci_high"].to_numpy(dtype=float) - mean])
-            ax.bar(x + (i - (len(labels) - 1) / 2) * width, np.nan_to_num(mean), width,
-                   yerr=np.nan_to_num(err), capsize=3, label=label)
-        if col == 1:
-            ax.axhline(0.0, color="black", linewidth=0.8)
-        else:
-            ax.set_ylim(0.0, 1.05)
-        ax.set_xticks(x)
-        ax.set_xticklabels([m.replace("/section/", "\n") for m in metric_names], rotation=45, ha="right",
-                           fontsize="small")
-        ax.set_title(title)
-        ax.grid(axis="y", alpha=0.3)
-        if labels:
-            ax.legend(fontsize="small")
-    return save_png(fig, path)
 
 
 def _plain(value: Any) -> Any:
@@ -320,7 +214,8 @@ def run_trial(params: Mapping[str, Any], setup: TrialSetup) -> None:
         "tune.overrides": json.dumps(overrides, default=str)})
     logger.log_params(tracking.params_of(cfg))
     try:
-        _await_free_cpu(setup.start_timeout_s, sole_trial=setup.concurrency == 1)
+        await_free_cpu(setup.start_timeout_s, sole_trial=setup.concurrency == 1,
+                       keep_bundles=[{"CPU": TRIAL_CPUS}])  # Tune's own group for this trial function
     except TimeoutError:
         logger.finish("FAILED")
         raise
@@ -337,70 +232,6 @@ def run_trial(params: Mapping[str, Any], setup: TrialSetup) -> None:
         raise
     logger.set_tags({"checkpoint": result.checkpoint.path if result.checkpoint else ""})
     logger.finish("FINISHED")
-
-
-# ---------------------------------------------------------------- placement groups left by stopped trials (trap 4)
-
-
-def _await_free_cpu(timeout_s: float, *, sole_trial: bool, needed: float = 1.0, grace_s: float = 10.0) -> None:
-    """Wait until ``needed`` CPU is free (the trial's Train workers need it), which never happens if an earlier
-    trial's placement group was never released.
-    When this is the only trial running, Train-sized groups of this job that are still there after ``grace_s``
-    can only be such leftovers: they are removed. Past ``timeout_s`` the trial errors out."""
-    import ray
-
-    start = time.monotonic()
-    released = False
-    while (free := ray.available_resources().get("CPU", 0.0)) < needed - 1e-6:
-        waited = time.monotonic() - start
-        if sole_trial and not released and waited > grace_s:
-            released = True
-            groups = _job_placement_groups()
-            _remove_placement_groups([g for g, bundles in (groups or {}).items() if bundles != _TRIAL_BUNDLES])
-            continue
-        if waited > timeout_s:
-            raise TimeoutError(f"only {free:.2f} CPU free after {timeout_s:.0f}s, {needed} needed to start this "
-                               f"trial: a stopped trial's placement group was probably not released (its cleaner "
-                               f"needs the dashboard's State API and a single Ray instance per machine)")
-        time.sleep(1.0)
-
-
-_TRIAL_BUNDLES = [{"CPU": TRIAL_CPUS}]  # the shape of Tune's own placement group for a trial function
-
-
-def _job_placement_groups() -> dict[str, list] | None:
-    """``{id: bundles}`` of this job's placement groups not yet removed; None when the State API cannot tell.
-    The cluster address is passed explicitly, so a second Ray instance on the machine does not confuse it."""
-    import ray
-    from ray.util.state import list_placement_groups
-
-    context = ray.get_runtime_context()
-    for attempt in range(3):  # the dashboard may still be starting
-        try:
-            groups = list_placement_groups(address=context.gcs_address, limit=10_000, detail=True,
-                                           raise_on_missing_output=False,
-                                           filters=[("creator_job_id", "=", context.get_job_id())])
-            break
-        except Exception:  # noqa: BLE001 - no dashboard (State API), e.g. a remote cluster without it
-            if attempt == 2:
-                return None
-            time.sleep(2.0)
-    return {g.placement_group_id: [b.get("unit_resources", b) for b in (g.bundles or [])]
-            for g in groups if g.state != "REMOVED"}
-
-
-def _remove_placement_groups(ids: Sequence[str]) -> list[str]:
-    import ray
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-    removed = []
-    for pg_id in ids:
-        try:
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
-            removed.append(pg_id)
-        except Exception:  # noqa: BLE001, S112 - already gone
-            continue
-    return removed
 
 
 def make_trainable(setup: TrialSetup) -> Callable[[dict], None]:
@@ -551,13 +382,13 @@ def _fit(ctx: StageContext, setup: TrialSetup, *, param_space: dict, num_samples
                                         max_concurrent_trials=concurrency, reuse_actors=False),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage, verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=0)))
-    before = _job_placement_groups()
+    before = job_placement_groups()
     try:
         with _env(STRICT_METRIC_ENV, "1"):  # reports between evaluations carry no val_accuracy (module docstring)
             grid = tuner.fit()
     finally:  # whatever stopped trials left behind goes, so later stages in this job get their CPUs back
-        after = _job_placement_groups() if before is not None else None
-        removed = _remove_placement_groups(sorted(set(after) - set(before))) if after is not None else []
+        after = job_placement_groups() if before is not None else None
+        removed = remove_placement_groups(sorted(set(after) - set(before))) if after is not None else []
         if removed:
             ctx.log(f"  tune: removed {len(removed)} placement group(s) left behind by stopped trials")
     records = sorted((_trial_record(r, ctx.cfg.tune.metric) for r in grid), key=lambda r: r["trial_id"])

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import bon_math, modeling, runner, tracking
+from pipeline import bon_math, generation, modeling, runner, tracking
 from pipeline.artifacts import Manifest
 from pipeline.config import ConfigError, load_config
 from stages import best_of_n
@@ -73,7 +73,7 @@ def test_write_outputs_contract_without_ray(tmp_path):
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["n_max"] == 4 and [r["n"] for r in saved["rows"]] == [1, 2, 4]
     assert Path(outputs["plot"]).read_bytes()[:4] == b"\x89PNG"
-    metrics = best_of_n.summary_metrics(table)
+    metrics = bon_math.summary_metrics(table)
     assert metrics["bon/gain"] == pytest.approx(metrics["bon/gold_at_nmax"] - metrics["bon/gold_at_1"])
 
 
@@ -83,14 +83,14 @@ def test_verdict_compares_the_best_n_interval_with_random_selection():
     table = pd.DataFrame({"n": [1, 2, 4], "kl": 0.0, "gold_mean": [0.50, 0.546, 0.55],
                           "gold_ci_low": [0.47, 0.508, 0.495], "gold_ci_high": [0.53, 0.58, 0.6],
                           "proxy_mean": 0.0, "oracle_gold_mean": 1.0})
-    metrics = best_of_n.summary_metrics(table)
+    metrics = bon_math.summary_metrics(table)
     assert (metrics["bon/peak_n"], metrics["bon/clearest_n"], metrics["bon/beats_random"]) == (4, 2, 1.0)
-    assert best_of_n.verdict(metrics).startswith("the reward model beats random selection: gold 0.546 at n=2")
+    assert bon_math.verdict(metrics).startswith("the reward model beats random selection: gold 0.546 at n=2")
     table.loc[1, "gold_ci_low"] = 0.49  # no interval clears 0.50 any more
-    metrics = best_of_n.summary_metrics(table)
-    assert metrics["bon/beats_random"] == 0.0 and "does NOT beat" in best_of_n.verdict(metrics)
+    metrics = bon_math.summary_metrics(table)
+    assert metrics["bon/beats_random"] == 0.0 and "does NOT beat" in bon_math.verdict(metrics)
     only_random = table.iloc[:1]
-    assert best_of_n.summary_metrics(only_random)["bon/beats_random"] == 0.0
+    assert bon_math.summary_metrics(only_random)["bon/beats_random"] == 0.0
 
 
 class _RecordingTracker:
@@ -193,8 +193,8 @@ def test_reward_model_from_config_else_train_stage_else_clear_error(tmp_path):
 
 @pytest.mark.unit
 def test_prompt_seed_is_stable_and_prompt_specific():
-    assert best_of_n.prompt_seed(0, "a") == best_of_n.prompt_seed(0, "a")
-    assert len({best_of_n.prompt_seed(0, "a"), best_of_n.prompt_seed(0, "b"), best_of_n.prompt_seed(1, "a")}) == 3
+    assert generation.prompt_seed(0, "a") == generation.prompt_seed(0, "a")
+    assert len({generation.prompt_seed(0, "a"), generation.prompt_seed(0, "b"), generation.prompt_seed(1, "a")}) == 3
 
 
 def _prompts(mapping: dict):

@@ -23,11 +23,12 @@ def data_dir(ray_session, tmp_path_factory):
     return Path(runner.run_pipeline(cfg, stages=("data",), log=lambda _: None)["data"].outputs["train"]).parent
 
 
-def _local(data_dir, overrides, **kw):
-    history = []
+def _local(data_dir, overrides, history=None, **kw):
+    history = [] if history is None else history
     cfg = load_config(SMOKE, ["train.max_steps=3", *overrides])
     T.train_local(cfg, T.read_rows(str(data_dir / "train")), T.read_rows(str(data_dir / "validation")),
-                  report=lambda m, checkpoint_dir=None, final=False: history.append(dict(m, final=final)), **kw)
+                  report=lambda m, checkpoint_dir=None, final=False: history.append(
+                      dict(m, final=final, checkpointed=checkpoint_dir is not None)), **kw)
     return history
 
 
@@ -49,8 +50,9 @@ def test_nan_loss_stops_naming_the_step_and_never_checkpoints(data_dir, monkeypa
     monkeypatch.setenv("NORMBT_NAN_AT_STEP", "1")
     reports = []
     with pytest.raises(FloatingPointError, match="optimizer step 1"):
-        reports = _local(data_dir, ["train.zero_stage=0", "train.checkpoint_every=1"])
-    assert reports == []
+        _local(data_dir, ["train.zero_stage=0", "train.checkpoint_every=1"], history=reports)
+    # the step before the poisoned one was checkpointed; the poisoned one reached neither a report nor a checkpoint
+    assert [(r["step"], r["checkpointed"]) for r in reports] == [(1, True)]
 
 
 def test_nan_loss_skip_policy_skips_one_step(data_dir, monkeypatch):

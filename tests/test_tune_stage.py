@@ -12,6 +12,7 @@ import pytest
 
 from pipeline import runner
 from pipeline.config import ConfigError, PipelineConfig, from_flat, load_config
+from pipeline import compare as C
 from stages import tune as T
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,13 +71,13 @@ def test_eval_cadence_gives_asha_a_metric_when_eval_every_is_off():
 
 @pytest.mark.unit
 def test_t_interval():
-    mean, low, high, n = T.t_interval([1.0, 2.0, 3.0])
+    mean, low, high, n = C.t_interval([1.0, 2.0, 3.0])
     half = 4.302652729911275 / math.sqrt(3)  # t_{0.975, 2} · s / √n with s = 1
     assert (mean, n) == (2.0, 3) and low == pytest.approx(2.0 - half) and high == pytest.approx(2.0 + half)
-    assert T.t_interval([0.5, 0.5]) == (0.5, 0.5, 0.5, 2)
-    mean, low, high, n = T.t_interval([0.7, float("nan")])
+    assert C.t_interval([0.5, 0.5]) == (0.5, 0.5, 0.5, 2)
+    mean, low, high, n = C.t_interval([0.7, float("nan")])
     assert (mean, n) == (0.7, 1) and math.isnan(low) and math.isnan(high)
-    assert T.t_interval([])[3] == 0
+    assert C.t_interval([])[3] == 0
 
 
 @pytest.mark.unit
@@ -85,7 +86,7 @@ def test_compare_table_pairs_the_difference_by_seed():
     records = [{"loss": loss, "seed": s, "val_accuracy": base + shift}
                for s, base in enumerate([0.5, 0.7, 0.9]) for loss, shift in (("bt", 0.0), ("normbt", 0.05))]
     records.append({"loss": "normbt", "seed": 3, "val_accuracy": 0.1})  # no bt partner: not in the difference
-    table = T.compare_table(records, ["val_accuracy"], ["bt", "normbt"]).set_index("loss")
+    table = C.compare_table(records, ["val_accuracy"], ["bt", "normbt"]).set_index("loss")
     assert list(table.index) == ["bt", "normbt", "diff"]
     assert table.loc["diff", "mean"] == pytest.approx(0.05) and table.loc["diff", "n"] == 3
     assert table.loc["diff", "ci_high"] - table.loc["diff", "ci_low"] == pytest.approx(0.0, abs=1e-9)
@@ -97,12 +98,12 @@ def test_compare_table_pairs_the_difference_by_seed():
 def test_compare_grid_and_labels():
     cfg = load_config(None, ["tune.seeds=2", "train.seed=10",
                              "tune.losses=[{loss.name: bt}, {loss.name: normbt, loss.beta: 0.5}]"])
-    grid = T.compare_grid(cfg)
+    grid = C.compare_grid(cfg)
     assert [(g["loss"], g["seed"]) for g in grid] == [("bt", 10), ("bt", 11), ("name=normbt,beta=0.5", 10),
                                                       ("name=normbt,beta=0.5", 11)]
     assert grid[3]["overrides"] == {"loss.name": "normbt", "loss.beta": 0.5, "train.seed": 11, "model.seed": 11}
     with pytest.raises(ValueError, match="at least two"):
-        T.compare_grid(load_config(None, ["tune.losses=[{loss.name: bt}]"]))
+        C.compare_grid(load_config(None, ["tune.losses=[{loss.name: bt}]"]))
 
 
 @pytest.mark.unit
@@ -128,10 +129,10 @@ def test_trial_status_and_best_trial_choice():
 
 @pytest.mark.unit
 def test_compare_plot_is_written(tmp_path):
-    table = T.compare_table([{"loss": loss, "seed": s, "val_accuracy": 0.6 + 0.1 * s + (loss == "normbt") * 0.02,
+    table = C.compare_table([{"loss": loss, "seed": s, "val_accuracy": 0.6 + 0.1 * s + (loss == "normbt") * 0.02,
                               "synthetic/section/Chat": 0.9} for s in range(3) for loss in ("bt", "normbt")],
                             ["val_accuracy", "synthetic/section/Chat"], ["bt", "normbt"])
-    path = T.plot_compare(table, tmp_path / "compare.png")
+    path = C.plot_compare(table, tmp_path / "compare.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
