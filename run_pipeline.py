@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Run the NormBT reward-model pipeline.
+"""Run the NormBT reward-model pipeline, or serve a trained reward model.
 
     python run_pipeline.py [--config FILE] [--run-dir DIR] [--stages a,b] [key=value ...]
+    python run_pipeline.py serve [--config FILE] [--model M] [--host H] [--port P] [key=value ...]
 
 Defaults: ``configs/default.yaml`` (offline, minutes on 2 CPU cores) and ``runs/<run.name>``.
-A rerun skips finished stages and resumes a failed one.
+A rerun skips finished stages and resumes a failed one. ``serve`` deploys the registry's champion (or ``--model``:
+models:/name@alias, a run directory, a save_pretrained folder) on Ray Serve until Ctrl-C (see pipeline/serving.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,45 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["serve"]:
+        return serve(args[1:])
+    return run(argv)
+
+
+def serve(argv: list[str]) -> int:
+    """``run_pipeline.py serve``: deploy the reward model and block until Ctrl-C."""
+    import time
+
+    parser = argparse.ArgumentParser(prog="run_pipeline.py serve", description=serve.__doc__)
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--model", default=None, help="models:/name@alias, a run directory or a save_pretrained folder")
+    parser.add_argument("--host", default=None, help="address to bind (default serve.host, 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="port (default serve.port, 8000)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value (value parsed as YAML)")
+    args = parser.parse_args(argv)
+    from pipeline import serving
+    from pipeline.config import ConfigError, load_config
+    from pipeline.raycluster import shutdown_if_started
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        url = serving.start(cfg, model=args.model, host=args.host, port=args.port)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"serve: {err}", file=sys.stderr)
+        return 2
+    print(f"serving at {url}: POST /get_reward, POST /score, GET /health, GET /metadata (Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        serving.stop()
+        shutdown_if_started()
+
+
+def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file (default: configs/default.yaml)")
     parser.add_argument("--run-dir", default=None, help="run directory (default: <run.root>/<run.name>)")

@@ -369,6 +369,24 @@ class BestOfNConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    model: str = _f("", "What to serve: models:/<name>@<alias> or models:/<name>/<version>, a run directory or a "
+                    "save_pretrained folder; '' = the registry's champion (tracking.registered_model_name).")
+    host: str = _f("127.0.0.1", "Address the HTTP endpoint binds (loopback unless you open it on purpose).")
+    port: int = _f(8000, "HTTP port.")
+    num_replicas: int = _f(1, "Replicas, each holding one model copy.")
+    cpus_per_replica: float = _f(1.0, "CPUs each replica reserves.")
+    gpus_per_replica: float = _f(0.0, "GPUs each replica reserves (> 0: the model runs on the GPU, bf16 backbone, "
+                                 "fp32 head).")
+    max_batch_tokens: int = _f(8192, "Tokens scored together across requests (at least one whole sequence).")
+    batch_wait_ms: float = _f(5.0, "How long a batch waits for more requests before it runs.")
+    max_texts_per_request: int = _f(256, "Texts (or conversations) per request, at most (413 beyond).")
+    max_text_chars: int = _f(200_000, "Characters per text, at most (413 beyond).")
+    token_env: str = _f("NORMBT_SERVE_TOKEN", "Environment variable holding a bearer token; when it is set, every "
+                        "request needs 'Authorization: Bearer <token>' ('' disables).")
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrackingConfig:
     tracking_uri: str | None = _f(None, "MLflow URI (default: MLFLOW_TRACKING_URI, else sqlite under the run root).")
     experiment_name: str = _f("normbt", "MLflow experiment.")
@@ -403,6 +421,7 @@ class PipelineConfig:
     best_of_n: BestOfNConfig = _f(BestOfNConfig(), "Best-of-N stage.")
     tracking: TrackingConfig = _f(TrackingConfig(), "MLflow.")
     ray: RayConfig = _f(RayConfig(), "Ray cluster.")
+    serve: ServeConfig = _f(ServeConfig(), "Reward-model endpoint (python run_pipeline.py serve).")
     run: RunConfig = _f(RunConfig(), "Run identity and layout.")
 
     def __post_init__(self) -> None:
@@ -425,6 +444,8 @@ def _check(cfg: PipelineConfig) -> None:
         (cfg.train.nan_policy != "skip" or cfg.train.grad_accum == 1,
          "train.nan_policy=skip needs train.grad_accum=1 (a skipped micro-batch would leave half-accumulated grads)"),
         (cfg.best_of_n.n_max >= 1, "best_of_n.n_max must be >= 1"),
+        (cfg.serve.num_replicas >= 1 and cfg.serve.max_texts_per_request >= 1 and cfg.serve.max_batch_tokens >= 1,
+         "serve.num_replicas, serve.max_texts_per_request and serve.max_batch_tokens must be >= 1"),
         (cfg.best_of_n.policy != "hf" or cfg.best_of_n.policy_model, "best_of_n.policy=hf needs best_of_n.policy_model"),
         (cfg.best_of_n.gold != "rm" or cfg.best_of_n.gold_model, "best_of_n.gold=rm needs best_of_n.gold_model"),
         (len(cfg.data.sources) > 0, "data.sources must list at least one source"),

@@ -355,8 +355,10 @@ def run_loop(cfg: PipelineConfig, plan: LoopPlan, *, train_windows: Callable[[in
     """The training loop. ``train_windows(epoch)`` yields windows of rows in file order; ``report(metrics,
     checkpoint_dir=None, final=False)`` publishes metrics (and a checkpoint folder written by every rank)."""
     device = compute_device(use_gpu)
+    marks = {"loop_start": time.time()}  # where a run's wall time goes: reported as phase/* in the final metrics
     first_epoch = prefetched(train_windows(0)) if restore_dir is None else None  # reads while the engine builds
     engine, model, tok = build_engine(cfg, plan, use_gpu)
+    marks["engine_built"] = time.time()
     comm = Collectives(device)  # after deepspeed.initialize, which creates the process group under torchrun
     ema = losses.DistanceEMA(cfg.loss.beta)
     step = consumed = 0
@@ -406,12 +408,31 @@ def run_loop(cfg: PipelineConfig, plan: LoopPlan, *, train_windows: Callable[[in
                 report(metrics)
         if step >= plan.max_steps:
             break
+    marks["steps_done"] = time.time()
     final, table = evaluate(cfg, engine, model, validation_rows(), tok.pad_token_id, device, comm)
     final["step"] = step
     final["data_wait_fraction"] = wait_s / max(wait_s + busy_s, 1e-9)
+    final.update(_phases(marks, time.time(), steps_s=busy_s, wait_s=wait_s))
     if plan.rank == 0:
         logger.log_metrics(final, step=step)
     _checkpoint(engine, step, consumed, ema, final, report, export=(model, tok, final, cfg, table))
+
+
+def _phases(marks: dict[str, float], now: float, *, steps_s: float, wait_s: float) -> dict[str, float]:
+    """Seconds of each phase of this worker's run: process start to the loop (interpreter, imports, Ray Train's
+    worker set-up), the engine (tokenizer, model, deepspeed.initialize), steps and the waits for data between
+    them, everything else in the loop (reports, intermediate checkpoints and evaluations), the final evaluation.
+    The final checkpoint and export come in ``phase/checkpoint_s``."""
+    try:
+        import psutil
+
+        process_s = marks["loop_start"] - psutil.Process().create_time()
+    except (ImportError, OSError):
+        process_s = float("nan")
+    loop_s = marks["steps_done"] - marks["engine_built"]
+    return {"phase/process_s": process_s, "phase/engine_s": marks["engine_built"] - marks["loop_start"],
+            "phase/steps_s": steps_s, "phase/data_wait_s": wait_s,
+            "phase/loop_other_s": max(0.0, loop_s - steps_s - wait_s), "phase/validation_s": now - marks["steps_done"]}
 
 
 def _progress(step: int, total: int, m: dict, start: float, seen: int) -> None:
@@ -424,6 +445,7 @@ def _progress(step: int, total: int, m: dict, start: float, seen: int) -> None:
 def _checkpoint(engine, step, consumed, ema, metrics, report, export=None) -> None:
     """Every rank saves (a rank-0-only DeepSpeed save hangs) into its own folder, then reports it."""
     folder = tempfile.mkdtemp(prefix="normbt-ckpt-")
+    started = time.time()
     client = {"step": step, "consumed": consumed, "ema": ema.state_dict(), "torch_rng": torch.get_rng_state()}
     engine.save_checkpoint(folder, tag=CKPT_TAG, client_state=client)
     if export is not None:
@@ -433,6 +455,7 @@ def _checkpoint(engine, step, consumed, ema, metrics, report, export=None) -> No
             modeling.save_reward_model(model, tok, Path(folder) / "model", state_dict=state, extra_config={
                 "reward_mean": final.get("val_reward_mean"), "reward_std": final.get("val_reward_std")})
             write_validation_rewards(table, Path(folder) / VALIDATION_REWARDS)
+        metrics = {**metrics, "phase/checkpoint_s": time.time() - started}
     report(metrics, checkpoint_dir=folder, final=export is not None)
     shutil.rmtree(folder, ignore_errors=True)
 

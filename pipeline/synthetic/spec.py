@@ -26,8 +26,8 @@ _GROUP_OF_SPLIT = {"train": "heldin", "validation": "heldin", "test": "heldout"}
 # How many re-draws a row gets before we give up on avoiding (a) a train prompt in validation
 # and (b) a duplicate row inside the split; (c) a validation row equal to a train row is never
 # accepted.
-_PROMPT_AVOID_ATTEMPTS = 20
-_DUP_AVOID_ATTEMPTS = 60
+_PROMPT_AVOID_ATTEMPTS = 300  # draws spent avoiding a train prompt: only the small safety pools still collide
+_DUP_AVOID_ATTEMPTS = 350  # at least the prompt budget: a duplicate is never the price of a new prompt
 _MAX_ATTEMPTS = 400
 
 
