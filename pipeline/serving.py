@@ -256,7 +256,7 @@ def _from_registry(cfg: PipelineConfig, uri: str) -> tuple[str, dict[str, Any]]:
     import mlflow
     from mlflow import MlflowClient
 
-    from pipeline.tracking import resolve_tracking_uri
+    from pipeline.tracking import mlflow_globals, resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(cfg)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -266,8 +266,9 @@ def _from_registry(cfg: PipelineConfig, uri: str) -> tuple[str, dict[str, Any]]:
     else:
         name, _, number = name.partition("/")
         version = client.get_model_version(name, number)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}",
-                                                tracking_uri=tracking_uri)
+    # models:/ URIs resolve against the process-wide registry URI, whatever tracking_uri says.
+    with mlflow_globals(tracking_uri):
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}")
     folder = next(p.parent for p in Path(local).rglob("config.json") if (p.parent / "model.safetensors").is_file())
     return str(folder), {"registered_model": name, "version": str(version.version), "alias": ref or None,
                          "aliases": sorted(version.aliases), "run_id": version.run_id, "source": uri,
@@ -302,11 +303,11 @@ def start(cfg: PipelineConfig, *, model: str | None = None, host: str | None = N
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(folder, settings_of(cfg), metadata), name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"
-    _wait_until_healthy(url, settings_of(cfg).get("token"))
+    wait_until_healthy(url, settings_of(cfg).get("token"))
     return url
 
 
-def _wait_until_healthy(url: str, token: str | None, timeout_s: float = 120.0) -> None:
+def wait_until_healthy(url: str, token: str | None, timeout_s: float = 120.0) -> None:
     import urllib.error
     import urllib.request
 

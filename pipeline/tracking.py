@@ -25,6 +25,7 @@ from pipeline.config import PipelineConfig, flatten, plain
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 _SECRET_KEY = re.compile(r"token|secret|password|passwd|api[_-]?key|credential", re.IGNORECASE)
 PARENT_TAG = "mlflow.parentRunId"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 
 
 def redact(value: Any) -> Any:
@@ -175,6 +176,9 @@ def start_pipeline_run(cfg: PipelineConfig, run_dir: Path) -> RunLogger:
             return RunLogger(uri, run_id)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment_name)
     exp_id = experiment.experiment_id if experiment else client.create_experiment(cfg.tracking.experiment_name)
+    if experiment is None or EXPERIMENT_KIND_TAG not in experiment.tags:
+        # MLflow 3's UI opens an experiment in its GenAI (traces) view unless told it is model development
+        client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, "custom_model_development")
     tags = {"pipeline.run_dir": str(run_dir)}
     outer = mlflow.active_run()
     if outer is not None:
@@ -205,3 +209,37 @@ def stage_run(parent: RunLogger, stage: str, cfg_hash: str) -> Iterator[RunLogge
         run.finish("FAILED")
         raise
     run.finish("FINISHED")
+
+
+@contextmanager
+def mlflow_globals(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (tracking + registry URI, no active experiment) at ``uri``; restore after.
+
+    The pipeline otherwise never touches MLflow's globals; ``log_model`` only works through them. The
+    setters also write ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI``, restored exactly too, as is the
+    code model MLflow keeps after executing this file. (Private MLflow 3.17 attributes: checked by the tests.)"""
+    import mlflow
+    from mlflow.models import model as model_module
+    from mlflow.tracking import fluent
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    env_keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")
+    saved_env = {k: os.environ.get(k) for k in env_keys}
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri, fluent._active_experiment_id,
+             model_module.__dict__.get("__mlflow_model__"))  # set_model() of a code model (the registered pyfunc's file) lands here
+    try:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        fluent._active_experiment_id = None  # start_run(run_id=...) rejects a run of another active experiment
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        registry_utils._registry_uri = saved[1]
+        fluent._active_experiment_id = saved[2]
+        model_module.__dict__["__mlflow_model__"] = saved[3]
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

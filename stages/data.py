@@ -322,7 +322,8 @@ def _collect(ray: Any, dataset: Any) -> Any:
     sorting and writing it here costs a fraction of a second where three more Ray Data passes cost 10 s."""
     import pyarrow as pa
 
-    blocks = ray.get(dataset.to_arrow_refs())
+    # Streamed through the driver's iterator (whole blocks, in order): the blocks are pulled as they are produced.
+    blocks = list(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
     return pa.concat_tables(blocks, promote_options="default") if blocks else _TOKENISED_SCHEMA.empty_table()
 
 

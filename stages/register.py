@@ -34,10 +34,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -166,7 +164,7 @@ def log_and_register(ctx: StageContext, model_dir: Path, metric: str, score: flo
     from mlflow import MlflowClient
     from mlflow.models import infer_signature
 
-    from pipeline.tracking import redact
+    from pipeline.tracking import mlflow_globals, redact
 
     uri, run_id, name = ctx.tracker.uri, ctx.tracker.run_id, ctx.cfg.tracking.registered_model_name
     options = scorer_options(ctx, model_dir)
@@ -187,6 +185,7 @@ def log_and_register(ctx: StageContext, model_dir: Path, metric: str, score: flo
     tags = {**decide(metric, score, champion), "source_run_id": run_id, "logged_model_id": info.model_id}
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
+    client.update_model_version(name, version, description=version_description(ctx, model_dir, metric, score))
     client.set_registered_model_alias(name, CANDIDATE, version)
     if tags["decision"] == PROMOTED:
         client.set_registered_model_alias(name, CHAMPION, version)
@@ -199,6 +198,36 @@ def log_and_register(ctx: StageContext, model_dir: Path, metric: str, score: flo
                                     "previous_champion_score")},
             "logged_model_uri": info.model_uri, "run_id": run_id, "tracking_uri": redact(uri),
             "model_dir": str(model_dir)}
+
+
+def version_description(ctx: StageContext, model_dir: Path, metric: str, score: float | None) -> str:
+    """What a reader of the registry needs to know about this version (Markdown): backbone, loss and its values,
+    data, validation and benchmark scores, the run that produced it."""
+    train = _read_json(ctx.upstream["train"].outputs.get("metrics", ""))
+    used = train.get("config", {})  # the values training really used (tune's best ones applied)
+    final = train.get("final", {})
+    loss = used.get("loss.name", ctx.cfg.loss.name)
+    values = ", ".join(f"{k.removeprefix('loss.')} {used[k]}" for k in ("loss.beta", "loss.eps") if k in used) \
+        if loss == "normbt" else "plain Bradley-Terry"
+    lines = [f"Reward model trained with **{loss}** ({values}), lr {used.get('train.lr', ctx.cfg.train.lr)}, "
+             f"{final.get('step', '?')} steps.",
+             f"- backbone: `{ctx.cfg.model.name_or_path}`",
+             f"- data: {', '.join(s.label for s in ctx.cfg.data.sources)}"]
+    data = ctx.upstream.get("data")
+    if data is not None and "stats" in data.outputs:
+        rows = _read_json(data.outputs["stats"]).get("rows", {})
+        lines[-1] += f" ({rows.get('train', '?')} train / {rows.get('validation', '?')} validation pairs)"
+    if "val_accuracy" in final:
+        lines.append(f"- validation accuracy: {final['val_accuracy']:.4f} ({final.get('val_pairs', '?')} pairs)")
+    bench = ctx.upstream.get("rewardbench")
+    if bench is not None:
+        for key, path in sorted(bench.outputs.items()):
+            if key.endswith("/metrics"):
+                overall = _number(_read_json(path).get("overall"))
+                lines.append(f"- {key.removesuffix('/metrics')} overall: {_show(overall)}")
+    lines.append(f"- promotion score: {metric} = {_show(score)}")
+    lines.append(f"- run: `{ctx.tracker.run_id}` (model folder `{model_dir}`)")
+    return "\n".join(lines)
 
 
 def current_champion(client: Any, name: str) -> Any | None:
@@ -225,39 +254,6 @@ def wait_until_ready(client: Any, name: str, version: str | int, timeout_s: floa
             raise TimeoutError(f"{name} v{version} still {mv.status} after {timeout_s:.0f}s")
         time.sleep(delay)
         delay = min(delay * 2, 5.0)
-
-
-@contextmanager
-def mlflow_globals(uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API (tracking + registry URI, no active experiment) at ``uri``; restore after.
-
-    The pipeline otherwise never touches MLflow's globals; ``log_model`` only works through them. The
-    setters also write ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI``, restored exactly too, as is the
-    code model MLflow keeps after executing this file. (Private MLflow 3.17 attributes: checked by the tests.)"""
-    from mlflow.models import model as model_module
-    from mlflow.tracking import fluent
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    env_keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")
-    saved_env = {k: os.environ.get(k) for k in env_keys}
-    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri, fluent._active_experiment_id,
-             model_module.__dict__.get("__mlflow_model__"))  # set_model() of a code model (this file) lands here
-    try:
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        fluent._active_experiment_id = None  # start_run(run_id=...) rejects a run of another active experiment
-        yield
-    finally:
-        mlflow.set_tracking_uri(saved[0])
-        registry_utils._registry_uri = saved[1]
-        fluent._active_experiment_id = saved[2]
-        model_module.__dict__["__mlflow_model__"] = saved[3]
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _log_report(ctx: StageContext, paths: Sequence[Path]) -> None:

@@ -80,3 +80,81 @@ def test_smoke_pipeline_end_to_end_against_a_server_then_rerun_is_a_no_op(ray_se
     assert run_pipeline.main(args) == 0
     rerun = capsys.readouterr().out
     assert rerun.count("up to date, skipped") == len(STAGES), rerun
+
+    # the registry as users browse it: the model-training view, a described version
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
+    description = client.get_model_version(name, registry["version"]).description
+    assert "backbone: `tiny:llama`" in description and "validation accuracy" in description
+    check_the_endpoint(mlflow_server, tmp_path, name)
+
+
+def _post(url, body=None, raw=None, token=None):
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(url, data=raw if raw is not None else json.dumps(body).encode(), headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def check_the_endpoint(tracking_uri, tmp_path, name):
+    """The champion behind Ray Serve on loopback: both routes, parity with plain transformers and the pyfunc, bad
+    input answered with a 4xx while the replica keeps serving, a bearer token, then shut down."""
+    import socket
+
+    import mlflow
+    import torch
+
+    from pipeline import modeling, serving
+    from pipeline.config import load_config
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = load_config(REPO / "configs" / "smoke.yaml", [f"tracking.tracking_uri={tracking_uri}", f"serve.port={port}",
+                                                        "serve.token_env=NORMBT_TEST_SERVE_TOKEN"])
+    import os
+
+    os.environ["NORMBT_TEST_SERVE_TOKEN"] = "s3cret"
+    url = serving.start(cfg)  # the registry's champion
+    try:
+        folder, _ = serving.resolve_model(cfg)
+        model, tok = modeling.load_exported(folder)
+        pairs = pd.DataFrame({"prompt": ["What is 6 times 7?", "Name a colour."], "response": ["42.", "Blue."]})
+        texts = [tok.decode(modeling.encode_messages(tok, [{"role": "user", "content": p},
+                                                           {"role": "assistant", "content": r}]),
+                            skip_special_tokens=True) for p, r in zip(pairs["prompt"], pairs["response"], strict=True)]
+        status, got = _post(f"{url}/get_reward", {"query": texts}, token="s3cret")
+        assert status == 200 and got["truncated"] == [False, False]
+        with torch.no_grad():
+            plain = [model(**tok(t, return_tensors="pt", return_token_type_ids=False)).logits[0, 0].item()
+                     for t in texts]
+        assert got["rewards"] == pytest.approx(plain, abs=1e-5), "endpoint vs plain transformers"
+
+        status, scored = _post(f"{url}/score", {"prompt": list(pairs["prompt"]), "response": list(pairs["response"])},
+                               token="s3cret")
+        mlflow.set_tracking_uri(tracking_uri)
+        pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(pairs)["reward"].tolist()
+        assert status == 200 and scored["rewards"] == pytest.approx(pyfunc, abs=1e-5), "endpoint vs the pyfunc"
+        assert len(scored["normalized_rewards"]) == 2
+
+        bad = [(None, b"{nope", 400), ({"qury": ["x"]}, None, 422), ({"query": "x", "extra": 1}, None, 200),
+               ({"query": [3]}, None, 422), ({"query": [""]}, None, 422), ({"query": ["x"] * 300}, None, 413)]
+        for body, raw, expected in bad:
+            status, reply = _post(f"{url}/get_reward", body, raw=raw, token="s3cret")
+            assert status == expected, (body, raw, reply)
+        assert _post(f"{url}/get_reward", {"query": texts})[0] == 401, "no token, no reward"
+        assert _post(f"{url}/get_reward", {"query": texts}, token="s3cret")[1]["rewards"] == got["rewards"]
+        import urllib.request
+
+        with urllib.request.urlopen(f"{url}/metadata") as reply:
+            metadata = json.loads(reply.read())
+        assert metadata["registered_model"] == name and metadata["alias"] == "champion"
+    finally:
+        serving.stop()
+        del os.environ["NORMBT_TEST_SERVE_TOKEN"]

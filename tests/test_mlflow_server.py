@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from stages import register
+from pipeline import tracking
 from tests.test_register_stage import (
     MODEL_NAME,
     PAIRS,
@@ -54,7 +54,7 @@ def test_register_against_server(mlflow_server, model_dir, tmp_path):  # noqa: F
     names = {a.path for a in client.list_artifacts(first.mlflow_run_id, "report")}
     assert "report/report.html" in names and stage_run.info.status == "FINISHED"
 
-    with register.mlflow_globals(url):
+    with tracking.mlflow_globals(url):
         model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
     rewards = model.predict(PAIRS)["reward"].tolist()
     assert rewards == pytest.approx(reference_rewards(model_dir, PAIRS), abs=1e-5)

@@ -248,7 +248,7 @@ def test_champion_promotion_pyfunc_and_report(isolated_mlflow, model_dir):
     assert client.get_model_version(MODEL_NAME, "1").aliases == []
 
     # the champion loads as a pyfunc and scores like plain transformers
-    with register.mlflow_globals(uri):
+    with tracking.mlflow_globals(uri):
         model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
         local = mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}@champion", dst_path=str(tmp / "dl"))
     out = model.predict(PAIRS)

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import metrics, modeling, raycluster, runner, scoring, synthetic, tracking
+from pipeline import metrics, modeling, raycluster, scoring, synthetic, tracking
 from pipeline.stage import StageContext
 from pipeline.config import REPO_ROOT, ConfigError, load_config
 from pipeline import benchmarks as B

@@ -168,7 +168,7 @@ def test_decoder_with_pad_as_eos_trains_under_zero3_on_ray_and_rewardbench_score
     trained = pd.read_parquet(manifests["train"].outputs["validation_rewards"])
     ids = pd.read_parquet(manifests["data"].outputs["validation"])["id"].tolist()
     assert trained["row"].tolist() == list(range(len(ids))) and len(ids) % 2 == 1, "unequal ranks: an odd split"
-    spec = synthetic.SyntheticSpec.from_mapping(cfg.data.sources[0]["synthetic"])
+    spec = cfg.data.sources[0].synthetic
     texts = {r["id"]: r for r in synthetic.generate(spec, "validation")}
     bench = tmp_path / "validation_pairs.jsonl"
     bench.write_text("".join(json.dumps({"id": i, "prompt": texts[i]["prompt"][-1]["content"],
