@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 import run_pipeline
+from pipeline import tracking
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 REPO = Path(__file__).resolve().parents[1]
@@ -138,8 +139,8 @@ def check_the_endpoint(tracking_uri, tmp_path, name):
 
         status, scored = _post(f"{url}/score", {"prompt": list(pairs["prompt"]), "response": list(pairs["response"])},
                                token="s3cret")
-        mlflow.set_tracking_uri(tracking_uri)
-        pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(pairs)["reward"].tolist()
+        with tracking.mlflow_globals(tracking_uri):  # leaves MLflow's globals as the next test expects them
+            pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(pairs)["reward"].tolist()
         assert status == 200 and scored["rewards"] == pytest.approx(pyfunc, abs=1e-5), "endpoint vs the pyfunc"
         assert len(scored["normalized_rewards"]) == 2
 
