@@ -39,7 +39,7 @@ def ensure_ray(cfg: PipelineConfig) -> Any:
         address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
         runtime_env = {"env_vars": worker_env(cfg.train.use_gpu)}
         if address:
-            _token_auth_like_the_head()
+            _token_auth_like_the_head(address)
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
             print(f"ray: joined the existing cluster at {address} ({cluster_nodes()} node(s), "
                   f"{ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs)",
@@ -57,14 +57,55 @@ def ensure_ray(cfg: PipelineConfig) -> Any:
     return ray
 
 
-def _token_auth_like_the_head() -> None:
-    """Ray 2.60 turns on token authentication for a cluster started with ``ray start`` when a token exists
-    (``RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``), but a driver joining it does not send that token unless
-    ``RAY_AUTH_MODE=token``: the join fails with "InvalidAuthToken". Apply the head's rule here too (Ray's own
-    function, which also refreshes the config Ray has already read), unless the user chose a mode."""
+def _token_auth_like_the_head(address: str) -> None:
+    """Send Ray's auth token exactly when the head asks for one.
+
+    Ray 2.60 turns on token authentication for a cluster started with ``ray start`` when a token exists
+    (``RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``), but a driver joining it sends no token unless
+    ``RAY_AUTH_MODE=token``: the join fails with "InvalidAuthToken". The opposite also breaks: a driver in token
+    mode joining a head without auth rejects its raylets' calls, and the first task fails with OwnerDiedError.
+    So ask the head (a GCS client without a token is refused at once by a token head) and follow its answer,
+    unless the user chose a mode.
+    """
+    if os.environ.get("RAY_AUTH_MODE") is not None:
+        return
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address
+
+        try:
+            address = canonicalize_bootstrap_address(address) or ""
+        except Exception:  # no recorded cluster: ray.init says so itself
+            address = ""
+    if not _is_host_port(address) or not _head_requires_token(address):
+        return
     from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
 
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def _is_host_port(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    return bool(host) and port.isdigit() and "://" not in address
+
+
+def _head_requires_token(address: str) -> bool:
+    import socket
+
+    import ray.exceptions
+    from ray._raylet import GcsClient
+
+    host, _, port = address.rpartition(":")
+    try:  # an unreachable head would hold the GCS client for 40 s; ray.init reports it in its own words
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError:
+        return False
+    try:
+        GcsClient(address=address)
+    except ray.exceptions.AuthenticationError:
+        return True
+    except Exception:  # not a GCS: ray.init reports that in its own words
+        return False
+    return False
 
 
 def cluster_nodes() -> int:
