@@ -206,11 +206,45 @@ def distance_table(frame: pd.DataFrame, fmt: str, n_bins: int) -> pd.DataFrame:
     return metrics.accuracy_by_distance_bin(judged, n_bins, by="section")
 
 
+def length_credit(chosen: Any, rejected: Any, fmt: str, longer: bool) -> float:
+    """Credit of the length-only judge that picks the longer (or shorter) response, in characters.
+
+    v1: 1 when the chosen response is strictly longer (shorter), 0.5 on equal length, else 0. v2 (one or more
+    chosen, several rejected): the judge picks the longest (shortest) response; its credit is the share of the
+    chosen among the responses tied for that pick."""
+    if fmt == "v1":
+        a, b = len(chosen), len(rejected)
+        return 0.5 if a == b else float(a > b if longer else a < b)
+    lengths_c, lengths_r = [len(t) for t in chosen], [len(t) for t in rejected]
+    pick = max(lengths_c + lengths_r) if longer else min(lengths_c + lengths_r)
+    return lengths_c.count(pick) / (lengths_c + lengths_r).count(pick)
+
+
+def length_controls(examples: pd.DataFrame, frame: pd.DataFrame, fmt: str) -> dict[str, dict[str, float]]:
+    """``{section | "all": {"longer_wins", "shorter_wins", "n"}}``: what judging by length alone scores on the
+    same examples (plain means over the section's examples; rows without credit, v2 Ties, left out). A reward
+    model's section score near ``longer_wins`` may be a length preference rather than a judgement."""
+    judged = frame["correct"].notna().to_numpy()
+    longer = np.array([length_credit(c, r, fmt, True) for c, r in zip(examples["chosen"], examples["rejected"],
+                                                                      strict=True)])
+    shorter = np.array([length_credit(c, r, fmt, False) for c, r in zip(examples["chosen"], examples["rejected"],
+                                                                        strict=True)])
+    groups = {"all": judged, **{str(s): judged & (frame["section"] == s).to_numpy()
+                               for s in dict.fromkeys(frame["section"])}}
+    return {name: {"longer_wins": float(longer[sel].mean()) if sel.any() else math.nan,
+                   "shorter_wins": float(shorter[sel].mean()) if sel.any() else math.nan, "n": int(sel.sum())}
+            for name, sel in groups.items()}
+
+
 def metric_keys(name: str, summary: Mapping[str, Any]) -> dict[str, float]:
     """Flat ``<name>/overall``, ``<name>/section/<S>``, ``<name>/subset/<s>`` metrics."""
     flat = {f"{name}/overall": float(summary["overall"]), f"{name}/tie_rate": float(summary["tie_rate"])}
     flat.update({f"{name}/section/{_safe(s)}": float(v) for s, v in summary["sections"].items()})
     flat.update({f"{name}/subset/{_safe(s)}": float(v) for s, v in summary["subsets"].items()})
+    for section, control in summary.get("length_controls", {}).items():
+        suffix = "" if section == "all" else f"/{_safe(section)}"
+        flat[f"{name}/length_control/longer_wins{suffix}"] = float(control["longer_wins"])
+        flat[f"{name}/length_control/shorter_wins{suffix}"] = float(control["shorter_wins"])
     return flat
 
 
@@ -250,15 +284,17 @@ def score_benchmark(bench: BenchmarkConfig, model_path: str, ctx: StageContext
         use_gpu=ctx.cfg.train.use_gpu)
     frame = regroup(examples, scored, fmt)
     frame["section"] = sections(frame, fmt)
-    summary = summarise(frame, fmt)
+    summary = {**summarise(frame, fmt), "length_controls": length_controls(examples, frame, fmt)}
     table = distance_table(frame, fmt, rb.distance_bins)
     files = _write(ctx.out_dir / bench.name, frame, table, {
         "format": fmt, "model": model_path, **summary, "distance_bins": table.to_dict("records")})
     for path in files.values():
         ctx.tracker.log_artifact(path, artifact_path=bench.name)
     flat = metric_keys(bench.name, summary)  # logged by the caller (the runner logs a stage's metrics once)
+    lengths = summary["length_controls"]["all"]
     ctx.log(f"rewardbench[{bench.name}]: {len(examples)} examples ({fmt}), {len(convs)} responses in "
-            f"{time.time() - started:.1f}s; overall {summary['overall']:.4f}, ties {summary['tie_rate']:.4f}")
+            f"{time.time() - started:.1f}s; overall {summary['overall']:.4f}, ties {summary['tie_rate']:.4f}; "
+            f"length alone: longer wins {lengths['longer_wins']:.4f}, shorter wins {lengths['shorter_wins']:.4f}")
     return {f"{bench.name}/{key}": str(path) for key, path in files.items()}, flat
 
 

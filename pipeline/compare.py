@@ -137,3 +137,180 @@ def _finite(value: Any) -> bool:
         return value is not None and math.isfinite(float(value))
     except (TypeError, ValueError):
         return False
+
+
+# ---------------------------------------------------------------- paired statistics over pairs (and seeds)
+# A seed-level t-interval over 3-5 seeds is wide; the benchmark has hundreds of pairs scored by both losses, so
+# the difference is also judged pair by pair: resampling pairs keeps each pair's seeds together (the seeds of one
+# pair are not independent draws), and McNemar's test asks whether the pairs one loss alone gets right outnumber
+# those the other alone gets right.
+
+Z_95, Z_80 = 1.959963984540054, 0.8416212335729143  # two-sided 5% level; 80% power
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, n_boot: int = 2000, seed: int = 0,
+                     confidence: float = 0.95) -> dict[str, float]:
+    """The difference ``mean(b) - mean(a)`` of per-pair scores with a percentile bootstrap interval over pairs.
+
+    Args:
+        a, b: per-pair scores (1/0 correctness or a credit in [0, 1]), shape ``[n_pairs, n_seeds]``, row ``i`` the
+            same benchmark pair in both, column ``j`` the same seed. Rows with a NaN anywhere are left out.
+        n_boot: bootstrap resamples (pairs drawn with replacement; a row keeps all its seeds).
+
+    Returns:
+        ``diff``, ``ci_low``, ``ci_high``, ``se`` (the resamples' standard deviation), ``mde`` (the smallest
+        difference a two-sided 5% test detects with 80% power at this ``se``: ``(z_0.975 + z_0.8) * se``),
+        ``n_pairs``, ``n_seeds``.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"paired scores need equal [pairs, seeds] shapes, got {a.shape} and {b.shape}")
+    keep = ~(np.isnan(a).any(axis=1) | np.isnan(b).any(axis=1))
+    per_pair = (b[keep] - a[keep]).mean(axis=1)  # each pair's difference, averaged over its seeds
+    n = len(per_pair)
+    if n == 0:
+        return {"diff": math.nan, "ci_low": math.nan, "ci_high": math.nan, "se": math.nan, "mde": math.nan,
+                "n_pairs": 0, "n_seeds": int(a.shape[1])}
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n, size=(n_boot, n))
+    means = per_pair[draws].mean(axis=1)
+    tail = (1.0 - confidence) / 2
+    se = float(means.std(ddof=1)) if n_boot > 1 else math.nan
+    return {"diff": float(per_pair.mean()), "ci_low": float(np.quantile(means, tail)),
+            "ci_high": float(np.quantile(means, 1.0 - tail)), "se": se, "mde": (Z_95 + Z_80) * se,
+            "n_pairs": n, "n_seeds": int(a.shape[1])}
+
+
+def mcnemar(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """McNemar's exact test on paired 1/0 correctness (cells = pair × seed; other values and NaN left out).
+
+    ``only_a`` = cells ``a`` gets right and ``b`` wrong, ``only_b`` the reverse; under "no difference" each
+    discordant cell is a fair coin, so the two-sided p-value is the binomial tail of ``min(only_a, only_b)``."""
+    from scipy import stats
+
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    binary = np.isin(a, (0.0, 1.0)) & np.isin(b, (0.0, 1.0))
+    only_a = int(((a == 1) & (b == 0) & binary).sum())
+    only_b = int(((a == 0) & (b == 1) & binary).sum())
+    discordant = only_a + only_b
+    p = float(stats.binomtest(min(only_a, only_b), discordant, 0.5).pvalue) if discordant else 1.0
+    return {"only_a": only_a, "only_b": only_b, "cells": int(binary.sum()), "p_value": p}
+
+
+# ---------------------------------------------------------------- accuracy by distance on one shared scale
+# Each model's own distances differ (training moves the representations), so per-model bins hold different pairs.
+# Binning every pair once, by its distance under one reference model, compares the losses on exactly the same pairs.
+
+
+def shared_bin_edges(reference_distances: np.ndarray, n_bins: int) -> np.ndarray:
+    """Quantile edges ``[n_bins + 1]`` of the reference distances (first = min, last = max; duplicates merged)."""
+    d = np.asarray(reference_distances, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    if len(d) == 0 or n_bins < 1:
+        raise ValueError("shared distance bins need at least one finite reference distance and one bin")
+    return np.unique(np.quantile(d, np.linspace(0.0, 1.0, n_bins + 1)))
+
+
+def assign_bins(distances: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Bin index per pair (0 .. len(edges) - 2; the top edge belongs to the last bin)."""
+    inner = edges[1:-1]
+    return np.searchsorted(inner, np.asarray(distances, dtype=np.float64), side="right")
+
+
+def shared_bin_table(bins: np.ndarray, edges: np.ndarray, scores: Mapping[str, np.ndarray]) -> pd.DataFrame:
+    """Per shared bin and loss: accuracy over the bin's pairs and all seeds, and, for every loss after the first,
+    the paper's disagreement analysis against the first: cells (pair × seed) where exactly one of the two is
+    right, and the share of those this loss wins.
+
+    ``scores``: ``{loss label: [n_pairs, n_seeds]}`` per-pair correctness in the pair order of ``bins``."""
+    labels = list(scores)
+    first = np.asarray(scores[labels[0]], dtype=np.float64)
+    rows = []
+    for k in range(len(edges) - 1):
+        sel = bins == k
+        for label in labels:
+            own = np.asarray(scores[label], dtype=np.float64)[sel]
+            row = {"bin": k, "d_low": float(edges[k]), "d_high": float(edges[k + 1]), "n_pairs": int(sel.sum()),
+                   "loss": label, "accuracy": float(np.nanmean(own)) if own.size else math.nan,
+                   "disagree": math.nan, "won_share": math.nan}
+            if label != labels[0]:
+                base = first[sel]
+                split = np.isin(own, (0.0, 1.0)) & np.isin(base, (0.0, 1.0)) & (own != base)
+                row["disagree"] = int(split.sum())
+                row["won_share"] = float((own[split] == 1).mean()) if split.any() else math.nan
+            rows.append(row)
+    return pd.DataFrame(rows, columns=["bin", "d_low", "d_high", "n_pairs", "loss", "accuracy", "disagree",
+                                       "won_share"])
+
+
+def align_pairs(frames: Mapping[tuple[str, int], pd.DataFrame], labels: Sequence[str], seeds: Sequence[int]
+                ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """Per-pair correctness of every (loss label, seed) scoring of one benchmark, aligned by pair id.
+
+    ``frames`` are the benchmark's ``scores.parquet`` tables (``id, section, correct``); a missing (label, seed)
+    leaves NaN in its column. Returns the pairs (``id, section``, in the first table's order, ids present in all
+    tables) and ``{label: [n_pairs, n_seeds]}``."""
+    present = [f for f in frames.values()]
+    if not present:
+        return pd.DataFrame(columns=["id", "section"]), {lab: np.zeros((0, len(seeds))) for lab in labels}
+    ids = pd.Index(present[0]["id"].astype(str))
+    for f in present[1:]:
+        ids = ids[ids.isin(f["id"].astype(str))]
+    pairs = present[0].assign(id=present[0]["id"].astype(str)).set_index("id").loc[ids, ["section"]].reset_index()
+    scores = {}
+    for lab in labels:
+        matrix = np.full((len(ids), len(seeds)), np.nan)
+        for j, s in enumerate(seeds):
+            f = frames.get((lab, s))
+            if f is not None:
+                matrix[:, j] = f.assign(id=f["id"].astype(str)).set_index("id").loc[ids, "correct"].to_numpy(float)
+        scores[lab] = matrix
+    return pairs, scores
+
+
+def paired_table(pairs: pd.DataFrame, scores: Mapping[str, np.ndarray], *, n_boot: int = 2000, seed: int = 0
+                 ) -> pd.DataFrame:
+    """For all pairs and each section: every later loss minus the first, with the pair bootstrap (interval, SE,
+    minimum detectable effect at 80% power) and McNemar's test. Accuracies are plain means over pairs and seeds
+    (not RewardBench's section weighting)."""
+    labels = list(scores)
+    first = labels[0]
+    scopes = [("all", np.ones(len(pairs), dtype=bool))]
+    scopes += [(str(s), (pairs["section"] == s).to_numpy()) for s in dict.fromkeys(pairs["section"])]
+    rows = []
+    for scope, sel in scopes:
+        for lab in labels[1:]:
+            boot = paired_bootstrap(scores[first][sel], scores[lab][sel], n_boot=n_boot, seed=seed)
+            test = mcnemar(scores[first][sel], scores[lab][sel])
+            rows.append({"scope": scope, "loss": lab, "versus": first,
+                         "accuracy": float(np.nanmean(scores[lab][sel])) if sel.any() else math.nan,
+                         "accuracy_versus": float(np.nanmean(scores[first][sel])) if sel.any() else math.nan,
+                         **boot, "only_versus": test["only_a"], "only_loss": test["only_b"],
+                         "p_value": test["p_value"]})
+    return pd.DataFrame(rows)
+
+
+def plot_gradient_pairs(points: Mapping[str, np.ndarray], path: str | Path) -> Path:
+    """Per-pair score-head gradient norm against the pair's distance (log-log), one colour per loss, with the
+    fitted slope in the legend: about 1 means the update grows with the distance (BT), about 0 flat (NormBT)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from pipeline.metrics import loglog_slope
+
+    fig = Figure(figsize=(6.4, 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for label, xy in points.items():
+        xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+        keep = (xy[:, 0] > 0) & (xy[:, 1] > 0)
+        slope = loglog_slope(xy[:, 0], xy[:, 1])
+        ax.scatter(xy[keep, 0], xy[keep, 1], s=6, alpha=0.4, label=f"{label}: slope {slope:+.2f} (n={keep.sum()})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("pair distance ||h_w - h_l||")
+    ax.set_ylabel("score-head gradient norm of the pair's loss term")
+    ax.set_title("gradient vs distance (log-log slope)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return save_png(fig, path)

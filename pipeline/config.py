@@ -211,6 +211,8 @@ class TrainConfig:
     seed: int = _f(0, "Seed for data order and initialisation.")
     log_every: int = _f(5, "Report metrics every N optimizer steps (and at every validation); each report "
                         "costs a Ray Train round trip.")
+    grad_diag_every: int = _f(1, "Every N optimizer steps, record each pair's score-head gradient norm against its "
+                              "distance (rank 0's first micro-batch; no extra forward or backward); 0 turns it off.")
     in_memory_rows: int = _f(100_000, "Splits up to this many pairs reach the workers from one in-memory Arrow block; "
                              "larger ones stream from Parquet (read_parquet).")
 
@@ -260,6 +262,9 @@ class TuneConfig:
                                             "Compare mode: loss settings, each dotted config keys -> values "
                                             "(checked like overrides when the config loads).")
     seeds: int = _f(5, "Compare mode: seeds per loss setting.")
+    reference_model: str = _f("", "Compare mode: the reward-model folder whose pair distances bin every benchmark "
+                              "pair once for all losses ('': the untrained starting model, built as training builds it).")
+    bootstrap: int = _f(2000, "Compare mode: pair-bootstrap resamples for the paired differences.")
     trial_overrides: dict[str, Any] = _f({"train.max_steps": 10}, "Dotted overrides applied to every trial "
                                          "(default: short trials; {} trains each trial like the final run).")
     eval_reports: int = _f(2, "Search mode: validation passes per trial when train.eval_every is 0 (ASHA's rungs).")

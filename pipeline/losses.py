@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "pair_gradient_norms",
     "check_label_smoothing",
     "DEFAULT_BETA",
     "DEFAULT_EPS",
@@ -308,6 +309,42 @@ def normbt_loss(
     metrics = _scalar_stats(loss, chosen_rewards, rejected_rewards, extra)
     metrics["mu"] = mu_value
     return loss, metrics
+
+
+def pair_gradient_norms(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    distances: torch.Tensor,
+    *,
+    weights: torch.Tensor | None = None,
+    margin: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Per-pair norm of the gradient each pair's loss term sends into a linear reward head's weights.
+
+    With ``r = v . h + b`` and ``D_i = r_c,i - r_r,i``, pair ``i``'s term ``w_i * l_i(D_i)`` has the head-weight
+    gradient ``w_i * l_i'(D_i) * (h_c,i - h_r,i)``, of norm ``|w_i * l_i'(D_i)| * d_i`` (the bias cancels). This is
+    the paper's (arXiv 2512.06343) mechanism made measurable: under BT (``w = 1``) the norm grows with ``d``;
+    NormBT's ``w = mu / (d + eps)`` flattens it. ``l_i'`` is taken by autograd on detached rewards, so margins and
+    label smoothing are covered and the training graph is untouched. Batch-mean scaling is left out.
+
+    Args:
+        chosen_rewards (torch.Tensor): shape ``[B]``.
+        rejected_rewards (torch.Tensor): shape ``[B]``.
+        distances (torch.Tensor): ``||h_c - h_r||``, shape ``[B]``.
+        weights (torch.Tensor | None): NormBT's per-pair weights ``[B]``; None means 1 (BT).
+        margin (torch.Tensor | None): as in :func:`bt_per_pair`.
+        label_smoothing (float): as in :func:`bt_per_pair`.
+
+    Returns:
+        torch.Tensor: float32 norms, shape ``[B]``, detached.
+    """
+    with torch.enable_grad():
+        delta = (chosen_rewards.detach().float() - rejected_rewards.detach().float()).requires_grad_(True)
+        per_pair = bt_per_pair(delta, torch.zeros_like(delta), margin=margin, label_smoothing=label_smoothing)
+        (slope,) = torch.autograd.grad(per_pair.sum(), delta)
+    scale = slope.abs() if weights is None else (weights.detach().float() * slope).abs()
+    return (scale * distances.detach().float()).detach()
 
 
 class DistanceEMA:

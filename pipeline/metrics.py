@@ -485,3 +485,13 @@ def _tick_labels(table: pd.DataFrame) -> list[str]:
     }
     bins = sorted(int(b) for b in table["bin"].unique())
     return [f"{b}\n{ranges[b]}" if b in ranges else str(b) for b in bins]
+
+
+def loglog_slope(distances: Sequence[float] | np.ndarray, grad_norms: Sequence[float] | np.ndarray) -> float:
+    """Least-squares slope of ``log(grad norm)`` on ``log(distance)`` over pairs with both > 0 (NaN under 3 pairs
+    or one distinct distance): about 1 when the gradient grows in proportion to the distance, about 0 when flat."""
+    d, g = np.asarray(distances, dtype=np.float64), np.asarray(grad_norms, dtype=np.float64)
+    keep = np.isfinite(d) & np.isfinite(g) & (d > 0) & (g > 0)
+    if keep.sum() < 3 or np.ptp(np.log(d[keep])) == 0:
+        return float("nan")
+    return float(np.polyfit(np.log(d[keep]), np.log(g[keep]), 1)[0])

@@ -344,9 +344,28 @@ def _tune(manifests: Mapping[str, Manifest]) -> list[Block]:
             blocks += _guard("compare table", lambda: frame_table(_frame(out["compare_table"])))
         if "compare_plot" in out:
             blocks += _image(out["compare_plot"], "loss comparison")
+        blocks += _pair_evidence(out)
     else:
         blocks.append(Text("compare: not run (tune.mode is not 'compare')", note=True))
     return blocks or [Text("tune stage: no outputs", note=True)]
+
+
+def _pair_evidence(out: Mapping[str, str]) -> list[Block]:
+    """The compare run's pair-level tables and the gradient plot (stages/tune.py names them)."""
+    parts = [("paired_stats", "Paired over pairs (bootstrap, McNemar, minimum detectable effect)",
+              "diff: accuracy of the loss minus the first loss over the same pairs and seeds; the interval resamples "
+              "pairs with their seeds; mde: the smallest difference detectable at 80% power."),
+             ("shared_bins", "Accuracy by distance bin, bins shared by every loss",
+              "Bins from the reference model's distances; won_share: among cells where this loss and the first "
+              "disagree, the share this loss gets right."),
+             ("length_controls", "Length controls",
+              "What picking the longer (shorter) response scores on the same pairs, beside each loss's accuracy.")]
+    blocks: list[Block] = []
+    for key, title, note in parts:
+        if key in out:
+            blocks += [Heading(title, 4), *_guard(title, lambda k=key: frame_table(_frame(out[k]), limit=40)),
+                       Text(note, note=True)]
+    return blocks + _image(out.get("gradient_plot"), "score-head gradient norm against pair distance")
 
 
 def _narrow(frame: Any, max_columns: int = 12) -> Any:

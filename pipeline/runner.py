@@ -119,7 +119,8 @@ def _run_stage(cfg: PipelineConfig, spec: StageSpec, run_dir: Path, parent: trac
             (out_dir / "error.log").write_text(traceback.format_exc())
             raise PipelineError(f"stage {spec.name!r} failed: {type(err).__name__}: {err}\n"
                                 f"  full traceback: {out_dir / 'error.log'}") from err
-        tracker.log_metrics({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
+        tracker.log_metrics({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+                            step=result.metrics_step)
     manifest = Manifest(stage=spec.name, hash=digest, outputs=result.outputs, mlflow_run_id=tracker.run_id,
                         started_at=started, finished_at=now(), metrics=result.metrics)
     write_manifest(run_dir, manifest)

@@ -23,6 +23,9 @@ from pipeline.config import PipelineConfig, StageName, config_hash
 class StageResult:
     outputs: dict[str, str]
     metrics: dict[str, Any] = field(default_factory=dict)
+    # The step the metrics were measured at: the train stage's final validation belongs at its last step (logged
+    # at 0 it would draw the trained model's scores at the start of every curve).
+    metrics_step: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,7 +57,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec(name="data", entry="stages.data:prepare_preferences", reads=_DATA),
     # run.seed seeds the searcher; compare mode also scores every trial on the benchmarks
     StageSpec(name="tune", entry="stages.tune:tune_reward_model", reads=(*_TRAIN, "tune", "run.seed"),
-              needs=("data",), reads_if=lambda cfg: ("rewardbench",) if cfg.tune.mode == "compare" else ()),
+              needs=("data",), reads_if=lambda cfg: ("rewardbench", "data.template_date") if cfg.tune.mode == "compare" else ()),
     StageSpec(name="train", entry="stages.train:train_reward_model", reads=_TRAIN, needs=("data",),
               uses=("tune",)),
     StageSpec(name="rewardbench", entry="stages.rewardbench:score_rewardbench", reads=("rewardbench", "train.use_gpu"),

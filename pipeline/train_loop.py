@@ -44,6 +44,7 @@ from pipeline.distributed import Collectives, compute_device
 
 CKPT_TAG = "ckpt"
 VALIDATION_REWARDS = "validation_rewards.parquet"  # beside model/ in the final checkpoint
+GRADIENT_PAIRS = "gradient_pairs.csv"  # beside model/ too: (distance, score-head gradient norm) per recorded pair
 TRAIN_COLUMNS = ["chosen_ids", "rejected_ids", "chosen_len", "rejected_len", "margin"]
 
 
@@ -241,6 +242,17 @@ def _loss(cfg: PipelineConfig, out: tuple, batch: dict, mu: float | None) -> tup
     return losses.normbt_loss(rc, rr, hc, hr, mu=mu, eps=cfg.loss.eps, **kw)
 
 
+def _gradient_pairs(cfg: PipelineConfig, out: tuple, batch: dict, mu: float | None) -> np.ndarray:
+    """``[B, 2]``: each pair's distance and the norm of the gradient its loss term sends to the score head."""
+    rc, rr, hc, hr = out
+    d = losses.pair_distances(hc, hr).float()
+    weights = cfg.loss.name == "normbt" and mu is not None and mu > 0
+    norms = losses.pair_gradient_norms(rc, rr, d, weights=mu / (d + cfg.loss.eps) if weights else None,
+                                       margin=batch["margin"] if cfg.loss.use_margin else None,
+                                       label_smoothing=cfg.loss.label_smoothing)
+    return torch.stack([d.cpu(), norms.cpu()], dim=1).numpy().astype(np.float64)
+
+
 def _step_distance(cfg, engine, model, micro_batches, pad, device, first_out, comm: Collectives) -> float | None:
     """The all-reduced global batch-mean distance of this optimizer step (NormBT only; μ is not touched here)."""
     if cfg.loss.name != "normbt":
@@ -267,13 +279,14 @@ def _mean_metrics(per_micro: list[dict], comm: Collectives) -> dict[str, float]:
     return out
 
 
-def train_one_step(cfg, engine, model, micro_batches, ema, pad, device, step, comm: Collectives
-                   ) -> dict[str, float] | None:
+def train_one_step(cfg, engine, model, micro_batches, ema, pad, device, step, comm: Collectives,
+                   diagnostics: list[np.ndarray] | None = None) -> dict[str, float] | None:
     """Forward/backward every micro-batch, one optimizer step. None when a non-finite loss was skipped.
 
     Order: the candidate μ is computed from this step's distances, every loss is checked (all ranks agree) before
     its backward, and μ is committed only once the step has been taken, so a skipped step leaves μ as it was.
-    A skipped step still advances the LR schedule, which stays a function of the step counter."""
+    A skipped step still advances the LR schedule, which stays a function of the step counter.
+    ``diagnostics``, when given, receives ``[B, 2]`` = (distance, score-head gradient norm) of micro-batch 0."""
     first = modeling.forward_pairs(model, collate(micro_batches[0], pad, device), engine=engine)
     distance = _step_distance(cfg, engine, model, micro_batches, pad, device,
                               first if len(micro_batches) == 1 else None, comm)
@@ -285,6 +298,8 @@ def train_one_step(cfg, engine, model, micro_batches, ema, pad, device, step, co
         if os.environ.get("NORMBT_NAN_AT_STEP") == str(step):  # test hook for the NaN guard
             out = (out[0] * float("nan"), *out[1:])
         loss, metrics = _loss(cfg, out, batch, mu)
+        if j == 0 and diagnostics is not None:
+            diagnostics.append(_gradient_pairs(cfg, out, batch, mu))
         bad = comm.all_reduce([0.0 if torch.isfinite(loss) else 1.0], "max")[0]
         if bad:
             if cfg.train.nan_policy == "stop":
@@ -374,6 +389,7 @@ def run_loop(cfg: PipelineConfig, plan: LoopPlan, *, train_windows: Callable[[in
     start, seen = time.time(), step
     waits: list[float] = []  # seconds each global batch took to arrive: the loop's data-wait time
     wait_s = busy_s = 0.0
+    diagnostics: list[np.ndarray] = []  # since this worker group started (a restart begins a new record)
     for epoch in range(step // plan.steps_per_epoch, max(1, math.ceil(plan.max_steps / plan.steps_per_epoch))):
         windows = first_epoch if epoch == 0 and first_epoch is not None else train_windows(epoch)
         batches = global_batches(windows, global_batch=global_batch, seed=t.seed, epoch=epoch)
@@ -386,7 +402,9 @@ def run_loop(cfg: PipelineConfig, plan: LoopPlan, *, train_windows: Callable[[in
             micro = micro_slices(batch, micro=t.micro_batch_size, accum=t.grad_accum, world=plan.world_size,
                                  rank=plan.rank)
             tick = time.time()
-            metrics = train_one_step(cfg, engine, model, micro, ema, tok.pad_token_id, device, step, comm)
+            due = plan.rank == 0 and t.grad_diag_every > 0 and step % t.grad_diag_every == 0
+            metrics = train_one_step(cfg, engine, model, micro, ema, tok.pad_token_id, device, step, comm,
+                                     diagnostics if due else None)
             step, consumed = step + 1, epoch * plan.steps_per_epoch + index + 1
             took = max(time.time() - tick, 1e-9)
             wait_s, busy_s = wait_s + waits[-1], busy_s + took
@@ -413,9 +431,16 @@ def run_loop(cfg: PipelineConfig, plan: LoopPlan, *, train_windows: Callable[[in
     final["step"] = step
     final["data_wait_fraction"] = wait_s / max(wait_s + busy_s, 1e-9)
     final.update(_phases(marks, time.time(), steps_s=busy_s, wait_s=wait_s))
+    gradient_pairs = np.concatenate(diagnostics) if diagnostics else np.zeros((0, 2))
+    if plan.rank == 0 and len(gradient_pairs):
+        from pipeline.metrics import loglog_slope
+
+        final["grad/distance_slope"] = loglog_slope(gradient_pairs[:, 0], gradient_pairs[:, 1])
+        final["grad/pairs"] = len(gradient_pairs)
     if plan.rank == 0:
         logger.log_metrics(final, step=step)
-    _checkpoint(engine, step, consumed, ema, final, report, export=(model, tok, final, cfg, table))
+    _checkpoint(engine, step, consumed, ema, final, report,
+                export=(model, tok, final, cfg, table, gradient_pairs))
 
 
 def _phases(marks: dict[str, float], now: float, *, steps_s: float, wait_s: float) -> dict[str, float]:
@@ -449,12 +474,14 @@ def _checkpoint(engine, step, consumed, ema, metrics, report, export=None) -> No
     client = {"step": step, "consumed": consumed, "ema": ema.state_dict(), "torch_rng": torch.get_rng_state()}
     engine.save_checkpoint(folder, tag=CKPT_TAG, client_state=client)
     if export is not None:
-        model, tok, final, cfg, table = export
+        model, tok, final, cfg, table, gradient_pairs = export
         state = engine._zero3_consolidated_16bit_state_dict() if cfg.train.zero_stage == 3 else None
         if engine.global_rank == 0:
             modeling.save_reward_model(model, tok, Path(folder) / "model", state_dict=state, extra_config={
                 "reward_mean": final.get("val_reward_mean"), "reward_std": final.get("val_reward_std")})
             write_validation_rewards(table, Path(folder) / VALIDATION_REWARDS)
+            np.savetxt(Path(folder) / GRADIENT_PAIRS, gradient_pairs, delimiter=",", header="distance,grad_norm",
+                       comments="")
         metrics = {**metrics, "phase/checkpoint_s": time.time() - started}
     report(metrics, checkpoint_dir=folder, final=export is not None)
     shutil.rmtree(folder, ignore_errors=True)
@@ -556,6 +583,7 @@ def main(argv: list[str] | None = None) -> None:
         if final and int(os.environ.get("RANK", "0")) == 0:
             shutil.copytree(Path(checkpoint_dir) / "model", Path(args.out) / "model", dirs_exist_ok=True)
             shutil.copy(Path(checkpoint_dir) / VALIDATION_REWARDS, Path(args.out) / VALIDATION_REWARDS)
+            shutil.copy(Path(checkpoint_dir) / GRADIENT_PAIRS, Path(args.out) / GRADIENT_PAIRS)
             (Path(args.out) / "history.json").write_text(json.dumps(history, indent=1, default=float))
 
     train_local(cfg, read_rows(str(Path(args.data) / "train")), read_rows(str(Path(args.data) / "validation")),

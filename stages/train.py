@@ -7,7 +7,11 @@ Outputs (manifest names): ``model`` — a ``save_pretrained`` folder (safetensor
 ``reward_mean``/``reward_std`` over the validation set in ``config.json``); ``checkpoint`` — the last Ray Train
 checkpoint; ``metrics`` — ``metrics.json`` with the final validation metrics and the effective config;
 ``validation_rewards`` — ``validation_rewards.parquet``, the final evaluation per validation pair in the split's
-row order (``row, reward_chosen, reward_rejected, distance``).
+row order (``row, reward_chosen, reward_rejected, distance``); ``gradient_pairs`` — ``gradient_pairs.csv``
+(``distance, grad_norm``): every ``train.grad_diag_every`` steps, rank 0's first micro-batch, each pair's distance
+and the norm of the gradient its loss term sends to the score head (the paper's mechanism: proportional to the
+distance under BT, flat under NormBT), recorded since the worker group last started; the log-log slope is the
+final metric ``grad/distance_slope``.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 
 from pipeline.config import PipelineConfig, flatten, from_flat
 from pipeline.ray_train import build_trainer, storage_of
-from pipeline.train_loop import VALIDATION_REWARDS
+from pipeline.train_loop import GRADIENT_PAIRS, VALIDATION_REWARDS
 from pipeline.stage import StageContext, StageResult
 
 
@@ -67,6 +71,7 @@ def _export(ctx: StageContext, cfg: PipelineConfig, result: Any) -> StageResult:
     with checkpoint.as_directory() as folder:
         shutil.copytree(Path(folder) / "model", model_dir)
         shutil.copy(Path(folder) / VALIDATION_REWARDS, ctx.out_dir / VALIDATION_REWARDS)
+        shutil.copy(Path(folder) / GRADIENT_PAIRS, ctx.out_dir / GRADIENT_PAIRS)
     final = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     metrics_path = ctx.out_dir / "metrics.json"
     metrics_path.write_text(json.dumps({"final": final, "config": {k: str(v) for k, v in flatten(cfg).items()}},
@@ -76,7 +81,9 @@ def _export(ctx: StageContext, cfg: PipelineConfig, result: Any) -> StageResult:
     ctx.log(f"  train: val_accuracy {final.get('val_accuracy', float('nan')):.3f} after {final.get('step')} steps; "
             f"model at {model_dir}")
     return StageResult(outputs={"model": str(model_dir), "checkpoint": checkpoint.path, "metrics": str(metrics_path),
-                                "validation_rewards": str(ctx.out_dir / VALIDATION_REWARDS)},
-                       metrics={k: v for k, v in final.items() if k.startswith("val_")})
+                                "validation_rewards": str(ctx.out_dir / VALIDATION_REWARDS),
+                                "gradient_pairs": str(ctx.out_dir / GRADIENT_PAIRS)},
+                       metrics={k: v for k, v in final.items() if k.startswith("val_")},
+                       metrics_step=int(final.get("step") or 0))
 
 

@@ -72,11 +72,22 @@ Outputs (stage folder; manifest names in brackets):
   best trial; compare: the loss setting with the higher mean validation accuracy). The train stage applies it.
 * [best_checkpoint]: the best trial's final Ray Train checkpoint (search mode, when it completed).
 * compare mode: ``compare.csv`` [compare_table] (``loss, metric, mean, ci_low, ci_high, n``; ``loss`` is a
-  setting's label or ``diff`` — with more than two settings ``diff:<label>-<first label>``) and
-  ``compare.png`` [compare_plot].
+  setting's label or ``diff`` — with more than two settings ``diff:<label>-<first label>``; metrics: the
+  validation metric, each benchmark's overall and sections, and ``grad/distance_slope``) and
+  ``compare.png`` [compare_plot]. Pair-level evidence, each later setting against the first:
+  ``paired_stats.csv`` [paired_stats] (per benchmark, for all pairs and per section: accuracies as plain means
+  over pairs × seeds, the difference with a 95% pair-bootstrap interval that resamples pairs with their seeds,
+  its SE and minimum detectable effect at 80% power, McNemar's exact test over pair × seed cells);
+  ``shared_bins.csv`` [shared_bins] with ``shared_bin_edges.json`` [shared_bin_edges] (every pair binned once
+  by its distance under ``tune.reference_model``, default the untrained starting model: accuracy per bin for
+  each setting on the same pairs, and among cells where the two disagree the share each wins);
+  ``length_controls.csv`` [length_controls] (what "the longer/shorter response wins" scores per section on the
+  same pairs, beside each setting's accuracy); ``gradient_slopes.png`` [gradient_plot] (each pair's score-head
+  gradient norm against its distance, per setting, with the log-log slope).
 
 Metrics: ``tune/best_<metric>``, ``tune/trials``, ``tune/completed``, ``tune/stopped``, ``tune/errors``;
-compare mode adds ``compare/<loss>/<metric>_mean`` / ``_ci_low`` / ``_ci_high`` (``loss`` also ``diff``).
+compare mode adds ``compare/<loss>/<metric>_mean`` / ``_ci_low`` / ``_ci_high`` (``loss`` also ``diff``) and
+``compare/paired/<benchmark>/<loss>/diff`` / ``ci_low`` / ``ci_high`` / ``mde`` / ``p_value`` (all pairs).
 """
 
 from __future__ import annotations
@@ -96,13 +107,14 @@ import numpy as np
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.compare import compare_grid, compare_metric_names, compare_table, plot_compare
+from pipeline.compare import compare_grid, compare_metric_names, compare_table, plot_compare, plot_gradient_pairs
 from pipeline.raycluster import await_free_cpu, job_placement_groups, remove_placement_groups
 from pipeline.artifacts import Manifest, write_json
 from pipeline.config import PipelineConfig, SearchDomain, flatten, from_flat
 from pipeline.stage import STAGES, StageContext, StageResult, stage_hash
 
 TRIAL_CPUS = 0.1  # the trial function only drives its TorchTrainer (0 is rejected by Tune)
+GRAD_SLOPE = "grad/distance_slope"  # the train loop's final metric: log-log slope of gradient norm on distance
 GRID_KEY = "grid_index"  # compare mode's only Tune parameter: the index into the losses × seeds grid
 CHECKPOINT_KEY = "checkpoint_path"  # added to the Tune result by TuneReportCallback when Train checkpoints
 EXPERIMENT = "tune"
@@ -413,6 +425,7 @@ def _trial_record(result: Any, metric: str) -> dict[str, Any]:
     return {"trial_id": trial_id, "config": dict(result.config or {}), metric: _last_value(result, metric),
             "step": m.get("step"), "status": status,
             "checkpoint": str(m.get(CHECKPOINT_KEY, "")) if final else "",
+            GRAD_SLOPE: m.get(GRAD_SLOPE, math.nan) if final else math.nan,
             "error": _first_line(result.error) if result.error else ""}
 
 
@@ -510,39 +523,37 @@ def _counts(records: list[dict[str, Any]]) -> dict[str, int]:
 
 def _compare_outputs(ctx: StageContext, records: list[dict[str, Any]], grid: list[dict[str, Any]],
                      benches: list[Any]) -> StageResult:
-    from ray.train import Checkpoint
-
-    from pipeline.benchmarks import score_benchmark
+    from pipeline.train_loop import GRADIENT_PAIRS
 
     metric = ctx.cfg.tune.metric
     bench_names: list[str] = []
+    score_files: dict[str, dict[tuple[str, int], pd.DataFrame]] = {b.name: {} for b in benches}
+    gradient_points: dict[str, list[np.ndarray]] = {}
     for r in records:
         cell = grid[int(r["config"][GRID_KEY])]
         r.update(loss=cell["loss"], seed=cell["seed"], setting=cell["setting"])
         if r["status"] != "COMPLETED" or not r["checkpoint"]:
             ctx.log(f"  tune: trial {r['trial_id']} ({r['loss']}, seed {r['seed']}) {r['status']}: not scored")
             continue
-        scorer_ctx = dataclasses.replace(ctx, out_dir=ctx.out_dir / "scores" / _safe(f"{r['loss']}-seed{r['seed']}"),
-                                         tracker=tracking.RunLogger(ctx.tracker.uri, r["mlflow_run_id"] or None))
-        with Checkpoint(path=r["checkpoint"]).as_directory() as folder:
-            for bench in benches:
-                _, flat = score_benchmark(bench, str(Path(folder) / "model"), scorer_ctx)
-                scorer_ctx.tracker.log_metrics(flat)
-                for name, value in flat.items():
-                    if name.endswith("/overall") or "/section/" in name:
-                        r[name] = value
-                        bench_names.append(name)
+        scored, points = _score_trial(ctx, r, benches, GRADIENT_PAIRS)
+        gradient_points.setdefault(r["loss"], []).append(points)
+        for name, (flat, frame) in scored.items():
+            score_files[name][(r["loss"], r["seed"])] = frame
+            for key, value in flat.items():
+                if key.endswith("/overall") or "/section/" in key:
+                    r[key] = value
+                    bench_names.append(key)
     labels = list(dict.fromkeys(g["loss"] for g in grid))
-    names = compare_metric_names(list(dict.fromkeys(bench_names)), metric)
+    names = compare_metric_names(list(dict.fromkeys(bench_names)), metric) + [GRAD_SLOPE]
     table = compare_table(records, names, labels)
     table_path = ctx.out_dir / "compare.csv"
     table.to_csv(table_path, index=False)
-    plot_path = plot_compare(table, ctx.out_dir / "compare.png")
+    plot_path = plot_compare(table[table["metric"] != GRAD_SLOPE], ctx.out_dir / "compare.png")
     means = {lab: table[(table["loss"] == lab) & (table["metric"] == metric)]["mean"].iloc[0] for lab in labels}
-    scored = [lab for lab in labels if _finite(means[lab])]
-    if not scored:
+    scored_labels = [lab for lab in labels if _finite(means[lab])]
+    if not scored_labels:
         raise RuntimeError(f"no compare trial completed with a finite {metric!r}")
-    winner = max(scored, key=lambda lab: (means[lab], -labels.index(lab)))
+    winner = max(scored_labels, key=lambda lab: (means[lab], -labels.index(lab)))
     setting = next(g["setting"] for g in grid if g["loss"] == winner)
     best_path = write_json(ctx.out_dir / "best_config.json", {k: _plain(v) for k, v in setting.items()})
     keys = list(dict.fromkeys(k for g in grid for k in g["setting"]))
@@ -555,7 +566,13 @@ def _compare_outputs(ctx: StageContext, records: list[dict[str, Any]], grid: lis
         trials[name] = [r.get(name, math.nan) for r in records]
     trials_path = ctx.out_dir / "trials.csv"
     trials.to_csv(trials_path, index=False)
-    for path in (trials_path, table_path, plot_path, best_path):
+    seeds = sorted({g["seed"] for g in grid})
+    evidence = _pair_evidence(ctx, benches, score_files, labels, seeds)
+    gradient_plot = plot_gradient_pairs(
+        {lab: np.concatenate(p) for lab, p in gradient_points.items() if p}, ctx.out_dir / "gradient_slopes.png")
+    files = {"compare_table": table_path, "compare_plot": plot_path, "best_config": best_path, "trials": trials_path,
+             "gradient_plot": gradient_plot, **evidence}
+    for path in files.values():
         ctx.tracker.log_artifact(path)
     stage_metrics: dict[str, Any] = {f"tune/best_{metric}": means[winner], **_counts(records)}
     for row in table.itertuples():
@@ -565,10 +582,114 @@ def _compare_outputs(ctx: StageContext, records: list[dict[str, Any]], grid: lis
     for row in table[table["loss"].str.startswith("diff")].itertuples():
         ctx.log(f"  compare {row.loss} {row.metric}: {row.mean:+.4f} [{row.ci_low:+.4f}, {row.ci_high:+.4f}] "
                 f"(n={row.n})")
+    stage_metrics.update(_paired_metrics(ctx, files))
     ctx.log(f"  tune: {winner} has the higher mean {metric} ({means[winner]:.4f}); best_config {setting}")
-    return StageResult(outputs={"compare_table": str(table_path), "compare_plot": str(plot_path),
-                                "best_config": str(best_path), "trials": str(trials_path)},
-                       metrics=stage_metrics)
+    return StageResult(outputs={k: str(v) for k, v in files.items()}, metrics=stage_metrics)
+
+
+def _score_trial(ctx: StageContext, r: dict[str, Any], benches: list[Any], gradient_file: str
+                 ) -> tuple[dict[str, tuple[dict[str, float], pd.DataFrame]], np.ndarray]:
+    """Score one completed trial's exported model on every benchmark; its per-pair table per benchmark and the
+    gradient diagnostics its training recorded."""
+    from ray.train import Checkpoint
+
+    from pipeline.benchmarks import score_benchmark
+
+    scorer_ctx = dataclasses.replace(ctx, out_dir=ctx.out_dir / "scores" / _safe(f"{r['loss']}-seed{r['seed']}"),
+                                     tracker=tracking.RunLogger(ctx.tracker.uri, r["mlflow_run_id"] or None))
+    scored = {}
+    with Checkpoint(path=r["checkpoint"]).as_directory() as folder:
+        for bench in benches:
+            outputs, flat = score_benchmark(bench, str(Path(folder) / "model"), scorer_ctx)
+            scorer_ctx.tracker.log_metrics(flat)
+            scored[bench.name] = (flat, pd.read_parquet(outputs[f"{bench.name}/scores"]))
+        gradient_path = Path(folder) / gradient_file
+        points = np.loadtxt(gradient_path, delimiter=",", skiprows=1, ndmin=2) if gradient_path.is_file() \
+            else np.zeros((0, 2))
+    return scored, points.reshape(-1, 2)
+
+
+def _pair_evidence(ctx: StageContext, benches: list[Any], score_files: dict[str, dict[tuple[str, int], pd.DataFrame]],
+                   labels: list[str], seeds: list[int]) -> dict[str, Path]:
+    """Pair-level evidence per benchmark (module docstring): paired statistics, shared-reference distance bins
+    with the disagreement analysis, length-only controls."""
+    from pipeline.compare import align_pairs, assign_bins, paired_table, shared_bin_edges, shared_bin_table
+
+    reference = _reference_scores(ctx, benches)
+    paired, binned, lengths, edges_out = [], [], [], {}
+    for bench in benches:
+        pairs, scores = align_pairs(score_files[bench.name], labels, seeds)
+        if pairs.empty:
+            continue
+        stats = paired_table(pairs, scores, n_boot=ctx.cfg.tune.bootstrap, seed=ctx.cfg.train.seed)
+        paired.append(stats.assign(benchmark=bench.name))
+        ref_frame, controls = reference[bench.name]
+        distance = ref_frame.assign(id=ref_frame["id"].astype(str)).set_index("id").loc[pairs["id"], "distance"]
+        edges = shared_bin_edges(distance.to_numpy(), ctx.cfg.rewardbench.distance_bins)
+        edges_out[bench.name] = edges.tolist()
+        table = shared_bin_table(assign_bins(distance.to_numpy(), edges), edges, scores)
+        binned.append(table.assign(benchmark=bench.name))
+        for section, control in controls.items():
+            sel = np.ones(len(pairs), bool) if section == "all" else (pairs["section"] == section).to_numpy()
+            row = {"benchmark": bench.name, "section": section, **control}
+            row.update({f"accuracy:{lab}": float(np.nanmean(scores[lab][sel])) if sel.any() else math.nan
+                        for lab in labels})
+            lengths.append(row)
+    out = ctx.out_dir
+    files = {"paired_stats": out / "paired_stats.csv", "shared_bins": out / "shared_bins.csv",
+             "length_controls": out / "length_controls.csv", "shared_bin_edges": out / "shared_bin_edges.json"}
+    _concat(paired).to_csv(files["paired_stats"], index=False)
+    _concat(binned).to_csv(files["shared_bins"], index=False)
+    pd.DataFrame(lengths).to_csv(files["length_controls"], index=False)
+    write_json(files["shared_bin_edges"], {"reference_model": reference["__model__"], "edges": edges_out})
+    return files
+
+
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _reference_scores(ctx: StageContext, benches: list[Any]) -> dict[str, Any]:
+    """Every benchmark scored once by the reference model (``tune.reference_model``, default the untrained
+    starting model): its per-pair distances bin the pairs for every loss; its run also yields the length
+    controls (they depend on the texts only)."""
+    from pipeline import modeling
+    from pipeline.benchmarks import score_benchmark
+
+    cfg = ctx.cfg
+    model_path = cfg.tune.reference_model
+    if not model_path:
+        model_path = str(ctx.out_dir / "reference_model")
+        tok = modeling.load_tokenizer(cfg.model.name_or_path, revision=cfg.model.revision,
+                                      trust_remote_code=cfg.model.trust_remote_code,
+                                      template_date=cfg.data.template_date)
+        model = modeling.build_reward_model(cfg.model.name_or_path, tok, revision=cfg.model.revision,
+                                            trust_remote_code=cfg.model.trust_remote_code, seed=cfg.model.seed)
+        modeling.save_reward_model(model, tok, model_path)
+        del model
+    ref_ctx = dataclasses.replace(ctx, out_dir=ctx.out_dir / "scores" / "reference",
+                                  tracker=tracking.RunLogger(None, None))
+    out: dict[str, Any] = {"__model__": cfg.tune.reference_model or "untrained starting model"}
+    for bench in benches:
+        outputs, _ = score_benchmark(bench, model_path, ref_ctx)
+        summary = json.loads(Path(outputs[f"{bench.name}/metrics"]).read_text())
+        out[bench.name] = (pd.read_parquet(outputs[f"{bench.name}/scores"]), summary["length_controls"])
+    return out
+
+
+def _paired_metrics(ctx: StageContext, files: Mapping[str, Path]) -> dict[str, float]:
+    """Stage metrics and log lines of the paired statistics over all pairs of each benchmark."""
+    stats = pd.read_csv(files["paired_stats"]) if files["paired_stats"].stat().st_size > 1 else pd.DataFrame()
+    out: dict[str, float] = {}
+    for row in stats[stats["scope"] == "all"].itertuples() if not stats.empty else []:
+        prefix = f"compare/paired/{row.benchmark}/{row.loss}"
+        for field in ("diff", "ci_low", "ci_high", "mde", "p_value"):
+            if _finite(getattr(row, field)):
+                out[f"{prefix}/{field}"] = float(getattr(row, field))
+        ctx.log(f"  paired over {row.n_pairs} {row.benchmark} pairs × {row.n_seeds} seeds: {row.loss} − {row.versus} "
+                f"{row.diff:+.4f} [{row.ci_low:+.4f}, {row.ci_high:+.4f}], MDE {row.mde:.4f}, McNemar p "
+                f"{row.p_value:.3g} ({row.only_loss} vs {row.only_versus} discordant)")
+    return out
 
 
 def _safe(text: str) -> str:

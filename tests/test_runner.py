@@ -91,6 +91,9 @@ def test_mlflow_parent_and_nested_stage_runs(fake):
     assert parent.data.params["train.lr"] == str(cfg.train.lr)
     assert parent.info.status == "FINISHED"
     assert [r for r in children if r.data.tags["pipeline.stage"] == "data"][0].data.metrics["rows"] == 3
+    # a stage's summary metrics sit at the step they were measured (curves would otherwise start at the end value)
+    train_run = [r for r in children if r.data.tags["pipeline.stage"] == "train"][0]
+    assert [m.step for m in client.get_metric_history(train_run.info.run_id, "val_accuracy")] == [12]
 
 
 @pytest.mark.integration

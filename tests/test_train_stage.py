@@ -1,6 +1,7 @@
 """Train stage: invariances, NaN guard, Ray Train + DeepSpeed on 2 CPU workers, export, failure and resume."""
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -110,13 +111,19 @@ def baseline(data_dir, tmp_path_factory):
 
 def test_two_workers_zero2_trains_and_exports_a_plain_hf_model(baseline, data_dir):
     cfg, manifest, run_dir = baseline
-    assert set(manifest.outputs) == {"model", "checkpoint", "metrics", "validation_rewards"}
+    assert set(manifest.outputs) == {"model", "checkpoint", "metrics", "validation_rewards", "gradient_pairs"}
     rewards, config = _plain_validation_rewards(manifest.outputs["model"], data_dir)
     # The plain-transformers model reproduces the training-time validation rewards stored at export.
     assert abs(rewards.mean().item() - config["reward_mean"]) < 1e-4
     assert abs(rewards.std(unbiased=False).item() - config["reward_std"]) < 1e-4
     final = json.loads(Path(manifest.outputs["metrics"]).read_text())["final"]
     assert final["step"] == 6 and 0.0 <= final["val_accuracy"] <= 1.0
+    import pandas as pd
+
+    gradient_pairs = pd.read_csv(manifest.outputs["gradient_pairs"])  # every step's rank-0 first micro-batch
+    assert list(gradient_pairs.columns) == ["distance", "grad_norm"]
+    assert len(gradient_pairs) == final["grad/pairs"] == 6 * cfg.train.micro_batch_size
+    assert math.isfinite(final["grad/distance_slope"])
     assert 0.0 <= final["data_wait_fraction"] < 1.0  # the issue's data-wait figure is recorded per run
     assert len(_metric_history(cfg, manifest.mlflow_run_id, "loss")) == 6
     assert len(_metric_history(cfg, manifest.mlflow_run_id, "data_wait_fraction")) == 7  # 6 steps + final

@@ -180,12 +180,13 @@ def test_compare_reports_means_and_paired_intervals(tmp_path, data_manifest, ray
     cfg, manifest = _run_tune(tmp_path, data_manifest, [
         "tune.mode=compare", "tune.seeds=2", f"rewardbench.benchmarks={bench}", "rewardbench.max_length=128",
         "rewardbench.batch_size=64"])
-    assert set(manifest.outputs) == {"compare_table", "compare_plot", "best_config", "trials"}
+    assert set(manifest.outputs) == {"compare_table", "compare_plot", "best_config", "trials", "gradient_plot",
+                                     "paired_stats", "shared_bins", "length_controls", "shared_bin_edges"}
     table = pd.read_csv(manifest.outputs["compare_table"])
     assert list(table.columns) == ["loss", "metric", "mean", "ci_low", "ci_high", "n"]
     assert set(table["loss"]) == {"bt", "normbt", "diff"}
     metrics = set(table["metric"])
-    assert {"val_accuracy", "synthetic/overall"} <= metrics
+    assert {"val_accuracy", "synthetic/overall", "grad/distance_slope"} <= metrics
     assert any(m.startswith("synthetic/section/") for m in metrics)
     for loss in ("bt", "normbt", "diff"):
         assert set(table.loc[table["loss"] == loss, "metric"]) == metrics
@@ -195,6 +196,21 @@ def test_compare_reports_means_and_paired_intervals(tmp_path, data_manifest, ray
     wide = table.pivot(index="metric", columns="loss", values="mean")
     np.testing.assert_allclose(wide["diff"], wide["normbt"] - wide["bt"], atol=1e-9)  # every seed paired
     assert Path(manifest.outputs["compare_plot"]).stat().st_size > 0
+    assert Path(manifest.outputs["gradient_plot"]).stat().st_size > 0
+
+    # pair-level evidence: 32 synthetic pairs x 2 seeds, both losses binned by the same reference distances
+    paired = pd.read_csv(manifest.outputs["paired_stats"]).set_index("scope")
+    everything = paired.loc["all"]
+    assert (everything["loss"], everything["versus"], everything["n_pairs"], everything["n_seeds"]) == \
+        ("normbt", "bt", 32, 2)
+    assert everything["ci_low"] <= everything["diff"] <= everything["ci_high"] and everything["mde"] > 0
+    assert 0.0 <= everything["p_value"] <= 1.0
+    bins = pd.read_csv(manifest.outputs["shared_bins"])
+    per_loss = bins.pivot(index="bin", columns="loss", values="n_pairs")
+    assert (per_loss["bt"] == per_loss["normbt"]).all() and per_loss["bt"].sum() == 32
+    lengths = pd.read_csv(manifest.outputs["length_controls"]).set_index("section")
+    assert lengths.loc["all", "n"] == 32 and 0.0 <= lengths.loc["all", "longer_wins"] <= 1.0
+    assert {"accuracy:bt", "accuracy:normbt"} <= set(lengths.columns)
 
     trials = pd.read_csv(manifest.outputs["trials"])
     assert sorted(zip(trials["loss"], trials["seed"])) == [("bt", 0), ("bt", 1), ("normbt", 0), ("normbt", 1)]

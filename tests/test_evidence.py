@@ -1,0 +1,159 @@
+"""The evidence a BT vs NormBT comparison rests on: paired statistics over pairs, distance bins shared by both
+models, length-only controls, and the gradient mechanism the paper claims."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline import benchmarks, compare, losses, metrics, modeling
+
+pytestmark = pytest.mark.unit
+
+
+# ---------------------------------------------------------------- paired bootstrap, McNemar, MDE
+
+def test_paired_bootstrap_agrees_with_the_exact_bootstrap_distribution_on_a_small_table():
+    a = np.array([[1, 1], [0, 1], [1, 0], [0, 0], [1, 1]], dtype=float)  # 5 pairs x 2 seeds
+    b = np.array([[1, 1], [1, 1], [1, 1], [0, 1], [0, 1]], dtype=float)
+    per_pair = (b - a).mean(axis=1)
+    n = len(per_pair)
+    # brute force: every one of the n^n resamples of pairs, each equally likely
+    exact = np.array([per_pair[list(idx)].mean() for idx in itertools.product(range(n), repeat=n)])
+    got = compare.paired_bootstrap(a, b, n_boot=40_000, seed=1)
+    assert got["diff"] == pytest.approx(per_pair.mean())
+    assert got["se"] == pytest.approx(exact.std(), rel=0.03)
+    step = 1.0 / (2 * n)  # the resampled means live on this grid: allow one grid step
+    assert abs(got["ci_low"] - np.quantile(exact, 0.025)) <= step + 1e-12
+    assert abs(got["ci_high"] - np.quantile(exact, 0.975)) <= step + 1e-12
+    assert got["mde"] == pytest.approx((compare.Z_95 + compare.Z_80) * got["se"])
+    assert (got["n_pairs"], got["n_seeds"]) == (5, 2)
+
+
+def test_paired_bootstrap_keeps_a_pairs_seeds_together_and_skips_nan_rows():
+    a = np.array([[1, 0], [1, 1], [np.nan, 1]])
+    b = np.array([[1, 1], [0, 1], [1, 1]])
+    got = compare.paired_bootstrap(a, b, n_boot=200)
+    assert got["n_pairs"] == 2 and got["diff"] == pytest.approx(((0.5) + (-0.5)) / 2)
+    with pytest.raises(ValueError, match="shapes"):
+        compare.paired_bootstrap(a, b[:2])
+
+
+def test_mcnemar_counts_discordant_cells_and_gives_the_exact_binomial_p_value():
+    a = np.array([[1, 1], [1, 0], [0, 0], [0, 0], [0, 0], [1, 1]], dtype=float)
+    b = np.array([[1, 0], [1, 1], [1, 1], [1, 1], [1, 0], [1, 1]], dtype=float)
+    got = compare.mcnemar(a, b)
+    assert (got["only_a"], got["only_b"], got["cells"]) == (1, 6, 12)
+    # two-sided exact: 2 * P(X <= 1 | n = 7, p = 1/2) = 2 * (1 + 7) / 128
+    assert got["p_value"] == pytest.approx(2 * 8 / 128)
+    assert compare.mcnemar(a, a)["p_value"] == 1.0
+
+
+# ---------------------------------------------------------------- shared distance bins
+
+def test_shared_bins_hold_the_same_pairs_for_every_model_and_count_disagreements():
+    reference = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    edges = compare.shared_bin_edges(reference, 2)
+    bins = compare.assign_bins(reference, edges)
+    assert bins.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    bt = np.array([[0, 1], [0, 0], [1, 1], [1, 1], [1, 1], [1, 0], [1, 1], [1, 1]], dtype=float)
+    normbt = np.array([[1, 1], [1, 0], [1, 1], [0, 1], [1, 1], [1, 1], [1, 1], [1, 1]], dtype=float)
+    table = compare.shared_bin_table(bins, edges, {"bt": bt, "normbt": normbt})
+    by = table.set_index(["bin", "loss"])
+    assert by.loc[(0, "bt"), "n_pairs"] == by.loc[(0, "normbt"), "n_pairs"] == 4  # identical bins for both
+    assert by.loc[(0, "bt"), "accuracy"] == pytest.approx(5 / 8)
+    assert by.loc[(0, "normbt"), "accuracy"] == pytest.approx(6 / 8)
+    # bin 0 cells where exactly one is right: (0,0) normbt, (1,0) normbt, (3,0) bt -> normbt wins 2 of 3
+    assert by.loc[(0, "normbt"), "disagree"] == 3 and by.loc[(0, "normbt"), "won_share"] == pytest.approx(2 / 3)
+    assert by.loc[(1, "normbt"), "disagree"] == 1 and by.loc[(1, "normbt"), "won_share"] == 1.0
+    assert math.isnan(by.loc[(0, "bt"), "disagree"])
+
+
+# ---------------------------------------------------------------- length controls
+
+def _rb_rows():
+    """RewardBench v1 rows (its real fields), lengths chosen for a hand count."""
+    return [
+        {"prompt": "p1", "chosen": "a long answer", "chosen_model": "m1", "rejected": "short",
+         "rejected_model": "m2", "subset": "alpacaeval-easy", "id": 1},
+        {"prompt": "p2", "chosen": "tiny", "chosen_model": "m1", "rejected": "a much longer one",
+         "rejected_model": "m2", "subset": "alpacaeval-easy", "id": 2},
+        {"prompt": "p3", "chosen": "same", "chosen_model": "m1", "rejected": "size",
+         "rejected_model": "m2", "subset": "refusals-dangerous", "id": 3},
+        {"prompt": "p4", "chosen": "no", "chosen_model": "m1", "rejected": "I will help with that",
+         "rejected_model": "m2", "subset": "refusals-dangerous", "id": 4},
+    ]
+
+
+def test_length_controls_match_a_hand_count():
+    rows = _rb_rows()
+    examples = benchmarks.examples_frame(rows, "v1", "rb")
+    frame = pd.DataFrame({"correct": [1.0, 0.0, 1.0, 1.0], "section": [benchmarks.section_of(r["subset"])
+                                                                       for r in rows]})
+    got = benchmarks.length_controls(examples, frame, "v1")
+    assert got["Chat"] == {"longer_wins": 0.5, "shorter_wins": 0.5, "n": 2}
+    assert got["Safety"] == {"longer_wins": 0.25, "shorter_wins": 0.75, "n": 2}  # a tie counts one half
+    assert got["all"] == {"longer_wins": 0.375, "shorter_wins": 0.625, "n": 4}
+
+
+def test_best_of_k_length_pick_shares_credit_among_tied_lengths():
+    assert benchmarks.length_credit(["abcd"], ["ab", "abcd", "a"], "v2", longer=True) == 0.5
+    assert benchmarks.length_credit(["abcd"], ["ab", "abc", "a"], "v2", longer=True) == 1.0
+    assert benchmarks.length_credit(["abcd"], ["ab", "abc", "a"], "v2", longer=False) == 0.0
+
+
+def test_longer_wins_nearly_every_alpacaeval_easy_pair_of_the_real_rewardbench_file(shared_data):
+    path = shared_data / "rewardbench_v1" / "rewardbench_v1_filtered.jsonl"
+    rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["subset"] == "alpacaeval-easy"]
+    examples = benchmarks.examples_frame(rows, "v1", "rb")
+    frame = pd.DataFrame({"correct": np.ones(len(rows)), "section": "Chat"})
+    got = benchmarks.length_controls(examples, frame, "v1")["all"]
+    # counted in characters: 99 of the file's 100 pairs longer, one of equal length (half credit)
+    assert got["n"] == 100 and got["longer_wins"] == pytest.approx(0.995)
+
+
+# ---------------------------------------------------------------- the gradient mechanism
+
+def _tiny_pairs(n: int = 24):
+    tok = modeling.load_tokenizer("tiny:llama")
+    model = modeling.build_reward_model("tiny:llama", tok, seed=0)
+    rng = np.random.default_rng(0)
+    words = ["good", "bad", "maybe", "yes", "no", "the", "answer", "is", "because", "so"]
+    texts = [" ".join(rng.choice(words, size=rng.integers(2, 12))) for _ in range(2 * n)]
+    ids = [tok(t)["input_ids"] for t in texts]
+    batch = modeling.collate_pairs(ids[:n], ids[n:], tok.pad_token_id)
+    return model, batch
+
+
+def test_pair_gradient_norm_is_the_score_heads_real_per_pair_gradient():
+    model, batch = _tiny_pairs(6)
+    rc, rr, hc, hr = modeling.forward_pairs(model, batch)
+    d = losses.pair_distances(hc, hr)
+    mu = float(d.mean())
+    weights = mu / (d + 1e-3)
+    norms = losses.pair_gradient_norms(rc, rr, d, weights=weights)
+    head = modeling.score_head(model)
+    for i in range(3):
+        model.zero_grad()
+        rc, rr, _, _ = modeling.forward_pairs(model, batch)
+        (weights[i] * losses.bt_per_pair(rc[i:i + 1], rr[i:i + 1])).sum().backward()
+        assert head.weight.grad.norm().item() == pytest.approx(norms[i].item(), rel=1e-4)
+
+
+def test_bt_gradient_grows_with_distance_and_normbt_flattens_it():
+    model, batch = _tiny_pairs()
+    with torch.no_grad():
+        rc, rr, hc, hr = modeling.forward_pairs(model, batch)
+    d = losses.pair_distances(hc, hr)
+    bt = losses.pair_gradient_norms(rc, rr, d)
+    normbt = losses.pair_gradient_norms(rc, rr, d, weights=float(d.mean()) / (d + 1e-3))
+    bt_slope = metrics.loglog_slope(d.numpy(), bt.numpy())
+    normbt_slope = metrics.loglog_slope(d.numpy(), normbt.numpy())
+    assert bt_slope > 0.5, bt_slope
+    assert abs(normbt_slope) < 0.2 and normbt_slope < bt_slope - 0.5, (normbt_slope, bt_slope)
