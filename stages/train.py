@@ -17,6 +17,7 @@ final metric ``grad/distance_slope``.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -44,14 +45,31 @@ def train_reward_model(ctx: StageContext) -> StageResult:
     data = ctx.upstream["data"]
     if "datasets" in data.outputs:  # the data this model trains on, in the run's Dataset column and lineage
         ctx.tracker.log_datasets(json.loads(Path(data.output("datasets")).read_text()))
-    name = f"train-{ctx.run_dir.name}"
-    trainer = build_trainer(cfg, ctx.upstream["data"], name=name, storage_path=storage_of(cfg, ctx.run_dir),
+    storage = storage_of(cfg, ctx.run_dir)
+    name = _run_name(ctx, storage)
+    trainer = build_trainer(cfg, ctx.upstream["data"], name=name, storage_path=storage,
                             tracking_uri=ctx.tracker.uri, run_id=ctx.tracker.run_id)
     try:
         result = trainer.fit()
     except Exception as err:  # Ray wraps worker errors; surface the worker's own message
         raise RuntimeError(_worker_message(err)) from err
     return _export(ctx, cfg, result)
+
+
+def _run_name(ctx: StageContext, storage: str) -> str:
+    """The Ray Train run name carries the stage hash: a rerun of the same stage (after the driver died) finds its
+    checkpoints and continues, while a changed config starts afresh. Under one name for every config, a rerun
+    after a change loaded the earlier run's final checkpoint, trained nothing and exported the old weights.
+    Local folders of this run directory's other hashes are removed (they can never be resumed)."""
+    from pipeline.stage import STAGES, stage_hash
+
+    prefix = f"train-{ctx.run_dir.name}"
+    name = f"{prefix}-{stage_hash(ctx.cfg, STAGES['train'], ctx.upstream)[:12]}"
+    if "://" not in storage and Path(storage).is_dir():
+        for stale in Path(storage).glob(f"{prefix}-*"):
+            if stale.name != name and stale.is_dir() and re.fullmatch(rf"{re.escape(prefix)}-[0-9a-f]{{12}}", stale.name):
+                shutil.rmtree(stale, ignore_errors=True)
+    return name
 
 
 def _worker_message(err: Exception) -> str:

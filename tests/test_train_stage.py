@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,18 @@ def test_two_workers_zero2_trains_and_exports_a_plain_hf_model(baseline, data_di
     assert 0.0 <= final["data_wait_fraction"] < 1.0  # the issue's data-wait figure is recorded per run
     assert len(_metric_history(cfg, manifest.mlflow_run_id, "loss")) == 6
     assert len(_metric_history(cfg, manifest.mlflow_run_id, "data_wait_fraction")) == 7  # 6 steps + final
+
+
+def test_a_changed_config_retrains_in_the_same_run_directory(baseline, data_dir, tmp_path):
+    """Rerunning the train stage after a config change trains the new config from scratch (it once loaded the
+    previous run's final checkpoint from the shared Ray storage, trained nothing and exported the old weights)."""
+    cfg, manifest, run_dir = baseline
+    shutil.copytree(run_dir / "ray_storage", tmp_path / run_dir.name / "ray_storage")  # the earlier run's checkpoints
+    new_cfg, changed, _ = _ray_train(tmp_path, run_dir.name, ["train.lr=1e-3"], data_dir)
+    assert changed.hash != manifest.hash
+    assert len(_metric_history(new_cfg, changed.mlflow_run_id, "loss")) == 6  # six steps trained, none skipped
+    old, new = _weights(manifest.outputs["model"]), _weights(changed.outputs["model"])
+    assert any(not torch.equal(old[k], new[k]) for k in old)
 
 
 def test_one_worker_matches_two_workers(baseline, data_dir, tmp_path):
