@@ -631,7 +631,8 @@ def _pair_evidence(ctx: StageContext, benches: list[Any], score_files: dict[str,
         binned.append(table.assign(benchmark=bench.name))
         for section, control in controls.items():
             sel = np.ones(len(pairs), bool) if section == "all" else (pairs["section"] == section).to_numpy()
-            row = {"benchmark": bench.name, "section": section, **control}
+            row = {"benchmark": bench.name, "section": section, "n": control["n"],
+                   "longer_wins": control["longer_wins"], "shorter_wins": control["shorter_wins"]}
             row.update({f"accuracy:{lab}": float(np.nanmean(scores[lab][sel])) if sel.any() else math.nan
                         for lab in labels})
             lengths.append(row)

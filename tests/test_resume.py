@@ -19,7 +19,7 @@ import torch
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[1]
-ARGS = ["--stages", "data,train", "train.max_steps=12", "train.checkpoint_every=4", "train.log_every=1",
+ARGS = ["--stages", "data,train", "train.max_steps=8", "train.checkpoint_every=4", "train.log_every=1",
         "tracking.enabled=false"]
 
 
@@ -51,7 +51,7 @@ def test_driver_killed_after_a_checkpoint_reruns_to_the_uninterrupted_weights(tm
         driver = subprocess.Popen(_command(killed), cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True)
         deadline = time.time() + 600
-        while "step 6/12" not in log_path.read_text(errors="replace"):  # the step-4 checkpoint is reported
+        while "step 6/8" not in log_path.read_text(errors="replace"):  # the step-4 checkpoint is reported
             assert driver.poll() is None, log_path.read_text()[-3000:]
             assert time.time() < deadline, "training did not reach step 6"
             time.sleep(0.2)
@@ -63,10 +63,10 @@ def test_driver_killed_after_a_checkpoint_reruns_to_the_uninterrupted_weights(tm
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     out = rerun.stdout + rerun.stderr
     assert "data: up to date, skipped" in out
-    assert "resumed from the checkpoint at step 4" in out and "step 1/12" not in out
+    assert "resumed from the checkpoint at step 4" in out and "step 1/8" not in out
     reference, resumed = _weights(straight), _weights(killed)
     assert reference.keys() == resumed.keys()
     for key in reference:
         torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=1e-6, msg=key)
     final = [json.loads((run / "train" / "metrics.json").read_text())["final"] for run in (straight, killed)]
-    assert final[0]["val_accuracy"] == final[1]["val_accuracy"] and final[1]["step"] == 12
+    assert final[0]["val_accuracy"] == final[1]["val_accuracy"] and final[1]["step"] == 8

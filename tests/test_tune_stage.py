@@ -203,7 +203,7 @@ def test_compare_reports_means_and_paired_intervals(tmp_path, data_manifest, ray
     everything = paired.loc["all"]
     assert (everything["loss"], everything["versus"], everything["n_pairs"], everything["n_seeds"]) == \
         ("normbt", "bt", 32, 2)
-    assert everything["ci_low"] <= everything["diff"] <= everything["ci_high"] and everything["mde"] > 0
+    assert everything["ci_low"] <= everything["diff"] <= everything["ci_high"] and everything["mde"] >= 0
     assert 0.0 <= everything["p_value"] <= 1.0
     bins = pd.read_csv(manifest.outputs["shared_bins"])
     per_loss = bins.pivot(index="bin", columns="loss", values="n_pairs")
