@@ -165,6 +165,8 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, n_boot: int = 2000, seed: 
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 2:
         raise ValueError(f"paired scores need equal [pairs, seeds] shapes, got {a.shape} and {b.shape}")
+    if n_boot < 2:
+        raise ValueError(f"n_boot must be >= 2 (the interval needs resamples), got {n_boot}")
     keep = ~(np.isnan(a).any(axis=1) | np.isnan(b).any(axis=1))
     per_pair = (b[keep] - a[keep]).mean(axis=1)  # each pair's difference, averaged over its seeds
     n = len(per_pair)
@@ -175,26 +177,30 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, n_boot: int = 2000, seed: 
     draws = rng.integers(0, n, size=(n_boot, n))
     means = per_pair[draws].mean(axis=1)
     tail = (1.0 - confidence) / 2
-    se = float(means.std(ddof=1)) if n_boot > 1 else math.nan
+    se = float(means.std(ddof=1))
     return {"diff": float(per_pair.mean()), "ci_low": float(np.quantile(means, tail)),
             "ci_high": float(np.quantile(means, 1.0 - tail)), "se": se, "mde": (Z_95 + Z_80) * se,
             "n_pairs": n, "n_seeds": int(a.shape[1])}
 
 
 def mcnemar(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    """McNemar's exact test on paired 1/0 correctness (cells = pair × seed; other values and NaN left out).
+    """McNemar's exact test over pairs: ``only_a`` = pairs ``a`` gets right more often than ``b`` (over the seeds),
+    ``only_b`` the reverse; under "no difference" each such pair is a fair coin, so the two-sided p-value is the
+    binomial tail of ``min(only_a, only_b)``. With one seed this is the textbook test on 1/0 correctness; with
+    several, a pair counts once (its seeds are not independent draws). Rows with NaN are left out.
 
-    ``only_a`` = cells ``a`` gets right and ``b`` wrong, ``only_b`` the reverse; under "no difference" each
-    discordant cell is a fair coin, so the two-sided p-value is the binomial tail of ``min(only_a, only_b)``."""
+    Args:
+        a, b: per-pair scores ``[n_pairs, n_seeds]`` (1/0 correctness, or a credit in [0, 1]).
+    """
     from scipy import stats
 
-    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
-    binary = np.isin(a, (0.0, 1.0)) & np.isin(b, (0.0, 1.0))
-    only_a = int(((a == 1) & (b == 0) & binary).sum())
-    only_b = int(((a == 0) & (b == 1) & binary).sum())
+    a, b = np.atleast_2d(np.asarray(a, dtype=np.float64)), np.atleast_2d(np.asarray(b, dtype=np.float64))
+    keep = ~(np.isnan(a).any(axis=1) | np.isnan(b).any(axis=1))
+    per_pair = (b[keep] - a[keep]).mean(axis=1)
+    only_a, only_b = int((per_pair < 0).sum()), int((per_pair > 0).sum())
     discordant = only_a + only_b
     p = float(stats.binomtest(min(only_a, only_b), discordant, 0.5).pvalue) if discordant else 1.0
-    return {"only_a": only_a, "only_b": only_b, "cells": int(binary.sum()), "p_value": p}
+    return {"only_a": only_a, "only_b": only_b, "pairs": int(keep.sum()), "p_value": p}
 
 
 # ---------------------------------------------------------------- accuracy by distance on one shared scale
@@ -213,8 +219,9 @@ def shared_bin_edges(reference_distances: np.ndarray, n_bins: int) -> np.ndarray
 
 def assign_bins(distances: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """Bin index per pair (0 .. len(edges) - 2; the top edge belongs to the last bin)."""
-    inner = edges[1:-1]
-    return np.searchsorted(inner, np.asarray(distances, dtype=np.float64), side="right")
+    d = np.asarray(distances, dtype=np.float64)
+    bins = np.searchsorted(edges[1:-1], d, side="right")
+    return np.where(np.isfinite(d), bins, -1)  # a pair without a distance belongs to no bin
 
 
 def shared_bin_table(bins: np.ndarray, edges: np.ndarray, scores: Mapping[str, np.ndarray]) -> pd.DataFrame:
@@ -248,24 +255,30 @@ def align_pairs(frames: Mapping[tuple[str, int], pd.DataFrame], labels: Sequence
     """Per-pair correctness of every (loss label, seed) scoring of one benchmark, aligned by pair id.
 
     ``frames`` are the benchmark's ``scores.parquet`` tables (``id, section, correct``); a missing (label, seed)
-    leaves NaN in its column. Returns the pairs (``id, section``, in the first table's order, ids present in all
-    tables) and ``{label: [n_pairs, n_seeds]}``."""
-    present = [f for f in frames.values()]
+    leaves NaN in its column. An id may repeat (RewardBench 2's Ties rows share one): rows are matched by id and
+    occurrence. Returns the pairs (``id, section``, in the first table's order, keys present in all tables) and
+    ``{label: [n_pairs, n_seeds]}``."""
+    keyed = {k: _by_occurrence(f) for k, f in frames.items()}
+    present = list(keyed.values())
     if not present:
         return pd.DataFrame(columns=["id", "section"]), {lab: np.zeros((0, len(seeds))) for lab in labels}
-    ids = pd.Index(present[0]["id"].astype(str))
+    keys = present[0].index
     for f in present[1:]:
-        ids = ids[ids.isin(f["id"].astype(str))]
-    pairs = present[0].assign(id=present[0]["id"].astype(str)).set_index("id").loc[ids, ["section"]].reset_index()
+        keys = keys[keys.isin(f.index)]
+    pairs = present[0].loc[keys, ["id", "section"]].reset_index(drop=True)
     scores = {}
     for lab in labels:
-        matrix = np.full((len(ids), len(seeds)), np.nan)
+        matrix = np.full((len(keys), len(seeds)), np.nan)
         for j, s in enumerate(seeds):
-            f = frames.get((lab, s))
-            if f is not None:
-                matrix[:, j] = f.assign(id=f["id"].astype(str)).set_index("id").loc[ids, "correct"].to_numpy(float)
+            if (lab, s) in keyed:
+                matrix[:, j] = keyed[(lab, s)].loc[keys, "correct"].to_numpy(dtype=float)
         scores[lab] = matrix
     return pairs, scores
+
+
+def _by_occurrence(frame: pd.DataFrame) -> pd.DataFrame:
+    ids = frame["id"].astype(str)
+    return frame.assign(id=ids).set_index(ids + "#" + ids.groupby(ids).cumcount().astype(str))
 
 
 def paired_table(pairs: pd.DataFrame, scores: Mapping[str, np.ndarray], *, n_boot: int = 2000, seed: int = 0
@@ -280,11 +293,14 @@ def paired_table(pairs: pd.DataFrame, scores: Mapping[str, np.ndarray], *, n_boo
     rows = []
     for scope, sel in scopes:
         for lab in labels[1:]:
-            boot = paired_bootstrap(scores[first][sel], scores[lab][sel], n_boot=n_boot, seed=seed)
-            test = mcnemar(scores[first][sel], scores[lab][sel])
+            # seeds missing for either loss (a trial that failed) are left out, not every pair
+            both = ~(np.isnan(scores[first]).all(axis=0) | np.isnan(scores[lab]).all(axis=0))
+            a, b = scores[first][sel][:, both], scores[lab][sel][:, both]
+            boot = paired_bootstrap(a, b, n_boot=n_boot, seed=seed)
+            test = mcnemar(a, b)
             rows.append({"scope": scope, "loss": lab, "versus": first,
-                         "accuracy": float(np.nanmean(scores[lab][sel])) if sel.any() else math.nan,
-                         "accuracy_versus": float(np.nanmean(scores[first][sel])) if sel.any() else math.nan,
+                         "accuracy": float(np.nanmean(b)) if b.size else math.nan,
+                         "accuracy_versus": float(np.nanmean(a)) if a.size else math.nan,
                          **boot, "only_versus": test["only_a"], "only_loss": test["only_b"],
                          "p_value": test["p_value"]})
     return pd.DataFrame(rows)

@@ -326,7 +326,8 @@ def pair_gradient_norms(
     gradient ``w_i * l_i'(D_i) * (h_c,i - h_r,i)``, of norm ``|w_i * l_i'(D_i)| * d_i`` (the bias cancels). This is
     the paper's (arXiv 2512.06343) mechanism made measurable: under BT (``w = 1``) the norm grows with ``d``;
     NormBT's ``w = mu / (d + eps)`` flattens it. ``l_i'`` is taken by autograd on detached rewards, so margins and
-    label smoothing are covered and the training graph is untouched. Batch-mean scaling is left out.
+    label smoothing are covered and the training graph is untouched. Batch-mean scaling and the (unweighted)
+    centering penalty are left out: this is the preference term's share, the part the paper's argument is about.
 
     Args:
         chosen_rewards (torch.Tensor): shape ``[B]``.

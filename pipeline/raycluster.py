@@ -39,7 +39,7 @@ def ensure_ray(cfg: PipelineConfig) -> Any:
         address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
         runtime_env = {"env_vars": worker_env(cfg.train.use_gpu)}
         if address:
-            _token_auth_like_the_head(address)
+            address = _token_auth_like_the_head(address)
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
             print(f"ray: joined the existing cluster at {address} ({cluster_nodes()} node(s), "
                   f"{ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs)",
@@ -57,54 +57,64 @@ def ensure_ray(cfg: PipelineConfig) -> Any:
     return ray
 
 
-def _token_auth_like_the_head(address: str) -> None:
-    """Send Ray's auth token exactly when the head asks for one.
+def _token_auth_like_the_head(address: str) -> str:
+    """Send Ray's auth token exactly when the head asks for one; return the address to join.
 
     Ray 2.60 turns on token authentication for a cluster started with ``ray start`` when a token exists
     (``RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``), but a driver joining it sends no token unless
     ``RAY_AUTH_MODE=token``: the join fails with "InvalidAuthToken". The opposite also breaks: a driver in token
     mode joining a head without auth rejects its raylets' calls, and the first task fails with OwnerDiedError.
     So ask the head (a GCS client without a token is refused at once by a token head) and follow its answer,
-    unless the user chose a mode.
+    unless the user chose a mode. An unclear answer keeps Ray's own rule (token mode when a token exists).
+    ``"auto"`` is resolved to the recorded head's address first: given "auto", ``ray.init`` would apply Ray's
+    rule again by itself.
     """
+    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+
     if os.environ.get("RAY_AUTH_MODE") is not None:
-        return
+        return address
     if address == "auto":
         from ray._private.services import canonicalize_bootstrap_address
 
         try:
-            address = canonicalize_bootstrap_address(address) or ""
+            address = canonicalize_bootstrap_address(address) or address
         except Exception:  # no recorded cluster: ray.init says so itself
-            address = ""
-    if not _is_host_port(address) or not _head_requires_token(address):
-        return
-    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
-
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+            pass
+    if _head_requires_token(address) is not False:
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    return address
 
 
-def _is_host_port(address: str) -> bool:
-    host, _, port = address.rpartition(":")
-    return bool(host) and port.isdigit() and "://" not in address
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a ``host:port`` or ``[v6]:port`` address; None for anything else (``ray://``...)."""
+    from ray._common.network_utils import parse_address
+
+    parsed = parse_address(address) if "://" not in address else None
+    if parsed is None or not str(parsed[1]).isdigit():
+        return None
+    return parsed[0], int(parsed[1])
 
 
-def _head_requires_token(address: str) -> bool:
+def _head_requires_token(address: str) -> bool | None:
+    """True / False as the head's GCS answers a client without a token; None when it cannot tell."""
     import socket
 
     import ray.exceptions
     from ray._raylet import GcsClient
 
-    host, _, port = address.rpartition(":")
+    target = _host_port(address)
+    if target is None:
+        return None
     try:  # an unreachable head would hold the GCS client for 40 s; ray.init reports it in its own words
-        socket.create_connection((host, int(port)), timeout=5).close()
+        socket.create_connection(target, timeout=5).close()
     except OSError:
-        return False
+        return None
     try:
         GcsClient(address=address)
     except ray.exceptions.AuthenticationError:
         return True
-    except Exception:  # not a GCS: ray.init reports that in its own words
-        return False
+    except Exception:  # not a GCS, or an error that says nothing about auth
+        return None
     return False
 
 

@@ -39,7 +39,11 @@ Contract: files under ``<out_dir>/<name>/``
   (:func:`pipeline.metrics.sections_from_map` over the official and synthetic section maps; unknown
   subsets go to ``Other``); v2 reports each of its subsets as its own section. ``overall`` is the
   unweighted mean of the sections (v1) or subsets (v2). ``tie_rate``: share of examples whose deciding
-  comparison is an exact score tie (rewards are fp32, so it should be ~0). NaN is written as ``null``.
+  comparison is an exact score tie (rewards are fp32, so it should be ~0). ``length_controls``: per section
+  and ``all``, what judging by length alone scores on the same examples (``longer_wins``, ``shorter_wins``;
+  characters; an equal length counts one half; v2: the share of the chosen among the responses tied for the
+  longest / shortest pick; plain means over examples): a section score near ``longer_wins`` may be a length
+  preference. NaN is written as ``null``.
 * ``accuracy_by_distance.csv`` (:func:`pipeline.metrics.accuracy_by_distance_bin` with
   ``rewardbench.distance_bins`` quantile bins, per section and ``all``; v2 without Ties rows) and
   ``accuracy_by_distance.png`` (written when the table is not empty).
@@ -47,7 +51,8 @@ Contract: files under ``<out_dir>/<name>/``
 Manifest outputs: ``<name>/scores``, ``<name>/metrics``, ``<name>/distance_bins``,
 ``<name>/distance_plot`` (when written) for every benchmark, and plain ``scores`` / ``metrics`` for the
 first one. Metrics (also logged to MLflow with the files): ``<name>/overall``,
-``<name>/section/<Section>``, ``<name>/subset/<subset>``, names with characters other than letters,
+``<name>/section/<Section>``, ``<name>/subset/<subset>``, ``<name>/length_control/longer_wins[/<Section>]``
+and ``shorter_wins`` likewise, names with characters other than letters,
 digits, ``_ - .`` replaced by ``_``.
 """
 

@@ -60,12 +60,13 @@ def _run_name(ctx: StageContext, storage: str) -> str:
     """The Ray Train run name carries the stage hash: a rerun of the same stage (after the driver died) finds its
     checkpoints and continues, while a changed config starts afresh. Under one name for every config, a rerun
     after a change loaded the earlier run's final checkpoint, trained nothing and exported the old weights.
-    Local folders of this run directory's other hashes are removed (they can never be resumed)."""
+    In the run directory's own storage (no ``ray.storage_path``), folders of other hashes are removed: they can
+    never be resumed, and no other run writes there. Shared storage is left alone."""
     from pipeline.stage import STAGES, stage_hash
 
     prefix = f"train-{ctx.run_dir.name}"
     name = f"{prefix}-{stage_hash(ctx.cfg, STAGES['train'], ctx.upstream)[:12]}"
-    if "://" not in storage and Path(storage).is_dir():
+    if not ctx.cfg.ray.storage_path and Path(storage).is_dir():
         for stale in Path(storage).glob(f"{prefix}-*"):
             if stale.name != name and stale.is_dir() and re.fullmatch(rf"{re.escape(prefix)}-[0-9a-f]{{12}}", stale.name):
                 shutil.rmtree(stale, ignore_errors=True)

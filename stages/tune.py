@@ -77,7 +77,8 @@ Outputs (stage folder; manifest names in brackets):
   ``compare.png`` [compare_plot]. Pair-level evidence, each later setting against the first:
   ``paired_stats.csv`` [paired_stats] (per benchmark, for all pairs and per section: accuracies as plain means
   over pairs × seeds, the difference with a 95% pair-bootstrap interval that resamples pairs with their seeds,
-  its SE and minimum detectable effect at 80% power, McNemar's exact test over pair × seed cells);
+  its SE and minimum detectable effect at 80% power; McNemar's exact test over pairs, a pair counting once with
+  its seeds averaged; seeds missing for either setting are left out);
   ``shared_bins.csv`` [shared_bins] with ``shared_bin_edges.json`` [shared_bin_edges] (every pair binned once
   by its distance under ``tune.reference_model``, default the untrained starting model: accuracy per bin for
   each setting on the same pairs, and among cells where the two disagree the share each wins);
@@ -264,6 +265,8 @@ def tune_reward_model(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
     if cfg.tune.eval_reports < 1 or cfg.tune.grace_period < 1:
         raise ValueError("tune.eval_reports and tune.grace_period must be >= 1")
+    if cfg.tune.mode == "compare" and cfg.tune.bootstrap < 2:
+        raise ValueError(f"tune.bootstrap must be >= 2 (pair-bootstrap resamples), got {cfg.tune.bootstrap}")
     ray = ensure_ray(cfg)
     data = _absolute(ctx.upstream["data"])
     base = from_flat(dict(cfg.tune.trial_overrides), base=cfg, where="tune.trial_overrides")
@@ -615,9 +618,10 @@ def _pair_evidence(ctx: StageContext, benches: list[Any], score_files: dict[str,
     with the disagreement analysis, length-only controls."""
     from pipeline.compare import align_pairs, assign_bins, paired_table, shared_bin_edges, shared_bin_table
 
-    reference = _reference_scores(ctx, benches)
+    scored = [b for b in benches if score_files[b.name]]
+    reference = _reference_scores(ctx, scored) if scored else {"__model__": ""}
     paired, binned, lengths, edges_out = [], [], [], {}
-    for bench in benches:
+    for bench in scored:
         pairs, scores = align_pairs(score_files[bench.name], labels, seeds)
         if pairs.empty:
             continue
@@ -641,19 +645,23 @@ def _pair_evidence(ctx: StageContext, benches: list[Any], score_files: dict[str,
              "length_controls": out / "length_controls.csv", "shared_bin_edges": out / "shared_bin_edges.json"}
     _concat(paired).to_csv(files["paired_stats"], index=False)
     _concat(binned).to_csv(files["shared_bins"], index=False)
-    pd.DataFrame(lengths).to_csv(files["length_controls"], index=False)
+    _concat([pd.DataFrame(lengths)] if lengths else []).to_csv(files["length_controls"], index=False)
     write_json(files["shared_bin_edges"], {"reference_model": reference["__model__"], "edges": edges_out})
     return files
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"benchmark": []})  # a header, no rows
 
 
 def _reference_scores(ctx: StageContext, benches: list[Any]) -> dict[str, Any]:
     """Every benchmark scored once by the reference model (``tune.reference_model``, default the untrained
     starting model): its per-pair distances bin the pairs for every loss; its run also yields the length
-    controls (they depend on the texts only)."""
+    controls (they depend on the texts only). The untrained model is built on the driver and saved once into
+    the stage folder (a 3B backbone needs its fp32 size in driver memory for a moment; give
+    ``tune.reference_model`` a saved folder to avoid that)."""
+    import torch
+
     from pipeline import modeling
     from pipeline.benchmarks import score_benchmark
 
@@ -664,9 +672,10 @@ def _reference_scores(ctx: StageContext, benches: list[Any]) -> dict[str, Any]:
         tok = modeling.load_tokenizer(cfg.model.name_or_path, revision=cfg.model.revision,
                                       trust_remote_code=cfg.model.trust_remote_code,
                                       template_date=cfg.data.template_date)
-        model = modeling.build_reward_model(cfg.model.name_or_path, tok, revision=cfg.model.revision,
-                                            trust_remote_code=cfg.model.trust_remote_code, seed=cfg.model.seed)
-        modeling.save_reward_model(model, tok, model_path)
+        with torch.random.fork_rng():  # building seeds torch's RNG; the driver's own stream stays as it was
+            model = modeling.build_reward_model(cfg.model.name_or_path, tok, revision=cfg.model.revision,
+                                                trust_remote_code=cfg.model.trust_remote_code, seed=cfg.model.seed)
+            modeling.save_reward_model(model, tok, model_path)
         del model
     ref_ctx = dataclasses.replace(ctx, out_dir=ctx.out_dir / "scores" / "reference",
                                   tracker=tracking.RunLogger(None, None))
@@ -680,9 +689,9 @@ def _reference_scores(ctx: StageContext, benches: list[Any]) -> dict[str, Any]:
 
 def _paired_metrics(ctx: StageContext, files: Mapping[str, Path]) -> dict[str, float]:
     """Stage metrics and log lines of the paired statistics over all pairs of each benchmark."""
-    stats = pd.read_csv(files["paired_stats"]) if files["paired_stats"].stat().st_size > 1 else pd.DataFrame()
+    stats = pd.read_csv(files["paired_stats"])
     out: dict[str, float] = {}
-    for row in stats[stats["scope"] == "all"].itertuples() if not stats.empty else []:
+    for row in stats[stats["scope"] == "all"].itertuples() if "scope" in stats else []:
         prefix = f"compare/paired/{row.benchmark}/{row.loss}"
         for field in ("diff", "ci_low", "ci_high", "mde", "p_value"):
             if _finite(getattr(row, field)):

@@ -45,14 +45,29 @@ def test_paired_bootstrap_keeps_a_pairs_seeds_together_and_skips_nan_rows():
         compare.paired_bootstrap(a, b[:2])
 
 
-def test_mcnemar_counts_discordant_cells_and_gives_the_exact_binomial_p_value():
+def test_mcnemar_counts_each_pair_once_and_gives_the_exact_binomial_p_value():
+    one_seed_a = np.array([[1], [1], [0], [0], [0], [0], [0], [1]], dtype=float)
+    one_seed_b = np.array([[0], [1], [1], [1], [1], [1], [1], [1]], dtype=float)
+    got = compare.mcnemar(one_seed_a, one_seed_b)  # the textbook case: 1 pair only a, 5 only b
+    assert (got["only_a"], got["only_b"], got["pairs"]) == (1, 5, 8)
+    assert got["p_value"] == pytest.approx(2 * (1 + 6) / 64)  # 2 * P(X <= 1 | n = 6, p = 1/2)
+    # two seeds: a pair counts once, by which loss is right more often over its seeds
     a = np.array([[1, 1], [1, 0], [0, 0], [0, 0], [0, 0], [1, 1]], dtype=float)
     b = np.array([[1, 0], [1, 1], [1, 1], [1, 1], [1, 0], [1, 1]], dtype=float)
     got = compare.mcnemar(a, b)
-    assert (got["only_a"], got["only_b"], got["cells"]) == (1, 6, 12)
-    # two-sided exact: 2 * P(X <= 1 | n = 7, p = 1/2) = 2 * (1 + 7) / 128
-    assert got["p_value"] == pytest.approx(2 * 8 / 128)
+    assert (got["only_a"], got["only_b"], got["pairs"]) == (1, 4, 6)
+    assert got["p_value"] == pytest.approx(2 * (1 + 5) / 32)
     assert compare.mcnemar(a, a)["p_value"] == 1.0
+
+
+def test_a_failed_trial_costs_its_seed_not_every_pair():
+    frames = {(lab, s): pd.DataFrame({"id": ["x", "y", "y"], "section": "Chat", "correct": c})
+              for lab, s, c in [("bt", 0, [1, 0, 1]), ("bt", 1, [1, 1, 0]), ("normbt", 0, [1, 1, 1])]}
+    pairs, scores = compare.align_pairs(frames, ["bt", "normbt"], [0, 1])  # normbt seed 1 failed
+    assert pairs["id"].tolist() == ["x", "y", "y"]  # a repeated id (RewardBench 2 Ties) is matched by occurrence
+    assert np.isnan(scores["normbt"][:, 1]).all()
+    row = compare.paired_table(pairs, scores, n_boot=200).set_index("scope").loc["all"]
+    assert row["n_pairs"] == 3 and row["n_seeds"] == 1 and row["diff"] == pytest.approx(1 / 3)
 
 
 # ---------------------------------------------------------------- shared distance bins

@@ -43,16 +43,22 @@ def test_a_mode_the_user_chose_is_kept(token_mode, monkeypatch):
     assert token_mode == []
 
 
+def test_an_unclear_answer_keeps_rays_own_rule(token_mode, monkeypatch):
+    monkeypatch.setattr(raycluster, "_head_requires_token", lambda address: None)
+    raycluster._token_auth_like_the_head("127.0.0.1:6379")
+    assert len(token_mode) == 1
+
+
 def test_an_unreachable_head_is_left_to_ray_init_without_waiting():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
     start = time.perf_counter()
-    assert raycluster._head_requires_token(f"127.0.0.1:{port}") is False
+    assert raycluster._head_requires_token(f"127.0.0.1:{port}") is None
     assert time.perf_counter() - start < 1.0
 
 
-@pytest.mark.parametrize("address, ok", [("10.0.0.1:6379", True), ("ray://10.0.0.1:10001", False),
-                                          ("head", False), ("", False)])
-def test_only_host_port_addresses_are_probed(address, ok):
-    assert raycluster._is_host_port(address) is ok
+@pytest.mark.parametrize("address, expected", [("10.0.0.1:6379", ("10.0.0.1", 6379)), ("[::1]:6379", ("::1", 6379)),
+                                               ("ray://10.0.0.1:10001", None), ("head", None)])
+def test_only_host_port_addresses_are_probed(address, expected):
+    assert raycluster._host_port(address) == expected
