@@ -298,8 +298,6 @@ def train_one_step(cfg, engine, model, micro_batches, ema, pad, device, step, co
         if os.environ.get("NORMBT_NAN_AT_STEP") == str(step):  # test hook for the NaN guard
             out = (out[0] * float("nan"), *out[1:])
         loss, metrics = _loss(cfg, out, batch, mu)
-        if j == 0 and diagnostics is not None:
-            diagnostics.append(_gradient_pairs(cfg, out, batch, mu))
         bad = comm.all_reduce([0.0 if torch.isfinite(loss) else 1.0], "max")[0]
         if bad:
             if cfg.train.nan_policy == "stop":
@@ -308,6 +306,8 @@ def train_one_step(cfg, engine, model, micro_batches, ema, pad, device, step, co
             # Nothing was backpropagated this step (nan_policy=skip requires grad_accum=1).
             engine.lr_scheduler.step()
             return None
+        if j == 0 and diagnostics is not None:  # a step that is taken (a skipped one trains nothing)
+            diagnostics.append(_gradient_pairs(cfg, out, batch, mu))
         engine.backward(loss)
         engine.step()
         per_micro.append(metrics)
