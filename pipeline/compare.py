@@ -35,7 +35,7 @@ def loss_label(setting: Mapping[str, Any]) -> str:
     """A short name for a loss setting: ``bt`` for ``{loss.name: bt}``, else ``name=bt,beta=0.5``."""
     if set(setting) == {"loss.name"}:
         return str(setting["loss.name"])
-    return ",".join(f"{k.removeprefix('loss.')}={_plain(v)}" for k, v in setting.items()) or "base"
+    return ",".join(f"{k.removeprefix('loss.')}={plain(v)}" for k, v in setting.items()) or "base"
 
 
 def compare_grid(cfg: PipelineConfig) -> list[dict[str, Any]]:
@@ -79,7 +79,7 @@ def _by_seed(frame: pd.DataFrame, label: str, metric: str) -> dict[int, float]:
     if frame.empty or metric not in frame:
         return {}
     sel = frame[frame["loss"] == label]
-    return {int(s): float(v) for s, v in zip(sel["seed"], sel[metric], strict=True) if _finite(v)}
+    return {int(s): float(v) for s, v in zip(sel["seed"], sel[metric], strict=True) if finite(v)}
 
 
 def compare_metric_names(names: Sequence[str], metric: str) -> list[str]:
@@ -123,16 +123,17 @@ def plot_compare(table: pd.DataFrame, path: str | Path) -> Path:
     return save_png(fig, path)
 
 
-def _plain(value: Any) -> Any:
-    """numpy scalars → Python (labels and JSON want plain types)."""
+def plain(value: Any) -> Any:
+    """numpy scalars → Python (labels, config coercion and JSON want plain types)."""
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
 
 
-def _finite(value: Any) -> bool:
+def finite(value: Any) -> bool:
+    """A number (or numeric string) that is not NaN or infinite."""
     try:
         return value is not None and math.isfinite(float(value))
     except (TypeError, ValueError):

@@ -108,7 +108,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.compare import compare_grid, compare_metric_names, compare_table, plot_compare, plot_gradient_pairs
+from pipeline.compare import (compare_grid, compare_metric_names, compare_table, finite, plain, plot_compare,
+                              plot_gradient_pairs)
 from pipeline.raycluster import await_free_cpu, job_placement_groups, remove_placement_groups
 from pipeline.artifacts import Manifest, write_json
 from pipeline.config import PipelineConfig, SearchDomain, flatten, from_flat
@@ -132,7 +133,7 @@ def search_domain(domain: SearchDomain) -> Any:
 
     args = getattr(domain, domain.kind)
     if domain.kind == "choice":
-        return tune.choice([_plain(a) for a in args])
+        return tune.choice([plain(a) for a in args])
     if domain.kind == "randint":
         return tune.randint(int(args[0]), int(args[1]))
     return getattr(tune, domain.kind)(float(args[0]), float(args[1]))
@@ -163,24 +164,8 @@ def eval_cadence(max_steps: int, eval_every: int, reports: int) -> int:
     return max(1, max_steps // max(1, reports))
 
 
-def _plain(value: Any) -> Any:
-    """numpy scalars → Python (config coercion and JSON want plain types)."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
-
-
-def _finite(value: Any) -> bool:
-    try:
-        return value is not None and math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
 
 
 # ============================================================================ the trial (runs inside Tune)
@@ -204,7 +189,7 @@ class TrialSetup:
     def overrides(self, params: Mapping[str, Any]) -> dict[str, Any]:
         if self.mode == "compare":
             return dict(self.grid[int(params[GRID_KEY])])
-        return {k: _plain(v) for k, v in params.items()}
+        return {k: plain(v) for k, v in params.items()}
 
 
 def run_trial(params: Mapping[str, Any], setup: TrialSetup) -> None:
@@ -439,7 +424,7 @@ def _trial_id_from_path(path: Any) -> str:
 
 def _last_value(result: Any, metric: str) -> float:
     value = (result.metrics or {}).get(metric)
-    if _finite(value):
+    if finite(value):
         return float(value)
     frame = result.metrics_dataframe
     if frame is not None and metric in frame:
@@ -482,7 +467,7 @@ def _close_trial_runs(tracker: tracking.RunLogger, digest: str, records: list[di
 def _best(records: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
     """The completed trial with the highest metric (first trial id on ties); early-stopped ones as fallback."""
     for allowed in (("COMPLETED",), ("COMPLETED", "STOPPED")):
-        pool = [r for r in records if r["status"] in allowed and _finite(r[metric])]
+        pool = [r for r in records if r["status"] in allowed and finite(r[metric])]
         if pool:
             return max(pool, key=lambda r: (r[metric], -records.index(r)))
     return None
@@ -502,11 +487,11 @@ def _search_outputs(ctx: StageContext, records: list[dict[str, Any]], keys: list
         raise RuntimeError(f"no tune trial reported {metric!r}; see the trial errors in {ctx.out_dir}")
     for r in records:
         r["best"] = r is best
-    columns = {k: [_plain(r["config"].get(k)) for r in records] for k in keys}
+    columns = {k: [plain(r["config"].get(k)) for r in records] for k in keys}
     trials = _trials_frame(records, metric, columns)
     trials_path = ctx.out_dir / "trials.csv"
     trials.to_csv(trials_path, index=False)
-    best_config = {k: _plain(best["config"][k]) for k in keys}
+    best_config = {k: plain(best["config"][k]) for k in keys}
     best_path = write_json(ctx.out_dir / "best_config.json", best_config)
     for path in (trials_path, best_path):
         ctx.tracker.log_artifact(path)
@@ -553,15 +538,15 @@ def _compare_outputs(ctx: StageContext, records: list[dict[str, Any]], grid: lis
     table.to_csv(table_path, index=False)
     plot_path = plot_compare(table[table["metric"] != GRAD_SLOPE], ctx.out_dir / "compare.png")
     means = {lab: table[(table["loss"] == lab) & (table["metric"] == metric)]["mean"].iloc[0] for lab in labels}
-    scored_labels = [lab for lab in labels if _finite(means[lab])]
+    scored_labels = [lab for lab in labels if finite(means[lab])]
     if not scored_labels:
         raise RuntimeError(f"no compare trial completed with a finite {metric!r}")
     winner = max(scored_labels, key=lambda lab: (means[lab], -labels.index(lab)))
     setting = next(g["setting"] for g in grid if g["loss"] == winner)
-    best_path = write_json(ctx.out_dir / "best_config.json", {k: _plain(v) for k, v in setting.items()})
+    best_path = write_json(ctx.out_dir / "best_config.json", {k: plain(v) for k, v in setting.items()})
     keys = list(dict.fromkeys(k for g in grid for k in g["setting"]))
     columns = {"loss": [r["loss"] for r in records], "seed": [r["seed"] for r in records],
-               **{k: [_plain(r["setting"].get(k)) for r in records] for k in keys}}
+               **{k: [plain(r["setting"].get(k)) for r in records] for k in keys}}
     for r in records:
         r["best"] = r["loss"] == winner
     trials = _trials_frame(records, metric, columns)
@@ -580,7 +565,7 @@ def _compare_outputs(ctx: StageContext, records: list[dict[str, Any]], grid: lis
     stage_metrics: dict[str, Any] = {f"tune/best_{metric}": means[winner], **_counts(records)}
     for row in table.itertuples():
         for field in ("mean", "ci_low", "ci_high"):
-            if _finite(getattr(row, field)):  # one seed: no interval
+            if finite(getattr(row, field)):  # one seed: no interval
                 stage_metrics[f"compare/{row.loss}/{row.metric}_{field}"] = float(getattr(row, field))
     for row in table[table["loss"].str.startswith("diff")].itertuples():
         ctx.log(f"  compare {row.loss} {row.metric}: {row.mean:+.4f} [{row.ci_low:+.4f}, {row.ci_high:+.4f}] "
@@ -694,11 +679,11 @@ def _paired_metrics(ctx: StageContext, files: Mapping[str, Path]) -> dict[str, f
     for row in stats[stats["scope"] == "all"].itertuples() if "scope" in stats else []:
         prefix = f"compare/paired/{row.benchmark}/{row.loss}"
         for field in ("diff", "ci_low", "ci_high", "mde", "p_value"):
-            if _finite(getattr(row, field)):
+            if finite(getattr(row, field)):
                 out[f"{prefix}/{field}"] = float(getattr(row, field))
         ctx.log(f"  paired over {row.n_pairs} {row.benchmark} pairs × {row.n_seeds} seeds: {row.loss} − {row.versus} "
                 f"{row.diff:+.4f} [{row.ci_low:+.4f}, {row.ci_high:+.4f}], MDE {row.mde:.4f}, McNemar p "
-                f"{row.p_value:.3g} ({row.only_loss} vs {row.only_versus} discordant)")
+                f"{row.p_value:.3g} (pairs won {row.only_loss} vs {row.only_versus})")
     return out
 
 
