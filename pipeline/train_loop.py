@@ -560,13 +560,6 @@ def train_local(cfg: PipelineConfig, train_rows: list[dict], validation_rows: li
     run_loop(cfg, LoopPlan(max_steps=max_steps, steps_per_epoch=steps_per_epoch, world_size=world, rank=rank),
              train_windows=windows, validation_rows=lambda: validation_rows, report=report,
              restore_dir=restore_dir, use_gpu=cfg.train.use_gpu, logger=logger or tracking.RunLogger(None, None))
-    # This process group was made here (deepspeed.initialize), so it is closed here: left to interpreter exit, its
-    # communication threads were seen to abort a rank after a finished run ("terminate called without an active
-    # exception", SIGABRT), turning a good run into a failed exit code under torchrun.
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> None:
