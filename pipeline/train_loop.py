@@ -525,9 +525,16 @@ def rows_from_columns(batch: dict[str, np.ndarray]) -> list[dict]:
 
 
 def _single_process_env() -> None:
-    """DeepSpeed outside torchrun/Ray looks for MPI unless the usual rendezvous variables exist."""
-    if "RANK" in os.environ:
+    """DeepSpeed outside torchrun/Ray looks for MPI unless the usual rendezvous variables exist. Under torchrun
+    all four are set; a partial set (a stray ``RANK`` in a shell or a CI runner) is not a rendezvous, so this
+    process runs as rank 0 of 1, and says so."""
+    rendezvous = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    present = [k for k in rendezvous if k in os.environ]
+    if len(present) == len(rendezvous):
         return
+    if present:
+        print(f"train_local: {', '.join(present)} set without {', '.join(k for k in rendezvous if k not in present)}: "
+              f"not a torchrun rendezvous; training as one process", flush=True)
     import socket
 
     with socket.socket() as s:

@@ -25,6 +25,46 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("NORMBT_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+# The whole suite's time budget: CI stops a run at 90 minutes and prints nothing of what failed. Past this budget
+# every remaining test fails at once, saying so, and pytest still prints its summary.
+SUITE_BUDGET_S = float(os.environ.get("NORMBT_SUITE_BUDGET_S", "4800"))
+_SUITE_START = time.monotonic()
+
+
+def pytest_report_header(config):
+    """What a failure far away needs: the machine's size and load, and the variables that steer Ray and torch."""
+    import shutil
+
+    free_gb = shutil.disk_usage(os.environ.get("TMPDIR", "/tmp")).free / 2**30
+    shm = shutil.disk_usage("/dev/shm").free / 2**30 if os.path.isdir("/dev/shm") else float("nan")
+    steer = {k: v for k, v in os.environ.items()
+             if k.startswith(("RAY_", "MLFLOW_", "NORMBT_")) or k in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                      "MASTER_ADDR", "MASTER_PORT", "HOME")}
+    return [f"normbt: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, {free_gb:.1f} GiB free in temp, "
+            f"{shm:.1f} GiB free in /dev/shm, suite budget {SUITE_BUDGET_S:.0f} s",
+            f"normbt: environment {sorted(steer.items())}"]
+
+
+def pytest_runtest_setup(item):
+    spent = time.monotonic() - _SUITE_START
+    if spent > SUITE_BUDGET_S:
+        pytest.fail(f"not run: the suite has spent {spent:.0f} s, over its budget of {SUITE_BUDGET_S:.0f} s "
+                    f"(NORMBT_SUITE_BUDGET_S)", pytrace=False)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_logreport(report):
+    """A failure's last line, printed when it happens (with the time spent and the load): a run cut short
+    from outside still shows why its tests failed."""
+    if report.failed:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        reason = " ".join(crash.message.split()) if crash else (str(report.longrepr).strip().splitlines() or ["?"])[-1]
+        sys.stdout.write(f"\nFAILED-NOW {report.nodeid} ({report.when}, {report.duration:.0f} s, suite at "
+                         f"{time.monotonic() - _SUITE_START:.0f} s, load {os.getloadavg()[0]:.1f}): "
+                         f"{reason[:400]}\n")
+        sys.stdout.flush()
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

@@ -162,3 +162,31 @@ def test_forced_collectives_run_through_the_process_group_at_world_size_one(tmp_
         assert comm.all_gather_rows(np.ones((3, 2))).shape == (3, 2)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("stray", [{"RANK": "0"}, {"RANK": "3", "WORLD_SIZE": "8"}])
+def test_a_stray_rank_variable_is_not_taken_for_a_torchrun_rendezvous(monkeypatch, stray, capsys):
+    from pipeline.train_loop import _single_process_env
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in stray.items():
+        monkeypatch.setenv(key, value)
+    _single_process_env()
+    import os
+
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
+    assert int(os.environ["MASTER_PORT"]) > 0
+    assert "not a torchrun rendezvous" in capsys.readouterr().out
+
+
+def test_a_torchrun_rendezvous_is_left_alone(monkeypatch):
+    from pipeline.train_loop import _single_process_env
+
+    torchrun = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29500"}
+    for key, value in torchrun.items():
+        monkeypatch.setenv(key, value)
+    _single_process_env()
+    import os
+
+    assert {k: os.environ[k] for k in torchrun} == torchrun
