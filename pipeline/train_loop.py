@@ -189,10 +189,25 @@ def _optimizer(cfg: PipelineConfig, model: torch.nn.Module) -> torch.optim.Optim
     return torch.optim.AdamW(groups, lr=t.lr, fused=True)
 
 
+def skip_shared_memory_comm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce op (``deepspeed_shm_comm``).
+
+    On a CPU node every new environment compiles it when the first process group starts (45-53 s on 2 cores),
+    under a lock file in torch's extensions folder. A process killed while it compiles (a trial stopped by ASHA,
+    a killed worker or driver) leaves that lock behind, and every later start of DeepSpeed in that environment
+    waits on it forever. The op serves DeepSpeed's inference all-reduce only; training reduces through
+    torch.distributed (gloo, NCCL), so it is marked unavailable and never built."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def build_engine(cfg: PipelineConfig, plan: LoopPlan, use_gpu: bool) -> tuple[Any, Any, Any]:
     """``(engine, model, tokenizer)``: the reward-model contract wrapped by ``deepspeed.initialize``."""
     import deepspeed
     from transformers import get_scheduler
+
+    skip_shared_memory_comm_build()
 
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_gpu)
     ds_config = deepspeed_config(cfg, bf16)

@@ -203,3 +203,44 @@ def test_decoder_with_pad_as_eos_trains_under_zero3_on_ray_and_rewardbench_score
                                torch.tensor(trained["reward_rejected"].to_numpy()), rtol=1e-5, atol=1e-5)
     weights = _weights(manifests["train"].outputs["model"])
     assert weights["score.weight"].shape == (1, 64) and not any(k.endswith((".gamma", ".beta")) for k in weights)
+
+
+STALE_LOCK_SCRIPT = """
+import os, sys
+from pipeline import modeling, synthetic
+from pipeline.config import load_config
+from pipeline.train_loop import train_local
+
+tok = modeling.load_tokenizer("tiny:bert")
+rows = []
+for r in synthetic.generate(synthetic.SyntheticSpec(n_train=16), "train")[:16]:
+    ids = {s: modeling.encode_messages(tok, r["prompt"] + r[s]) for s in ("chosen", "rejected")}
+    rows.append({"chosen_ids": ids["chosen"], "rejected_ids": ids["rejected"], "margin": None,
+                 "chosen_len": len(ids["chosen"]), "rejected_len": len(ids["rejected"])})
+cfg = load_config(None, ["model.name_or_path=tiny:bert", "train.max_steps=1", "train.micro_batch_size=8"])
+train_local(cfg, rows, rows[:8], report=lambda m, checkpoint_dir=None, final=False: None)
+print("trained")
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_lock_left_by_a_process_killed_while_compiling_does_not_hang_the_next_run(tmp_path):
+    """A worker killed while DeepSpeed JIT-compiled its CPU shared-memory op left ``lock`` in torch's extensions
+    folder; every later DeepSpeed start in that environment waited on it forever (CI: all training tests after
+    the first kill timed out). Training must start whatever that folder holds."""
+    import subprocess
+    import sys
+
+    extensions = tmp_path / "torch_extensions"
+    (extensions / "deepspeed_shm_comm").mkdir(parents=True)
+    (extensions / "deepspeed_shm_comm" / "lock").touch()  # what the killed compiler left
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions), "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        env.pop(key, None)
+    try:
+        done = subprocess.run([sys.executable, "-c", STALE_LOCK_SCRIPT], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=150)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"training waited on the stale lock for 150 s:\n{(err.stderr or b'')[-2000:]!r}")
+    assert done.returncode == 0 and "trained" in done.stdout, done.stderr[-3000:]
+    assert (extensions / "deepspeed_shm_comm" / "lock").exists()  # left alone: not ours to delete
