@@ -2,7 +2,8 @@
 
 1. The README's cluster commands, read from its ``cluster-commands`` block and run as written, with loopback for
    ``<head-ip>``, free ports for 6379 / 8265 and a temporary folder for the shared storage: a head started with
-   ``ray start --head --block`` in the background (stopped by its own process id), the smoke pipeline run with
+   ``ray start --head --block`` (and a free port for its dashboard agent: the suite's own Ray holds the default) in
+   the background (stopped by its own process id), the smoke pipeline run with
    ``RAY_ADDRESS``, then the same command submitted with ``ray job submit`` on the same shared run directory with
    the register stage's manifest removed: the job skips what is done and registers again (a whole second
    pipeline would double the test's time and check nothing the first run does not). Step 2 (another node) needs another machine.
@@ -87,7 +88,11 @@ def readme_head(tmp_path):
         return line
 
     log = open(tmp_path / "head.log", "wb")
-    head = subprocess.Popen([*shlex.split(fill(commands[0])), "--block"], cwd=tmp_path, env=_env(), stdout=log,
+    # Every Ray node's dashboard agent listens on 52365 unless told otherwise, and this machine already runs the
+    # suite's own local Ray: a head left on 52365 lost the port, so its job agent never registered and every
+    # submission got "No available agent to submit job". A real head machine runs one Ray; here it gets a free port.
+    agent = ["--dashboard-agent-listen-port", str(_free_port())]
+    head = subprocess.Popen([*shlex.split(fill(commands[0])), *agent, "--block"], cwd=tmp_path, env=_env(), stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 120
@@ -148,7 +153,8 @@ TWO_NODES = textwrap.dedent("""
     sys.path.insert(0, os.getcwd())  # the repository (the test runs this script from it)
     # the driver's node runs no work; its dashboard serves the State API (Ray Train's clean-up and this test use it)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,
-                                                            "dashboard_port": int(sys.argv[2])})
+                                                            "dashboard_port": int(sys.argv[2]),
+                                                            "dashboard_agent_listen_port": int(sys.argv[3])})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     os.environ["RAY_ADDRESS"] = cluster.address
@@ -203,9 +209,9 @@ def test_two_nodes_one_worker_each_survive_losing_a_node(tmp_path):
     script.write_text(TWO_NODES)
     log = tmp_path / "two_nodes.log"
     with open(log, "wb") as out:
-        done = subprocess.run([sys.executable, str(script), str(tmp_path), str(_free_port())], cwd=REPO, env=_env(),
-                              stdout=out,
-                              stderr=subprocess.STDOUT, timeout=900, check=False)
+        # a free port for the head's dashboard agent too: the suite's local Ray holds the default 52365
+        done = subprocess.run([sys.executable, str(script), str(tmp_path), str(_free_port()), str(_free_port())],
+                              cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT, timeout=900, check=False)
     text = log.read_text()
     assert done.returncode == 0, text[-4000:]
     result = json.loads(text.strip().splitlines()[-1])
