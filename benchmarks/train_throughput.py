@@ -1,21 +1,32 @@
 """Training throughput: our loop vs TRL's ``RewardTrainer``, and NormBT vs BT step time, measured in one run.
 
     pip install -e '.[bench]'
-    python benchmarks/train_throughput.py [--model embedded:minilm] [--steps 30] [--batch 16] [--repeats 2]
+    python benchmarks/train_throughput.py [--workload hh-rlhf|synthetic] [--rounds 5] [--steps 12] [--batch 16]
 
-Same model, same pre-tokenised pairs (the synthetic benchmark rendered by our data code), same batch size,
-max length, optimizer (AdamW, fixed lr), precision (fp32, no gradient checkpointing: TRL's defaults are bf16
-and checkpointing) and process count (one process; DeepSpeed ZeRO-0 on our side, the HF Trainer on TRL's).
-Step time is the median over steps after the first two of each run (warm-up excluded); our BT and NormBT runs
-alternate ``--repeats`` times and pool their steps. Prints pairs/s for each and the ratios; targets: ours/TRL
->= 1.5, NormBT/BT <= 1.02.
+Two workloads: ``synthetic`` (the synthetic benchmark rendered by our data code: short pairs of nearly equal
+length) and ``hh-rlhf`` (the real HH-RLHF helpful + harmless train samples in ``../shared/data``, as the data
+stage normalises them, ``--max-length`` 512: lengths from a few dozen to 512 tokens, where batching by length
+matters). Same model, same pre-tokenised pairs, same batch size, optimizer (AdamW, fixed lr), precision (fp32, no
+gradient checkpointing: TRL's defaults are bf16 and checkpointing) and process count (one process; DeepSpeed
+ZeRO-0 on our side, the HF Trainer on TRL's). Each side keeps its own batching: ours groups pairs of similar
+length (``train.length_group_window``), TRL pads random batches (its default).
+
+Every measurement runs in a fresh process (TRL must not see the ``torch.distributed`` group our loop makes, and
+nothing is warm from the run before), and the three run in turn, TRL → BT → NormBT, ``--rounds`` times, so that
+drift in the machine's speed hits all alike. A run's step time is the median over its steps after the first two.
+Per round: ours(NormBT)/TRL pairs/s and NormBT/BT step time; printed per round, then the median with the
+min-max spread and a 95% t-interval of the mean over rounds. Targets: ours/TRL >= 2 on hh-rlhf (>= 1.5 on
+synthetic), NormBT/BT <= 1.02 with the interval inside +-2%.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,14 +38,34 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import modeling, synthetic  # noqa: E402
+from pipeline import formats, modeling, readers, synthetic  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 
+SHARED = Path(os.environ.get("NORMBT_SHARED_DATA", REPO.parent / "shared" / "data"))
+HH_FILES = ("hh_rlhf/helpful_train_sample.jsonl", "hh_rlhf/harmless_train_sample.jsonl")
+SIDES = ("trl", "bt", "normbt")
 
-def make_rows(model: str, n: int, max_length: int) -> list[dict]:
+
+def conversations(workload: str, n: int) -> list[dict]:
+    """``n`` pairs as ``{prompt, chosen, rejected}`` message lists, in file order."""
+    if workload == "synthetic":
+        return list(synthetic.generate(synthetic.SyntheticSpec(n_train=n), "train"))[:n]
+    records, quarantined = [], []
+    for name in HH_FILES:
+        good, bad = formats.normalise_batch(readers.read_path(str(SHARED / name), strict=False), source=name)
+        records += good
+        quarantined += bad
+    if quarantined:  # counted, never silent: the data stage would quarantine the same rows
+        print(f"hh-rlhf: {len(quarantined)} rows quarantined ({quarantined[0]['reason']}, ...)", file=sys.stderr)
+    if len(records) < n:
+        raise SystemExit(f"hh-rlhf: {len(records)} usable pairs in {SHARED}, {n} needed (fewer --steps?)")
+    return records[:n]
+
+
+def make_rows(model: str, workload: str, n: int, max_length: int) -> list[dict]:
     tok = modeling.load_tokenizer(model)
     rows = []
-    for r in synthetic.generate(synthetic.SyntheticSpec(n_train=n), "train"):
+    for r in conversations(workload, n):
         ids = {s: modeling.truncate_ids(modeling.encode_messages(tok, r["prompt"] + r[s]), max_length)
                for s in ("chosen", "rejected")}
         rows.append({"chosen_ids": ids["chosen"], "rejected_ids": ids["rejected"], "chosen_len": len(ids["chosen"]),
@@ -63,8 +94,8 @@ def ours(model: str, rows: list[dict], steps: int, batch: int, loss: str) -> lis
     return times[2:]
 
 
-def trl(model: str, rows: list[dict], steps: int, batch: int) -> float:
-    """Median seconds per optimizer step of TRL's RewardTrainer on the same pre-tokenised pairs."""
+def trl(model: str, rows: list[dict], steps: int, batch: int) -> list[float]:
+    """Seconds of each optimizer step of TRL's RewardTrainer on the same pre-tokenised pairs, after the first two."""
     import datasets
     from transformers import TrainerCallback
     from trl import RewardConfig, RewardTrainer
@@ -91,35 +122,73 @@ def trl(model: str, rows: list[dict], steps: int, batch: int) -> float:
                             # bf16, e.g. AVX2: 30 s/step instead of < 1 s). Same numerics on both sides.
                             bf16=False, gradient_checkpointing=False)
         RewardTrainer(model=net, args=args, train_dataset=ds, processing_class=tok, callbacks=[Timer()]).train()
-    return statistics.median(times[2:])
+    return times[2:]
+
+
+def one_run(args: argparse.Namespace) -> None:
+    """``--side``: measure one side in this process and print its step times as the last line (JSON)."""
+    rows = make_rows(args.model, args.workload, args.steps * args.batch + args.batch, args.max_length)
+    times = trl(args.model, rows, args.steps, args.batch) if args.side == "trl" else \
+        ours(args.model, rows, args.steps, args.batch, args.side)
+    tokens = statistics.mean(r["chosen_len"] + r["rejected_len"] for r in rows)
+    print(json.dumps({"side": args.side, "step_s": times, "mean_tokens_per_pair": tokens}))
+
+
+def measure(args: argparse.Namespace, side: str) -> dict:
+    command = [sys.executable, __file__, "--side", side, "--model", args.model, "--workload", args.workload,
+               "--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{side} run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def t_interval(values: list[float]) -> tuple[float, float]:
+    """95% t-interval of the mean (two-sided)."""
+    from scipy import stats
+
+    if len(values) < 2:
+        return math.nan, math.nan
+    mean, sem = statistics.mean(values), statistics.stdev(values) / math.sqrt(len(values))
+    half = stats.t.ppf(0.975, len(values) - 1) * sem
+    return mean - half, mean + half
+
+
+def summary(name: str, values: list[float], fmt: str) -> str:
+    low, high = t_interval(values)
+    return (f"{name}: median {format(statistics.median(values), fmt)}, min-max "
+            f"{format(min(values), fmt)}-{format(max(values), fmt)}, 95% CI of the mean "
+            f"[{format(low, fmt)}, {format(high, fmt)}] over {len(values)} rounds")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="embedded:minilm")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--workload", choices=("hh-rlhf", "synthetic"), default="hh-rlhf")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run (the first two are warm-up)")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="alternate our BT and NormBT runs this many times (pooled medians), so that "
-                             "drift in the machine's speed hits both alike")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=5, help="TRL, BT, NormBT runs in turn this many times")
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one measurement (a child process)
     args = parser.parse_args()
-    rows = make_rows(args.model, args.steps * args.batch + args.batch, args.max_length)
-    # TRL first: our loop initialises torch.distributed (DeepSpeed), after which the HF Trainer would wrap
-    # its model in a one-process DDP and pay for it.
-    t_trl = trl(args.model, rows, args.steps, args.batch)
-    bt, nbt = [], []
-    for _ in range(args.repeats):
-        bt += ours(args.model, rows, args.steps, args.batch, "bt")
-        nbt += ours(args.model, rows, args.steps, args.batch, "normbt")
-    t_bt, t_nbt = statistics.median(bt), statistics.median(nbt)
-    print(f"model {args.model}, batch {args.batch} pairs, {args.steps} steps, 1 process, {os.cpu_count()} CPUs, "
-          f"ours x {args.repeats} alternating")
-    print(f"TRL RewardTrainer        : {args.batch / t_trl:7.1f} pairs/s  ({t_trl * 1000:.0f} ms/step)")
-    print(f"ours, BT                 : {args.batch / t_bt:7.1f} pairs/s  ({t_bt * 1000:.0f} ms/step)")
-    print(f"ours, NormBT             : {args.batch / t_nbt:7.1f} pairs/s  ({t_nbt * 1000:.0f} ms/step)")
-    print(f"ratio ours(NormBT)/TRL pairs/s : {t_trl / t_nbt:.2f}x   (target >= 1.5)")
-    print(f"ratio NormBT/BT step time      : {t_nbt / t_bt:.3f}   (target <= 1.02)")
+    if args.side:
+        one_run(args)
+        return
+    print(f"model {args.model}, workload {args.workload} (max length {args.max_length}), batch {args.batch} pairs, "
+          f"{args.steps} steps per run (first 2 dropped), 1 process each, {os.cpu_count()} CPUs, "
+          f"{args.rounds} rounds of TRL -> BT -> NormBT", flush=True)
+    vs_trl, normbt_bt = [], []
+    for k in range(1, args.rounds + 1):
+        runs = {side: measure(args, side) for side in SIDES}
+        step = {side: statistics.median(run["step_s"]) for side, run in runs.items()}
+        vs_trl.append(step["trl"] / step["normbt"])
+        normbt_bt.append(step["normbt"] / step["bt"])
+        print(f"round {k}: TRL {args.batch / step['trl']:.2f} pairs/s, BT {args.batch / step['bt']:.2f}, "
+              f"NormBT {args.batch / step['normbt']:.2f} (mean {runs['bt']['mean_tokens_per_pair']:.0f} tokens/pair); "
+              f"ours(NormBT)/TRL {vs_trl[-1]:.2f}x, NormBT/BT {normbt_bt[-1]:.3f}", flush=True)
+    target = 2.0 if args.workload == "hh-rlhf" else 1.5
+    print(summary(f"ratio ours(NormBT)/TRL pairs/s (target >= {target})", vs_trl, ".2f"))
+    print(summary("ratio NormBT/BT step time (target <= 1.02, interval inside 0.98-1.02)", normbt_bt, ".3f"))
 
 
 if __name__ == "__main__":
