@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -173,8 +174,6 @@ def test_a_stray_rank_variable_is_not_taken_for_a_torchrun_rendezvous(monkeypatc
     for key, value in stray.items():
         monkeypatch.setenv(key, value)
     _single_process_env()
-    import os
-
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
     assert int(os.environ["MASTER_PORT"]) > 0
     assert "not a torchrun rendezvous" in capsys.readouterr().out
@@ -187,6 +186,4 @@ def test_a_torchrun_rendezvous_is_left_alone(monkeypatch):
     for key, value in torchrun.items():
         monkeypatch.setenv(key, value)
     _single_process_env()
-    import os
-
     assert {k: os.environ[k] for k in torchrun} == torchrun

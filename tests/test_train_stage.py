@@ -206,7 +206,6 @@ def test_decoder_with_pad_as_eos_trains_under_zero3_on_ray_and_rewardbench_score
 
 
 STALE_LOCK_SCRIPT = """
-import os, sys
 from pipeline import modeling, synthetic
 from pipeline.config import load_config
 from pipeline.train_loop import train_local
@@ -226,8 +225,8 @@ print("trained")
 @pytest.mark.timeout(300)
 def test_a_lock_left_by_a_process_killed_while_compiling_does_not_hang_the_next_run(tmp_path):
     """A worker killed while DeepSpeed JIT-compiled its CPU shared-memory op left ``lock`` in torch's extensions
-    folder; every later DeepSpeed start in that environment waited on it forever (CI: all training tests after
-    the first kill timed out). Training must start whatever that folder holds."""
+    folder; every later DeepSpeed start in that environment waited on it forever (a suite's training tests ran
+    to their time-outs). Training must start whatever that folder holds."""
     import subprocess
     import sys
 
