@@ -1,7 +1,7 @@
 """Training throughput: our loop vs TRL's ``RewardTrainer``, and NormBT vs BT step time, measured in one run.
 
     pip install -e '.[bench]'
-    python benchmarks/train_throughput.py [--workload hh-rlhf|synthetic] [--rounds 5] [--steps 12] [--batch 16]
+    python benchmarks/train_throughput.py [--workload hh-rlhf|synthetic] [--rounds 5] [--sides trl,bt,normbt]
 
 Two workloads: ``synthetic`` (the synthetic benchmark rendered by our data code: short pairs of nearly equal
 length) and ``hh-rlhf`` (the real HH-RLHF helpful + harmless train samples in ``../shared/data``, as the data
@@ -12,10 +12,11 @@ ZeRO-0 on our side, the HF Trainer on TRL's). Each side keeps its own batching: 
 length (``train.length_group_window``), TRL pads random batches (its default).
 
 Every measurement runs in a fresh process (TRL must not see the ``torch.distributed`` group our loop makes, and
-nothing is warm from the run before), and the three run in turn, TRL → BT → NormBT, ``--rounds`` times, so that
-drift in the machine's speed hits all alike. A run's step time is the median over its steps after the first two.
-Per round: ours(NormBT)/TRL pairs/s and NormBT/BT step time; printed per round, then the median with the
-min-max spread and a 95% t-interval of the mean over rounds. Targets: ours/TRL >= 2 on hh-rlhf (>= 1.5 on
+nothing is warm from the run before). The sides (``--sides``, default all three) run in turn ``--rounds`` times,
+the order rotated each round, so that drift in the machine's speed hits all alike. A run's step time is the
+median over its steps after the first two. Per round: ours(NormBT)/TRL pairs/s, and NormBT/BT as the median of
+the step-by-step ratios (both train the same batches in the same order); printed per round, then the median with
+the min-max spread and a 95% t-interval of the mean over rounds. Targets: ours/TRL >= 2 on hh-rlhf (>= 1.5 on
 synthetic), NormBT/BT <= 1.02 with the interval inside +-2%.
 """
 
@@ -168,28 +169,43 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run (the first two are warm-up)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--rounds", type=int, default=5, help="TRL, BT, NormBT runs in turn this many times")
+    parser.add_argument("--rounds", type=int, default=5, help="each side runs once per round, this many rounds")
+    parser.add_argument("--sides", default=",".join(SIDES), help="which of trl,bt,normbt to run (bt,normbt: "
+                        "NormBT's cost alone, without TRL's long runs)")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one measurement (a child process)
     args = parser.parse_args()
     if args.side:
         one_run(args)
         return
+    sides = [s for s in args.sides.split(",") if s]
+    if set(sides) - set(SIDES) or "normbt" not in sides or len(sides) < 2:
+        raise SystemExit(f"--sides: normbt and at least one of trl, bt, from {SIDES}; got {args.sides}")
     print(f"model {args.model}, workload {args.workload} (max length {args.max_length}), batch {args.batch} pairs, "
           f"{args.steps} steps per run (first 2 dropped), 1 process each, {os.cpu_count()} CPUs, "
-          f"{args.rounds} rounds of TRL -> BT -> NormBT", flush=True)
+          f"{args.rounds} rounds of {', '.join(sides)}, the order rotated each round", flush=True)
     vs_trl, normbt_bt = [], []
-    for k in range(1, args.rounds + 1):
-        runs = {side: measure(args, side) for side in SIDES}
+    for k in range(args.rounds):
+        order = sides[k % len(sides):] + sides[:k % len(sides)]  # no side always runs first or after another
+        runs = {side: measure(args, side) for side in order}
         step = {side: statistics.median(run["step_s"]) for side, run in runs.items()}
-        vs_trl.append(step["trl"] / step["normbt"])
-        normbt_bt.append(step["normbt"] / step["bt"])
-        print(f"round {k}: TRL {args.batch / step['trl']:.2f} pairs/s, BT {args.batch / step['bt']:.2f}, "
-              f"NormBT {args.batch / step['normbt']:.2f} (mean {runs['bt']['mean_tokens_per_pair']:.0f} tokens/pair); "
-              f"ours(NormBT)/TRL {vs_trl[-1]:.2f}x, NormBT/BT {normbt_bt[-1]:.3f}", flush=True)
+        line = [f"round {k + 1} ({' -> '.join(order)}): " + ", ".join(
+            f"{side} {args.batch / step[side]:.2f} pairs/s" for side in sides)]
+        if "trl" in runs:
+            vs_trl.append(step["trl"] / step["normbt"])
+            line.append(f"ours(NormBT)/TRL {vs_trl[-1]:.2f}x")
+        if "bt" in runs:
+            # Both runs train the same batches in the same order: step i of one is step i of the other, so the
+            # ratio is taken step by step (batches of very different lengths cancel), then its median.
+            paired = [n / b for n, b in zip(runs["normbt"]["step_s"], runs["bt"]["step_s"])]
+            normbt_bt.append(statistics.median(paired))
+            line.append(f"NormBT/BT {normbt_bt[-1]:.3f} (median of {len(paired)} paired steps)")
+        print("; ".join(line), flush=True)
     target = 2.0 if args.workload == "hh-rlhf" else 1.5
-    print(summary(f"ratio ours(NormBT)/TRL pairs/s (target >= {target})", vs_trl, ".2f"))
-    print(summary("ratio NormBT/BT step time (target <= 1.02, interval inside 0.98-1.02)", normbt_bt, ".3f"))
-
+    if vs_trl:
+        print(summary(f"ratio ours(NormBT)/TRL pairs/s (target >= {target})", vs_trl, ".2f"))
+    if normbt_bt:
+        print(summary("ratio NormBT/BT step time, paired by step (target <= 1.02, interval inside 0.98-1.02)",
+                      normbt_bt, ".3f"))
 
 if __name__ == "__main__":
     main()
