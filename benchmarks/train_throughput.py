@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -40,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline import formats, modeling, readers, synthetic  # noqa: E402
+from pipeline.compare import t_interval  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 
 SHARED = Path(os.environ.get("NORMBT_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -144,19 +144,8 @@ def measure(args: argparse.Namespace, side: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def t_interval(values: list[float]) -> tuple[float, float]:
-    """95% t-interval of the mean (two-sided)."""
-    from scipy import stats
-
-    if len(values) < 2:
-        return math.nan, math.nan
-    mean, sem = statistics.mean(values), statistics.stdev(values) / math.sqrt(len(values))
-    half = stats.t.ppf(0.975, len(values) - 1) * sem
-    return mean - half, mean + half
-
-
 def summary(name: str, values: list[float], fmt: str) -> str:
-    low, high = t_interval(values)
+    _, low, high, _ = t_interval(values)
     return (f"{name}: median {format(statistics.median(values), fmt)}, min-max "
             f"{format(min(values), fmt)}-{format(max(values), fmt)}, 95% CI of the mean "
             f"[{format(low, fmt)}, {format(high, fmt)}] over {len(values)} rounds")
