@@ -270,6 +270,10 @@ class TuneConfig:
     eval_reports: int = _f(2, "Search mode: validation passes per trial when train.eval_every is 0 (ASHA's rungs).")
     reserve_cpus: float = _f(0.5, "CPUs left to Ray Data when max_concurrent_trials is derived.")
     controller_failure_limit: int = _f(1, "Train controller failures a trial tolerates (a starved trial errors out).")
+    trial_launcher: Literal["auto", "in_process", "ray_train"] = _f(
+        "auto", "'in_process': each trial trains in its own Tune actor, reused from trial to trial, as one rank "
+        "with micro_batch_size × num_workers (the same global batch); 'ray_train': each trial is a Ray Train run "
+        "with train.num_workers workers; 'auto': in_process unless trials train on several GPUs.")
 
 
 _BENCHMARK_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")

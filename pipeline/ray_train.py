@@ -42,10 +42,8 @@ def train_loop_per_worker(config: dict) -> None:
         return cached[0]
 
     def report(metrics: dict, checkpoint_dir: str | None = None, final: bool = False) -> None:
-        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        clean["final"] = int(final)
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(clean, checkpoint=checkpoint)
+        ray.train.report(reported_metrics(metrics, final), checkpoint=checkpoint)
 
     checkpoint = ray.train.get_checkpoint()
     logger = tracking.for_rank(plan.rank, config.get("tracking_uri"), config.get("run_id"))
@@ -56,6 +54,13 @@ def train_loop_per_worker(config: dict) -> None:
     with checkpoint.as_directory() as folder:
         run_loop(cfg, plan, train_windows=train_windows, validation_rows=validation_rows, report=report,
                  restore_dir=folder, use_gpu=cfg.train.use_gpu, logger=logger)
+
+
+def reported_metrics(metrics: dict, final: bool) -> dict:
+    """What a report hands to Ray: the finite numbers, and ``final`` (1 on the run's last report)."""
+    clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    clean["final"] = int(final)
+    return clean
 
 
 def build_trainer(cfg: PipelineConfig, data: Any, *, name: str, storage_path: str,

@@ -381,11 +381,14 @@ def validation_metrics(table: np.ndarray) -> dict[str, Any]:
 
 def run_loop(cfg: PipelineConfig, plan: LoopPlan, *, train_windows: Callable[[int], Iterable[list[dict]]],
              validation_rows: Callable[[], list[dict]], report: Callable[..., None],
-             restore_dir: str | None, use_gpu: bool, logger: tracking.RunLogger) -> None:
+             restore_dir: str | None, use_gpu: bool, logger: tracking.RunLogger, started: float | None = None) -> None:
     """The training loop. ``train_windows(epoch)`` yields windows of rows in file order; ``report(metrics,
-    checkpoint_dir=None, final=False)`` publishes metrics (and a checkpoint folder written by every rank)."""
+    checkpoint_dir=None, final=False)`` publishes metrics (and a checkpoint folder written by every rank).
+    ``started``: when this run began (default: this process's start; a reused process passes its own)."""
     device = compute_device(use_gpu)
     marks = {"loop_start": time.time()}  # where a run's wall time goes: reported as phase/* in the final metrics
+    if started is not None:
+        marks["started"] = started
     first_epoch = prefetched(train_windows(0)) if restore_dir is None else None  # reads while the engine builds
     engine, model, tok = build_engine(cfg, plan, use_gpu)
     marks["engine_built"] = time.time()
@@ -446,6 +449,7 @@ def run_loop(cfg: PipelineConfig, plan: LoopPlan, *, train_windows: Callable[[in
     final["step"] = step
     final["data_wait_fraction"] = wait_s / max(wait_s + busy_s, 1e-9)
     final.update(_phases(marks, time.time(), steps_s=busy_s, wait_s=wait_s))
+    final["phase/end_unix"] = time.time()  # when the final validation ended: consecutive runs' wall times
     gradient_pairs = np.concatenate(diagnostics) if diagnostics else np.zeros((0, 2))
     if plan.rank == 0 and len(gradient_pairs):
         from pipeline.metrics import loglog_slope
@@ -466,7 +470,7 @@ def _phases(marks: dict[str, float], now: float, *, steps_s: float, wait_s: floa
     try:
         import psutil
 
-        process_s = marks["loop_start"] - psutil.Process().create_time()
+        process_s = marks["loop_start"] - marks.get("started", psutil.Process().create_time())
     except (ImportError, OSError):
         process_s = float("nan")
     loop_s = marks["steps_done"] - marks["engine_built"]
@@ -567,9 +571,25 @@ def read_rows(path: str) -> list[dict]:
     return rows_from_columns({c: table.column(c).to_numpy(zero_copy_only=False) for c in TRAIN_COLUMNS})
 
 
+def one_process_config(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` trained by one process: ``train.num_workers`` ranks of ``m`` pairs become one rank of
+    ``m × num_workers``. The global batch, the steps and the pairs of every step stay the same (the module
+    docstring), and so does the loss curve (``test_one_worker_matches_two_workers``). The gradient diagnostics
+    record the first micro-batch of the step, so ``num_workers`` times as many pairs as rank 0 recorded."""
+    t = cfg.train
+    return from_flat({"train.micro_batch_size": t.micro_batch_size * t.num_workers, "train.num_workers": 1},
+                     base=cfg)
+
+
+def one_process_threads(cfg: PipelineConfig) -> int:
+    """Threads for one process doing the work of ``train.num_workers`` workers: each worker computed with
+    ``max(1, ⌊cpus_per_worker⌋)`` threads (Ray gives a worker with less than one CPU one thread)."""
+    return cfg.train.num_workers * max(1, int(cfg.train.cpus_per_worker))
+
+
 def train_local(cfg: PipelineConfig, train_rows: list[dict], validation_rows: list[dict], *,
                 report: Callable[..., None], restore_dir: str | None = None,
-                logger: tracking.RunLogger | None = None) -> None:
+                logger: tracking.RunLogger | None = None, started: float | None = None) -> None:
     """Run the same loop in this process (one rank, or one rank of ``torchrun``), fed by plain lists."""
     _single_process_env()
     if not cfg.train.use_gpu:
@@ -581,7 +601,8 @@ def train_local(cfg: PipelineConfig, train_rows: list[dict], validation_rows: li
     windows = lambda epoch: (train_rows[i: i + window] for i in range(0, len(train_rows), window))  # noqa: E731
     run_loop(cfg, LoopPlan(max_steps=max_steps, steps_per_epoch=steps_per_epoch, world_size=world, rank=rank),
              train_windows=windows, validation_rows=lambda: validation_rows, report=report,
-             restore_dir=restore_dir, use_gpu=cfg.train.use_gpu, logger=logger or tracking.RunLogger(None, None))
+             restore_dir=restore_dir, use_gpu=cfg.train.use_gpu, logger=logger or tracking.RunLogger(None, None),
+             started=started)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -99,6 +99,7 @@ import math
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -144,16 +145,36 @@ def search_space(space: Mapping[str, SearchDomain]) -> dict[str, Any]:
     return {key: search_domain(domain) for key, domain in space.items()}
 
 
-def derive_concurrency(resources: Mapping[str, float], cfg: PipelineConfig) -> int:
+def trial_launcher(cfg: PipelineConfig) -> str:
+    """``tune.trial_launcher`` resolved: 'auto' trains each trial in its Tune actor unless the trial would
+    train on several GPUs (one process drives one device; a multi-GPU trial needs its Ray Train workers)."""
+    if cfg.tune.trial_launcher != "auto":
+        return cfg.tune.trial_launcher
+    return "ray_train" if cfg.train.use_gpu and cfg.train.num_workers > 1 else "in_process"
+
+
+def trial_resources(cfg: PipelineConfig, launcher: str) -> dict[str, float]:
+    """What Tune reserves for a trial's own actor. In process it does the workers' work, so it holds their
+    CPUs (and one GPU); a Ray Train trial only drives its TorchTrainer, whose workers reserve their own."""
+    t = cfg.train
+    if launcher == "ray_train":
+        return {"cpu": TRIAL_CPUS}
+    return {"cpu": t.num_workers * t.cpus_per_worker} | ({"gpu": 1} if t.use_gpu else {})
+
+
+def derive_concurrency(resources: Mapping[str, float], cfg: PipelineConfig, launcher: str = "ray_train") -> int:
     """Trials at once: ``tune.max_concurrent_trials`` if set, else ⌊(CPUs − reserve) / per-trial CPUs⌋ ≥ 1
-    (per trial: its Train workers plus the trial function), also capped by GPUs when training on GPUs."""
+    (per trial: its Train workers plus the trial function, or the in-process trial's actor), also capped by
+    GPUs when training on GPUs."""
     if cfg.tune.max_concurrent_trials > 0:
         return cfg.tune.max_concurrent_trials
     t = cfg.train
-    per_trial = t.num_workers * t.cpus_per_worker + TRIAL_CPUS
+    own = trial_resources(cfg, launcher)
+    per_trial = own["cpu"] + (t.num_workers * t.cpus_per_worker if launcher == "ray_train" else 0.0)
     n = math.floor((float(resources.get("CPU", 0.0)) - cfg.tune.reserve_cpus) / per_trial + 1e-9)
     if t.use_gpu:
-        n = min(n, math.floor(float(resources.get("GPU", 0.0)) / t.num_workers + 1e-9))
+        gpus = t.num_workers if launcher == "ray_train" else 1
+        n = min(n, math.floor(float(resources.get("GPU", 0.0)) / gpus + 1e-9))
     return max(1, n)
 
 
@@ -185,6 +206,7 @@ class TrialSetup:
     controller_failure_limit: int = 1
     start_timeout_s: float = 120.0  # how long a trial waits for the CPU its dataset setup needs
     concurrency: int = 1  # trials at once (1: leftover Train placement groups can be told apart)
+    launcher: str = "ray_train"  # tune.trial_launcher resolved: 'in_process' or 'ray_train'
 
     def overrides(self, params: Mapping[str, Any]) -> dict[str, Any]:
         if self.mode == "compare":
@@ -193,24 +215,70 @@ class TrialSetup:
 
 
 def run_trial(params: Mapping[str, Any], setup: TrialSetup) -> None:
-    """One Tune trial: nested MLflow run, then the TorchTrainer with its reports forwarded to Tune."""
-    import ray.data
-    import ray.train
+    """One Tune trial: nested MLflow run, then the loop in this process or a TorchTrainer, its reports
+    forwarded to Tune."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.ray_train import build_trainer
-
+    started = time.time()
     trial_id = ray.tune.get_context().get_trial_id()
-    data_context = ray.data.DataContext.get_current()  # this trial's datasets carry it to the workers
-    data_context.enable_progress_bars = False
-    data_context.print_on_execution_start = False
     overrides = setup.overrides(params)
     cfg = from_flat(overrides, base=setup.cfg, where=f"tune trial {trial_id}")
     logger = setup.tracker.child(f"trial-{trial_id}", tags={
         "tune.trial_id": trial_id, "tune.mode": setup.mode, "tune.hash": setup.digest,
-        "tune.overrides": json.dumps(overrides, default=str)})
+        "tune.overrides": json.dumps(overrides, default=str), "tune.launcher": setup.launcher,
+        "tune.pid": str(os.getpid())})
     logger.log_params(tracking.params_of(cfg))
+    if setup.launcher == "in_process":
+        try:
+            _train_in_this_process(cfg, setup.data, logger, started)
+        except SystemExit:  # Tune stopping the trial (ASHA) ends its thread at a report
+            logger.finish("KILLED")
+            raise
+        except BaseException:
+            logger.finish("FAILED")
+            raise
+        logger.finish("FINISHED")
+        return
+    _fit_trainer(cfg, setup, trial_id, logger)
+
+
+def _train_in_this_process(cfg: PipelineConfig, data: Manifest, logger: tracking.RunLogger, started: float) -> None:
+    """The trial's training as one rank in this Tune actor (``tune.trial_launcher``): no worker group to start,
+    and a reused actor has torch, transformers and DeepSpeed imported already. Same loop, same global batch
+    (:func:`pipeline.train_loop.one_process_config`); checkpoints and resume go through Tune."""
+    import gc
+    from contextlib import nullcontext
+
+    import ray.tune
+    import torch
+
+    from pipeline.ray_train import reported_metrics
+    from pipeline.train_loop import one_process_config, one_process_threads, read_rows, train_local
+
+    gc.collect()  # an earlier trial's engine in this actor (a stopped one's too) goes before this one builds
+    torch.set_num_threads(one_process_threads(cfg))  # the workers' threads, which this process now runs
+
+    def report(metrics: dict, checkpoint_dir: str | None = None, final: bool = False) -> None:
+        checkpoint = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.tune.report(reported_metrics(metrics, final), checkpoint=checkpoint)
+
+    checkpoint = ray.tune.get_checkpoint()  # a resumed experiment's unfinished trial continues from it
+    with checkpoint.as_directory() if checkpoint else nullcontext() as folder:
+        train_local(one_process_config(cfg), read_rows(data.output("train")), read_rows(data.output("validation")),
+                    report=report, restore_dir=folder, logger=tracking.for_rank(0, logger.uri, logger.run_id),
+                    started=started)
+
+
+def _fit_trainer(cfg: PipelineConfig, setup: TrialSetup, trial_id: str, logger: tracking.RunLogger) -> None:
+    """The trial as a Ray Train run: its TorchTrainer's reports reach Tune through ``TuneReportCallback``."""
+    import ray.data
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipeline.ray_train import build_trainer
+
+    data_context = ray.data.DataContext.get_current()  # this trial's datasets carry it to the workers
+    data_context.enable_progress_bars = False
+    data_context.print_on_execution_start = False
     try:
         await_free_cpu(setup.start_timeout_s, sole_trial=setup.concurrency == 1,
                        keep_bundles=[{"CPU": TRIAL_CPUS}])  # Tune's own group for this trial function
@@ -257,7 +325,8 @@ def tune_reward_model(ctx: StageContext) -> StageResult:
     base = from_flat(dict(cfg.tune.trial_overrides), base=cfg, where="tune.trial_overrides")
     max_steps, _ = plan_steps(base, _count_rows(data.output("train")))
     storage = storage_of(cfg, ctx.run_dir).rstrip("/")
-    concurrency = derive_concurrency(ray.cluster_resources(), base)
+    launcher = trial_launcher(base)
+    concurrency = derive_concurrency(ray.cluster_resources(), base, launcher)
     digest = stage_hash(cfg, STAGES["tune"], ctx.upstream)
     if cfg.tune.mode == "compare":
         benches = cfg.rewardbench.benchmarks
@@ -265,9 +334,10 @@ def tune_reward_model(ctx: StageContext) -> StageResult:
         setup = TrialSetup(cfg=base, data=data, storage_path=f"{storage}/{TRIALS_FOLDER}", tracker=ctx.tracker,
                            mode="compare", digest=digest, grid=tuple(g["overrides"] for g in grid),
                            controller_failure_limit=cfg.tune.controller_failure_limit,
-                           start_timeout_s=_start_timeout(cfg), concurrency=concurrency)
+                           start_timeout_s=_start_timeout(cfg), concurrency=concurrency, launcher=launcher)
         ctx.log(f"  tune: compare {len(grid)} trials ({cfg.tune.seeds} seeds × "
-                f"{', '.join(dict.fromkeys(g['loss'] for g in grid))}), {concurrency} at a time")
+                f"{', '.join(dict.fromkeys(g['loss'] for g in grid))}), {concurrency} at a time, "
+                f"{_launcher_words(launcher, base)}")
         results = _fit(ctx, setup, param_space={GRID_KEY: _grid_search(len(grid))}, num_samples=1,
                        scheduler=None, search_alg=None, concurrency=concurrency, storage=storage,
                        expected=len(grid))
@@ -277,18 +347,26 @@ def tune_reward_model(ctx: StageContext) -> StageResult:
     space = search_space(cfg.tune.search_space)
     setup = TrialSetup(cfg=base, data=data, storage_path=f"{storage}/{TRIALS_FOLDER}", tracker=ctx.tracker,
                        mode="search", digest=digest, controller_failure_limit=cfg.tune.controller_failure_limit,
-                       start_timeout_s=_start_timeout(cfg), concurrency=concurrency)
+                       start_timeout_s=_start_timeout(cfg), concurrency=concurrency, launcher=launcher)
     scheduler = _asha(grace=cfg.tune.grace_period * eval_every, max_t=max_steps)
     configured = flatten(base)
     start = [{k: configured[k] for k in space}] if cfg.tune.start_from_config else None
     search_alg, searcher = _searcher(cfg.run.seed, concurrency, start)
     ctx.log(f"  tune: search {cfg.tune.num_samples} trials over {', '.join(space) or '(nothing)'} "
             f"({searcher} seeded by run.seed, ASHA on {cfg.tune.metric} every {eval_every} "
-            f"steps of {max_steps}), {concurrency} at a time")
+            f"steps of {max_steps}), {concurrency} at a time, {_launcher_words(launcher, base)}")
     results = _fit(ctx, setup, param_space=space, num_samples=cfg.tune.num_samples, scheduler=scheduler,
                    search_alg=search_alg, concurrency=concurrency, storage=storage,
                    expected=cfg.tune.num_samples)
     return _search_outputs(ctx, results, list(space))
+
+
+def _launcher_words(launcher: str, cfg: PipelineConfig) -> str:
+    t = cfg.train
+    if launcher == "ray_train":
+        return f"each a Ray Train run of {t.num_workers} workers"
+    return (f"each in its reused Tune actor as one rank of {t.micro_batch_size * t.num_workers} pairs "
+            f"(= {t.num_workers} workers × {t.micro_batch_size}; tune.trial_launcher)")
 
 
 def _start_timeout(cfg: PipelineConfig) -> float:
@@ -362,7 +440,7 @@ def _fit(ctx: StageContext, setup: TrialSetup, *, param_space: dict, num_samples
     """Run (or resume) the experiment; one dict per trial (see :func:`_trial_record`)."""
     from ray import tune
 
-    trainable = tune.with_resources(make_trainable(setup), {"cpu": TRIAL_CPUS})
+    trainable = tune.with_resources(make_trainable(setup), trial_resources(setup.cfg, setup.launcher))
     experiment = f"{storage}/{EXPERIMENT}"
     marker = ctx.out_dir / "experiment.json"
     digest = setup.digest
@@ -379,7 +457,8 @@ def _fit(ctx: StageContext, setup: TrialSetup, *, param_space: dict, num_samples
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric=ctx.cfg.tune.metric, mode="max", num_samples=num_samples,
                                         scheduler=scheduler, search_alg=search_alg,
-                                        max_concurrent_trials=concurrency, reuse_actors=False),
+                                        max_concurrent_trials=concurrency,
+                                        reuse_actors=setup.launcher == "in_process"),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage, verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=0)))
     before = job_placement_groups()
@@ -412,9 +491,16 @@ def _trial_record(result: Any, metric: str) -> dict[str, Any]:
     status = "ERROR" if result.error else "UNFINISHED" if not m.get("done") else "COMPLETED" if final else "STOPPED"
     return {"trial_id": trial_id, "config": dict(result.config or {}), metric: _last_value(result, metric),
             "step": m.get("step"), "status": status,
-            "checkpoint": str(m.get(CHECKPOINT_KEY, "")) if final else "",
+            "checkpoint": _checkpoint_path(result, m) if final else "",
             GRAD_SLOPE: m.get(GRAD_SLOPE, math.nan) if final else math.nan,
             "error": _first_line(result.error) if result.error else ""}
+
+
+def _checkpoint_path(result: Any, metrics: dict) -> str:
+    """A Ray Train trial's checkpoint (``TuneReportCallback`` names it), else the one the trial reported to Tune."""
+    if metrics.get(CHECKPOINT_KEY):
+        return str(metrics[CHECKPOINT_KEY])
+    return str(result.checkpoint.path) if result.checkpoint else ""
 
 
 def _trial_id_from_path(path: Any) -> str:

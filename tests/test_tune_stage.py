@@ -63,6 +63,35 @@ def test_concurrency_from_cluster_resources():
 
 
 @pytest.mark.unit
+def test_trials_run_in_process_unless_they_train_on_several_gpus():
+    cfg = PipelineConfig()
+    assert T.trial_launcher(cfg) == "in_process"
+    assert T.trial_launcher(from_flat({"train.use_gpu": True, "train.num_workers": 1}, base=cfg)) == "in_process"
+    assert T.trial_launcher(from_flat({"train.use_gpu": True, "train.num_workers": 8}, base=cfg)) == "ray_train"
+    assert T.trial_launcher(from_flat({"tune.trial_launcher": "ray_train"}, base=cfg)) == "ray_train"
+    # in process, a trial's actor holds its workers' CPUs (no 0.1-CPU driver beside them)
+    assert T.trial_resources(cfg, "in_process") == {"cpu": 1.0}
+    assert T.trial_resources(cfg, "ray_train") == {"cpu": T.TRIAL_CPUS}
+    assert T.derive_concurrency({"CPU": 4.5}, cfg, "in_process") == 4
+    assert T.derive_concurrency({"CPU": 4.5}, cfg, "ray_train") == 3
+    gpu = from_flat({"train.use_gpu": True, "train.num_workers": 1}, base=cfg)
+    assert T.trial_resources(gpu, "in_process") == {"cpu": 0.5, "gpu": 1}
+    assert T.derive_concurrency({"CPU": 64.0, "GPU": 3.0}, gpu, "in_process") == 3
+
+
+@pytest.mark.unit
+def test_one_process_trains_the_same_global_batch_and_steps():
+    from pipeline.train_loop import one_process_config, one_process_threads, plan_steps
+
+    cfg = from_flat({"train.num_workers": 4, "train.micro_batch_size": 3, "train.grad_accum": 2}, base=PipelineConfig())
+    one = one_process_config(cfg)
+    assert (one.train.num_workers, one.train.micro_batch_size, one.train.grad_accum) == (1, 12, 2)
+    assert plan_steps(one, 1000) == plan_steps(cfg, 1000)
+    assert one_process_threads(cfg) == 4  # each worker with 0.5 CPU computed with one thread
+    assert one_process_threads(from_flat({"train.cpus_per_worker": 8}, base=cfg)) == 32
+
+
+@pytest.mark.unit
 def test_eval_cadence_gives_asha_a_metric_when_eval_every_is_off():
     assert T.eval_cadence(100, 0, 4) == 25
     assert T.eval_cadence(2, 0, 4) == 1
@@ -174,12 +203,33 @@ def _assert_cpus_released(ray, timeout_s=30.0):
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_search_trials_train_one_after_another_in_one_reused_process(tmp_path, data_manifest, ray_session):
+    """The default launcher: no Ray Train run per trial. Both trials of the search train in the same Tune actor
+    (imports and process start paid once), report to ASHA, and the best one's checkpoint holds the export."""
+    cfg, manifest = _run_tune(tmp_path, data_manifest, ["tune.num_samples=2"])
+    trials = pd.read_csv(manifest.outputs["trials"])
+    assert len(trials) == 2 and set(trials["status"]) <= {"COMPLETED", "STOPPED"}
+    assert (trials["status"] == "COMPLETED").any()
+    assert Path(manifest.outputs["best_checkpoint"], "model", "config.json").is_file()
+    runs = _child_runs(cfg, manifest.mlflow_run_id)
+    assert len(runs) == 2
+    assert {r.data.tags["tune.launcher"] for r in runs} == {"in_process"}
+    assert len({r.data.tags["tune.pid"] for r in runs}) == 1, "the second trial reused the first one's process"
+    assert all(r.info.status == "FINISHED" or r.data.tags.get("tune.status") == "STOPPED" for r in runs)
+    finished = [r for r in runs if "phase/steps_s" in r.data.metrics]
+    assert finished and all(r.data.metrics["step"] == 2 for r in finished)
+    _assert_cpus_released(ray_session)
+
+
+@pytest.mark.integration
 @pytest.mark.timeout(900)
 def test_compare_reports_means_and_paired_intervals(tmp_path, data_manifest, ray_session):
+    """Also the Ray Train launcher (what trials on several GPUs use): every trial a TorchTrainer."""
     bench = json.dumps([{"name": "synthetic", "synthetic": {"n_test": 32}}])
     cfg, manifest = _run_tune(tmp_path, data_manifest, [
         "tune.mode=compare", "tune.seeds=2", f"rewardbench.benchmarks={bench}", "rewardbench.max_length=128",
-        "rewardbench.batch_size=64"])
+        "rewardbench.batch_size=64", "tune.trial_launcher=ray_train"])
     assert set(manifest.outputs) == {"compare_table", "compare_plot", "best_config", "trials", "gradient_plot",
                                      "paired_stats", "shared_bins", "length_controls", "shared_bin_edges"}
     table = pd.read_csv(manifest.outputs["compare_table"])
