@@ -101,6 +101,16 @@ def test_eval_batches_give_every_rank_the_same_number_of_forwards_and_each_row_o
     assert all(len(chunk) <= size for s in shares for chunk in s)
 
 
+def test_eval_batches_group_similar_lengths_so_a_forward_pads_little():
+    from pipeline.train_loop import eval_batches
+
+    lengths = [10, 90, 12, 88, 11, 91, 13, 89]
+    chunks = eval_batches(8, 1, 0, 4, lengths)
+    assert sorted(i for c in chunks for i in c) == list(range(8))
+    padded = sum(max(lengths[i] for i in c) * len(c) for c in chunks)
+    assert padded == 4 * 13 + 4 * 91  # in row order every chunk would pad to ~90: 720 tokens
+
+
 @pytest.mark.parametrize("arch", ["tiny:bert", "tiny:llama"])
 def test_weight_decay_spares_biases_norm_weights_and_the_score_head(arch):
     from pipeline import modeling
