@@ -411,7 +411,7 @@ def run_loop(cfg: PipelineConfig, plan: LoopPlan, *, train_windows: Callable[[in
     global_batch = t.micro_batch_size * t.grad_accum * plan.world_size
     start, seen = time.time(), step
     waits: list[float] = []  # seconds each global batch took to arrive: the loop's data-wait time
-    wait_s = busy_s = 0.0
+    wait_s = busy_s = eval_s = 0.0
     diagnostics: list[np.ndarray] = []  # since this worker group started (a restart begins a new record)
     for epoch in range(step // plan.steps_per_epoch, max(1, math.ceil(plan.max_steps / plan.steps_per_epoch))):
         windows = first_epoch if epoch == 0 and first_epoch is not None else train_windows(epoch)
@@ -438,7 +438,9 @@ def run_loop(cfg: PipelineConfig, plan: LoopPlan, *, train_windows: Callable[[in
                            data_wait_fraction=wait_s / (wait_s + busy_s))
             evaluated = bool(t.eval_every) and step % t.eval_every == 0 and step < plan.max_steps
             if evaluated:
+                tock = time.time()
                 metrics.update(evaluate(cfg, engine, model, validation_rows(), tok.pad_token_id, device, comm)[0])
+                eval_s += time.time() - tock
             publish = evaluated or step % t.log_every == 0  # validation results always go out (Tune's ASHA)
             if plan.rank == 0 and publish:
                 logger.log_metrics(metrics, step=step)
@@ -453,7 +455,7 @@ def run_loop(cfg: PipelineConfig, plan: LoopPlan, *, train_windows: Callable[[in
     final, table = evaluate(cfg, engine, model, validation_rows(), tok.pad_token_id, device, comm)
     final["step"] = step
     final["data_wait_fraction"] = wait_s / max(wait_s + busy_s, 1e-9)
-    final.update(_phases(marks, time.time(), steps_s=busy_s, wait_s=wait_s))
+    final.update(_phases(marks, time.time(), steps_s=busy_s, wait_s=wait_s, eval_s=eval_s))
     final["phase/end_unix"] = time.time()  # when the final validation ended: consecutive runs' wall times
     gradient_pairs = np.concatenate(diagnostics) if diagnostics else np.zeros((0, 2))
     if plan.rank == 0 and len(gradient_pairs):
@@ -467,11 +469,12 @@ def run_loop(cfg: PipelineConfig, plan: LoopPlan, *, train_windows: Callable[[in
                 export=(model, tok, final, cfg, table, gradient_pairs))
 
 
-def _phases(marks: dict[str, float], now: float, *, steps_s: float, wait_s: float) -> dict[str, float]:
+def _phases(marks: dict[str, float], now: float, *, steps_s: float, wait_s: float, eval_s: float) -> dict[str, float]:
     """Seconds of each phase of this worker's run: process start to the loop (interpreter, imports, Ray Train's
     worker set-up), the engine (tokenizer, model, deepspeed.initialize), steps and the waits for data between
-    them, everything else in the loop (reports, intermediate checkpoints and evaluations), the final evaluation.
-    The final checkpoint and export come in ``phase/checkpoint_s``."""
+    them, the evaluations during the loop (``train.eval_every``; a Tune trial's ASHA rungs), everything else in
+    the loop (reports, intermediate checkpoints), the final evaluation. The final checkpoint and export come in
+    ``phase/checkpoint_s``."""
     try:
         import psutil
 
@@ -481,7 +484,8 @@ def _phases(marks: dict[str, float], now: float, *, steps_s: float, wait_s: floa
     loop_s = marks["steps_done"] - marks["engine_built"]
     return {"phase/process_s": process_s, "phase/engine_s": marks["engine_built"] - marks["loop_start"],
             "phase/steps_s": steps_s, "phase/data_wait_s": wait_s,
-            "phase/loop_other_s": max(0.0, loop_s - steps_s - wait_s), "phase/validation_s": now - marks["steps_done"]}
+            "phase/mid_validation_s": eval_s, "phase/loop_other_s": max(0.0, loop_s - steps_s - wait_s - eval_s),
+            "phase/validation_s": now - marks["steps_done"]}
 
 
 def _progress(step: int, total: int, m: dict, start: float, seen: int) -> None:
