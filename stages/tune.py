@@ -1,13 +1,24 @@
-"""Tune stage: Ray Tune over Ray Train (V2) trials: a hyperparameter search (ASHA) or a seeded loss comparison.
+"""Tune stage: Ray Tune over training trials: a hyperparameter search (ASHA) or a seeded loss comparison.
 
 Entry: :func:`tune_reward_model` (stage ``tune``). Every trial is the Tune *function* trainable
 :func:`run_trial` (Ray Train V2 rejects ``Tuner(trainer)``): it builds the trial's config, opens a nested
-MLflow run ``trial-<trial id>`` under the stage's run (all params of the trial config; the train workers'
-rank 0 logs the per-step and final metrics into it), and fits the stage-shared
-:func:`pipeline.ray_train.build_trainer` ``TorchTrainer`` with a ``TuneReportCallback``, so every
-``ray.train.report`` of the workers reaches Tune and its scheduler. Trial config = the run's config ←
-``tune.trial_overrides`` ← the trial's own values (searched keys, or a loss setting and seed); the searched
-values win over the overrides.
+MLflow run ``trial-<trial id>`` under the stage's run (all params of the trial config; the training's rank 0
+logs the per-step and final metrics into it), then trains by ``tune.trial_launcher``:
+
+* ``in_process`` (what ``auto`` picks unless a trial trains on several GPUs): the trial's own Tune actor runs
+  :func:`pipeline.train_loop.train_local` as one rank, with ``train.micro_batch_size × train.num_workers``
+  pairs per forward, so the global batch, the steps and the pairs of each step are those of the Ray Train run
+  (:func:`pipeline.train_loop.one_process_config`). Tune reuses the actor from trial to trial
+  (``reuse_actors``): after the first trial, a trial starts without a new process, imports or worker group.
+  The actor reserves the workers' CPUs (and one GPU) and computes with their threads. Reports and checkpoints
+  go to Tune (``ray.tune.report``); an ASHA stop ends the trial at its next report.
+* ``ray_train``: the trial fits the stage-shared :func:`pipeline.ray_train.build_trainer` ``TorchTrainer`` with
+  a ``TuneReportCallback``, so every ``ray.train.report`` of the workers reaches Tune and its scheduler: a new
+  worker group per trial (``benchmarks/README.md``: about 40 s of start-up per trial on 2 CPU cores, against
+  about 2 s in process).
+
+Trial config = the run's config ← ``tune.trial_overrides`` ← the trial's own values (searched keys, or a loss
+setting and seed); the searched values win over the overrides.
 
 Search (``tune.mode: search``): ``tune.search_space`` maps dotted keys to ``{uniform: [a, b]}``,
 ``{loguniform: [a, b]}``, ``{choice: [...]}`` or ``{randint: [a, b]}`` (``b`` excluded, as in Tune);
@@ -33,14 +44,16 @@ stopping). Each trial's exported model (``model/`` of its final checkpoint) is t
 benchmark's overall score and each of its sections, the table gives the mean and 95% t-interval over seeds per
 loss setting, and for the paired difference (setting − first setting, paired by seed).
 
-Resources: a trial function reserves 0.1 CPU (:data:`TRIAL_CPUS`), its Train
-workers ``train.num_workers × train.cpus_per_worker``; unless ``tune.max_concurrent_trials`` is set,
+Resources: in process, a trial's actor reserves ``train.num_workers × train.cpus_per_worker`` CPUs (and one
+GPU when training on GPUs). With Ray Train, a trial function reserves 0.1 CPU (:data:`TRIAL_CPUS`) and its
+Train workers ``train.num_workers × train.cpus_per_worker``. Unless ``tune.max_concurrent_trials`` is set,
 concurrency = ⌊(CPUs − ``tune.reserve_cpus``) / per-trial CPUs⌋ ≥ 1 (:func:`derive_concurrency`; one on 2
-cores). Each trial hands its workers the train/validation splits as in-memory datasets read by the trial
-function itself: the TorchTrainer's own Parquet read tasks want a whole CPU, and on 2 cores the trial (0.1) plus
-its workers (2 × 0.5) leave 0.9, so they would wait forever.
+cores). Both read the train/validation splits in the trial function; with Ray Train they reach the workers as
+in-memory datasets: the TorchTrainer's own Parquet read tasks want a whole CPU, and on 2 cores the trial (0.1)
+plus its workers (2 × 0.5) leave 0.9, so they would wait forever.
 
-A trial stopped by ASHA is killed with its Train controller; Ray Train's cleaner then releases the workers'
+What follows about stopped trials and placement groups concerns the Ray Train launcher (an in-process trial
+holds no placement group of its own beyond Tune's). A trial stopped by ASHA is killed with its Train controller; Ray Train's cleaner then releases the workers'
 placement group through the dashboard's State API (:func:`pipeline.raycluster.ensure_ray` keeps the dashboard
 on). That cleaner finds its cluster by auto-detection and fails when a second Ray instance runs on the machine
 ("Found multiple active Ray instances"): the CPUs stay reserved and the next trial would starve. So: (1) a trial
@@ -54,10 +67,11 @@ during it and still holds are removed, so later stages get their CPUs back. Tune
 
 Resume: Ctrl-C makes Tune save its state and return early; the stage then raises ``KeyboardInterrupt`` (no
 manifest; ``run_pipeline.py`` exits 130). The experiment lives at ``<storage>/tune`` (``storage`` =
-``ray.storage_path`` or ``<run dir>/ray_storage``), each trial's Train run at
-``<storage>/tune_trials/trial-<trial id>``. When the stage is rerun after an interruption with the same stage
-hash (``experiment.json`` in the stage folder), ``Tuner.restore(..., resume_errored=True)`` continues it:
-finished trials are kept, unfinished ones rerun and their Train runs continue from their last checkpoint. A
+``ray.storage_path`` or ``<run dir>/ray_storage``); an in-process trial's checkpoints live in its Tune trial
+folder, a Ray Train trial's Train run at ``<storage>/tune_trials/trial-<trial id>``. When the stage is rerun
+after an interruption with the same stage hash (``experiment.json`` in the stage folder),
+``Tuner.restore(..., resume_errored=True)`` continues it: finished trials are kept, unfinished ones rerun from
+their last checkpoint (``train.checkpoint_every``; none by default, so from the start). A
 different hash starts afresh (a local stale experiment is deleted). Trials finished before the interruption
 keep their MLflow runs under the earlier attempt's stage run (every trial run is tagged ``tune.trial_id`` and
 ``tune.hash``).
