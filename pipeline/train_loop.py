@@ -572,12 +572,29 @@ def _single_process_env() -> None:
                       MASTER_PORT=str(port))
 
 
+class SplitRows:
+    """A data-stage split as the loop's rows, in file order, made a slice at a time: the split stays one Arrow
+    table in memory (a token is 8 bytes there, over 30 as a Python int in a list)."""
+
+    def __init__(self, path: str) -> None:
+        import pyarrow.dataset as pads
+
+        self._table = pads.dataset(path, format="parquet").to_table(columns=TRAIN_COLUMNS)
+
+    def __len__(self) -> int:
+        return self._table.num_rows
+
+    def __getitem__(self, index: slice) -> list[dict]:
+        start, stop, step = index.indices(len(self))
+        if step != 1:
+            raise ValueError("SplitRows takes contiguous slices only")
+        part = self._table.slice(start, max(0, stop - start))
+        return rows_from_columns({c: part.column(c).to_numpy(zero_copy_only=False) for c in TRAIN_COLUMNS})
+
+
 def read_rows(path: str) -> list[dict]:
     """A data-stage split as training rows, in file order."""
-    import pyarrow.dataset as pads
-
-    table = pads.dataset(path, format="parquet").to_table(columns=TRAIN_COLUMNS)
-    return rows_from_columns({c: table.column(c).to_numpy(zero_copy_only=False) for c in TRAIN_COLUMNS})
+    return SplitRows(path)[:]
 
 
 def one_process_config(cfg: PipelineConfig) -> PipelineConfig:
@@ -596,10 +613,11 @@ def one_process_threads(cfg: PipelineConfig) -> int:
     return cfg.train.num_workers * max(1, int(cfg.train.cpus_per_worker))
 
 
-def train_local(cfg: PipelineConfig, train_rows: list[dict], validation_rows: list[dict], *,
+def train_local(cfg: PipelineConfig, train_rows: list[dict] | SplitRows, validation_rows: list[dict], *,
                 report: Callable[..., None], restore_dir: str | None = None,
                 logger: tracking.RunLogger | None = None, started: float | None = None) -> None:
-    """Run the same loop in this process (one rank, or one rank of ``torchrun``), fed by plain lists."""
+    """Run the same loop in this process (one rank, or one rank of ``torchrun``), fed by lists of rows (or a
+    :class:`SplitRows` for the train split: its windows are made as they are read)."""
     _single_process_env()
     if not cfg.train.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

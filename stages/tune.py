@@ -267,7 +267,7 @@ def _train_in_this_process(cfg: PipelineConfig, data: Manifest, logger: tracking
     import torch
 
     from pipeline.ray_train import reported_metrics
-    from pipeline.train_loop import one_process_config, one_process_threads, read_rows, train_local
+    from pipeline.train_loop import SplitRows, one_process_config, one_process_threads, read_rows, train_local
 
     gc.collect()  # an earlier trial's engine in this actor (a stopped one's too) goes before this one builds
     torch.set_num_threads(one_process_threads(cfg))  # the workers' threads, which this process now runs
@@ -278,7 +278,7 @@ def _train_in_this_process(cfg: PipelineConfig, data: Manifest, logger: tracking
 
     checkpoint = ray.tune.get_checkpoint()  # a resumed experiment's unfinished trial continues from it
     with checkpoint.as_directory() if checkpoint else nullcontext() as folder:
-        train_local(one_process_config(cfg), read_rows(data.output("train")), read_rows(data.output("validation")),
+        train_local(one_process_config(cfg), SplitRows(data.output("train")), read_rows(data.output("validation")),
                     report=report, restore_dir=folder, logger=tracking.for_rank(0, logger.uri, logger.run_id),
                     started=started)
 

@@ -101,6 +101,23 @@ def test_eval_batches_give_every_rank_the_same_number_of_forwards_and_each_row_o
     assert all(len(chunk) <= size for s in shares for chunk in s)
 
 
+def test_split_rows_slices_equal_the_whole_split_read_at_once(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.train_loop import SplitRows, read_rows
+
+    table = pa.table({"chosen_ids": [[1, 2], [3], [4, 5, 6], [7], [8, 9]],
+                      "rejected_ids": [[1], [2, 3], [4], [5, 6], [7]],
+                      "chosen_len": [2, 1, 3, 1, 2], "rejected_len": [1, 2, 1, 2, 1],
+                      "margin": [None, 0.5, None, 1.0, None]})
+    pq.write_table(table, tmp_path / "part-0.parquet")
+    rows, lazy = read_rows(str(tmp_path)), SplitRows(str(tmp_path))
+    assert len(lazy) == 5 and rows[1] == {"chosen_ids": [3], "rejected_ids": [2, 3], "chosen_len": 1,
+                                          "rejected_len": 2, "margin": 0.5}
+    assert [r for i in range(0, 5, 2) for r in lazy[i: i + 2]] == rows and lazy[4:9] == rows[4:] and lazy[6:8] == []
+
+
 def test_eval_batches_group_similar_lengths_so_a_forward_pads_little():
     from pipeline.train_loop import eval_batches
 
