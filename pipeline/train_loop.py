@@ -552,17 +552,26 @@ def rows_from_columns(batch: dict[str, np.ndarray]) -> list[dict]:
 # ============================================================================ without Ray (torchrun, tests)
 
 
-def _single_process_env() -> None:
+def _single_process_env(one_process: bool = False) -> None:
     """DeepSpeed outside torchrun/Ray looks for MPI unless the usual rendezvous variables exist. Under torchrun
     all four are set; a partial set (a stray ``RANK`` in a shell or a CI runner) is not a rendezvous, so this
-    process runs as rank 0 of 1, and says so."""
+    process runs as rank 0 of 1, and says so. ``one_process`` (a Tune trial in its actor): always rank 0 of 1 on
+    a free port, whatever the environment says: the actor inherits the variables of whatever started Ray (a
+    torchrun or batch job, a test process that trained before), and their port may be taken. A process group
+    this process already made (an earlier trial in a reused actor) is kept."""
     rendezvous = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     present = [k for k in rendezvous if k in os.environ]
-    if len(present) == len(rendezvous):
+    if one_process and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() != 1:
+            raise RuntimeError("a one-process trial found a process group of "
+                               f"{torch.distributed.get_world_size()} ranks in its actor")
+        return
+    if len(present) == len(rendezvous) and not one_process:
         return
     if present:
-        print(f"train_local: {', '.join(present)} set without {', '.join(k for k in rendezvous if k not in present)}: "
-              f"not a torchrun rendezvous; training as one process", flush=True)
+        inherited = ", ".join(f"{k}={os.environ[k]}" for k in present)
+        print(f"train_local: {inherited} in the environment: not this process's rendezvous; training as one "
+              f"process", flush=True)
     import socket
 
     with socket.socket() as s:
@@ -615,10 +624,12 @@ def one_process_threads(cfg: PipelineConfig) -> int:
 
 def train_local(cfg: PipelineConfig, train_rows: list[dict] | SplitRows, validation_rows: list[dict], *,
                 report: Callable[..., None], restore_dir: str | None = None,
-                logger: tracking.RunLogger | None = None, started: float | None = None) -> None:
+                logger: tracking.RunLogger | None = None, started: float | None = None,
+                one_process: bool = False) -> None:
     """Run the same loop in this process (one rank, or one rank of ``torchrun``), fed by lists of rows (or a
-    :class:`SplitRows` for the train split: its windows are made as they are read)."""
-    _single_process_env()
+    :class:`SplitRows` for the train split: its windows are made as they are read). ``one_process``: never a
+    torchrun rank, whatever the environment says (:func:`_single_process_env`)."""
+    _single_process_env(one_process)
     if not cfg.train.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])

@@ -280,7 +280,7 @@ def _train_in_this_process(cfg: PipelineConfig, data: Manifest, logger: tracking
     with checkpoint.as_directory() if checkpoint else nullcontext() as folder:
         train_local(one_process_config(cfg), SplitRows(data.output("train")), read_rows(data.output("validation")),
                     report=report, restore_dir=folder, logger=tracking.for_rank(0, logger.uri, logger.run_id),
-                    started=started)
+                    started=started, one_process=True)
 
 
 def _fit_trainer(cfg: PipelineConfig, setup: TrialSetup, trial_id: str, logger: tracking.RunLogger) -> None:

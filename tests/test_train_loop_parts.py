@@ -203,7 +203,27 @@ def test_a_stray_rank_variable_is_not_taken_for_a_torchrun_rendezvous(monkeypatc
     _single_process_env()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
     assert int(os.environ["MASTER_PORT"]) > 0
-    assert "not a torchrun rendezvous" in capsys.readouterr().out
+    assert "not this process's rendezvous" in capsys.readouterr().out
+
+
+def test_a_one_process_trial_ignores_an_inherited_rendezvous(monkeypatch, capsys):
+    """A Tune actor inherits the environment of whatever started Ray; a trial in it is rank 0 of 1 on its own
+    port whatever that says (a CI run failed on a port taken by the test process that had trained before)."""
+    import torch.distributed as dist
+
+    from pipeline.train_loop import _single_process_env
+
+    if dist.is_initialized():
+        pytest.skip("this test process already has a process group")
+    inherited = {"RANK": "3", "WORLD_SIZE": "8", "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29500"}
+    for key in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)  # restored afterwards, like the four below
+    for key, value in inherited.items():
+        monkeypatch.setenv(key, value)
+    _single_process_env(one_process=True)
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
+    assert os.environ["MASTER_PORT"] != "29500"
+    assert "RANK=3" in capsys.readouterr().out
 
 
 def test_a_torchrun_rendezvous_is_left_alone(monkeypatch):
