@@ -27,6 +27,7 @@ between runs, which dominates the separate-process design on a shared 2-core mac
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -51,8 +52,8 @@ HH_FILES = ("hh_rlhf/helpful_train_sample.jsonl", "hh_rlhf/harmless_train_sample
 SIDES = ("trl", "bt", "normbt")
 
 
-def conversations(workload: str, n: int) -> list[dict]:
-    """``n`` pairs as ``{prompt, chosen, rejected}`` message lists, in file order."""
+def conversations(workload: str, n: int | None) -> list[dict]:
+    """``n`` pairs (hh-rlhf: None, all of them) as ``{prompt, chosen, rejected}`` message lists, in file order."""
     if workload == "synthetic":
         return list(synthetic.generate(synthetic.SyntheticSpec(n_train=n), "train"))[:n]
     records, quarantined = [], []
@@ -62,6 +63,8 @@ def conversations(workload: str, n: int) -> list[dict]:
         quarantined += bad
     if quarantined:  # counted, never silent: the data stage would quarantine the same rows
         print(f"hh-rlhf: {len(quarantined)} rows quarantined ({quarantined[0]['reason']}, ...)", file=sys.stderr)
+    if n is None:
+        return records
     if len(records) < n:
         raise SystemExit(f"hh-rlhf: {len(records)} usable pairs in {SHARED}, {n} needed (fewer --steps?)")
     return records[:n]
@@ -148,7 +151,8 @@ def interleaved(model: str, rows: list[dict], steps: int, batch: int) -> list[fl
                                                             world_size=1, rank=0), use_gpu=False)
     device, comm, ema = compute_device(False), Collectives(compute_device(False)), losses.DistanceEMA(0.9)
     ratios = []
-    batches = global_batches([rows], global_batch=batch, seed=0, epoch=0)
+    # more steps than batches: the batches come round again (the weights have moved on; both losses alike)
+    batches = itertools.cycle(list(global_batches([rows], global_batch=batch, seed=0, epoch=0)))
     for i, rows_i in zip(range(steps), batches):
         took = {}
         for loss in (("bt", "normbt") if i % 2 == 0 else ("normbt", "bt")):
@@ -204,7 +208,8 @@ def main() -> None:
         one_run(args)
         return
     if args.interleaved:
-        rows = make_rows(args.model, args.workload, args.steps * args.batch, args.max_length)
+        available = len(conversations(args.workload, None)) if args.workload == "hh-rlhf" else args.steps * args.batch
+        rows = make_rows(args.model, args.workload, min(args.steps * args.batch, available), args.max_length)
         print(f"model {args.model}, workload {args.workload} (max length {args.max_length}), batch {args.batch} "
               f"pairs, {args.steps} batches each trained by BT and by NormBT back to back, first 2 dropped, "
               f"{os.cpu_count()} CPUs", flush=True)
