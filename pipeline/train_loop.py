@@ -1,5 +1,5 @@
 """The training loop, without Ray: runs inside a Ray Train worker (:mod:`pipeline.ray_train`), under ``torchrun``
-(``python -m pipeline.train_loop``) or in one process (tests).
+(``python -m pipeline.train_loop``) or in one process (a Tune trial in its actor, tests).
 
 Data order (why every rank reads the whole stream): each worker iterates the full train split in file order,
 shuffles rows inside windows of ``train.length_group_window`` global batches (seeded by seed, epoch, window),
@@ -632,7 +632,7 @@ def train_local(cfg: PipelineConfig, train_rows: list[dict] | SplitRows, validat
     _single_process_env(one_process)
     if not cfg.train.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    world, rank = (1, 0) if one_process else (int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]))
     cfg = from_flat({"train.num_workers": world}, base=cfg)
     max_steps, steps_per_epoch = plan_steps(cfg, len(train_rows))
     window = cfg.train.micro_batch_size * cfg.train.grad_accum * world * cfg.train.length_group_window
