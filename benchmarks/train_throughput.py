@@ -140,10 +140,9 @@ def interleaved(model: str, rows: list[dict], steps: int, batch: int) -> list[fl
     two batches are warm-up. Drift in the machine's speed between batches cancels in each ratio."""
     from pipeline import losses
     from pipeline.distributed import Collectives, compute_device
-    from pipeline.train_loop import LoopPlan, build_engine, global_batches, train_one_step
+    from pipeline.train_loop import LoopPlan, build_engine, global_batches, single_process_env, train_one_step
 
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("MASTER_PORT", "29517"))
+    single_process_env(one_process=True)
     common = [f"model.name_or_path={model}", "train.zero_stage=0", "train.num_workers=1",
               f"train.micro_batch_size={batch}", "train.lr=1e-5", "train.scheduler=constant", "train.warmup_ratio=0"]
     cfg = {loss: load_config(None, [*common, f"loss.name={loss}"]) for loss in ("bt", "normbt")}

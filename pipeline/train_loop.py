@@ -552,7 +552,7 @@ def rows_from_columns(batch: dict[str, np.ndarray]) -> list[dict]:
 # ============================================================================ without Ray (torchrun, tests)
 
 
-def _single_process_env(one_process: bool = False) -> None:
+def single_process_env(one_process: bool = False) -> None:
     """DeepSpeed outside torchrun/Ray looks for MPI unless the usual rendezvous variables exist. Under torchrun
     all four are set; a partial set (a stray ``RANK`` in a shell or a CI runner) is not a rendezvous, so this
     process runs as rank 0 of 1, and says so. ``one_process`` (a Tune trial in its actor): always rank 0 of 1 on
@@ -628,8 +628,8 @@ def train_local(cfg: PipelineConfig, train_rows: list[dict] | SplitRows, validat
                 one_process: bool = False) -> None:
     """Run the same loop in this process (one rank, or one rank of ``torchrun``), fed by lists of rows (or a
     :class:`SplitRows` for the train split: its windows are made as they are read). ``one_process``: never a
-    torchrun rank, whatever the environment says (:func:`_single_process_env`)."""
-    _single_process_env(one_process)
+    torchrun rank, whatever the environment says (:func:`single_process_env`)."""
+    single_process_env(one_process)
     if not cfg.train.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     world, rank = (1, 0) if one_process else (int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]))

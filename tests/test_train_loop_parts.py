@@ -194,13 +194,13 @@ def test_forced_collectives_run_through_the_process_group_at_world_size_one(tmp_
 
 @pytest.mark.parametrize("stray", [{"RANK": "0"}, {"RANK": "3", "WORLD_SIZE": "8"}])
 def test_a_stray_rank_variable_is_not_taken_for_a_torchrun_rendezvous(monkeypatch, stray, capsys):
-    from pipeline.train_loop import _single_process_env
+    from pipeline.train_loop import single_process_env
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
     for key, value in stray.items():
         monkeypatch.setenv(key, value)
-    _single_process_env()
+    single_process_env()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
     assert int(os.environ["MASTER_PORT"]) > 0
     assert "not this process's rendezvous" in capsys.readouterr().out
@@ -211,7 +211,7 @@ def test_a_one_process_trial_ignores_an_inherited_rendezvous(monkeypatch, capsys
     port whatever that says (a CI run failed on a port taken by the test process that had trained before)."""
     import torch.distributed as dist
 
-    from pipeline.train_loop import _single_process_env
+    from pipeline.train_loop import single_process_env
 
     if dist.is_initialized():
         pytest.skip("this test process already has a process group")
@@ -220,17 +220,17 @@ def test_a_one_process_trial_ignores_an_inherited_rendezvous(monkeypatch, capsys
         monkeypatch.delenv(key, raising=False)  # restored afterwards, like the four below
     for key, value in inherited.items():
         monkeypatch.setenv(key, value)
-    _single_process_env(one_process=True)
+    single_process_env(one_process=True)
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
     assert os.environ["MASTER_PORT"] != "29500"
     assert "RANK=3" in capsys.readouterr().out
 
 
 def test_a_torchrun_rendezvous_is_left_alone(monkeypatch):
-    from pipeline.train_loop import _single_process_env
+    from pipeline.train_loop import single_process_env
 
     torchrun = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29500"}
     for key, value in torchrun.items():
         monkeypatch.setenv(key, value)
-    _single_process_env()
+    single_process_env()
     assert {k: os.environ[k] for k in torchrun} == torchrun
