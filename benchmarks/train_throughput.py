@@ -148,7 +148,8 @@ def interleaved(model: str, rows: list[dict], steps: int, batch: int) -> list[fl
     cfg = {loss: load_config(None, [*common, f"loss.name={loss}"]) for loss in ("bt", "normbt")}
     engine, net, tok = build_engine(cfg["normbt"], LoopPlan(max_steps=2 * steps, steps_per_epoch=steps,
                                                             world_size=1, rank=0), use_gpu=False)
-    device, comm, ema = compute_device(False), Collectives(compute_device(False)), losses.DistanceEMA(0.9)
+    device = compute_device(False)
+    comm, ema = Collectives(device), losses.DistanceEMA(0.9)
     ratios = []
     # more steps than batches: the batches come round again (the weights have moved on; both losses alike)
     batches = itertools.cycle(list(global_batches([rows], global_batch=batch, seed=0, epoch=0)))
