@@ -26,12 +26,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve(argv: list[str]) -> int:
-    """``run_pipeline.py serve``: deploy the reward model and block until Ctrl-C."""
+    """``run_pipeline.py serve``: deploy the reward model and block until Ctrl-C or SIGTERM."""
     import time
 
     parser = argparse.ArgumentParser(prog="run_pipeline.py serve", description=serve.__doc__)
     parser.add_argument("--config", default=None)
-    parser.add_argument("--model", default=None, help="models:/name@alias, a run directory or a save_pretrained folder")
+    parser.add_argument("--model", default=None, help="models:/name@alias, models:/name/<version|latest>, a run "
+                                                      "directory or a save_pretrained folder")
     parser.add_argument("--host", default=None, help="address to bind (default serve.host, 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (default serve.port, 8000)")
     parser.add_argument("overrides", nargs="*", help="section.key=value (value parsed as YAML)")
@@ -40,21 +41,38 @@ def serve(argv: list[str]) -> int:
     from pipeline.config import ConfigError, load_config
     from pipeline.raycluster import shutdown_if_started
 
+    terminated = _sigterm_as_interrupt()
     try:
         cfg = load_config(args.config, args.overrides)
         url = serving.start(cfg, model=args.model, host=args.host, port=args.port)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"serve: {err}", file=sys.stderr)
-        return 2
-    print(f"serving at {url}: POST /get_reward, POST /score, GET /health, GET /metadata (Ctrl-C stops)", flush=True)
-    try:
+        terminated = _sigterm_as_interrupt()  # again: ray.init installs a SIGTERM handler of its own (sys.exit)
+        print(f"serving at {url}: POST /get_reward, POST /v1/score/evaluation, POST /score, GET /health, "
+              f"GET /metadata (Ctrl-C stops)", flush=True)
         while True:
             time.sleep(3600)
+    except (ConfigError, FileNotFoundError, serving.ServeRunningElsewhere) as err:
+        print(f"serve: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        return 0
+        return 143 if terminated else 0
     finally:
         serving.stop()
         shutdown_if_started()
+
+
+def _sigterm_as_interrupt() -> list[bool]:
+    """SIGTERM (what Slurm, systemd and Kubernetes send first) handled as Ctrl-C: the same clean-up runs. The
+    returned list holds True once SIGTERM came, for the exit status 143 (128 + 15) schedulers expect."""
+    import signal
+
+    terminated: list[bool] = []
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        terminated.append(True)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    return terminated
 
 
 def run(argv: list[str] | None = None) -> int:

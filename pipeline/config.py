@@ -389,8 +389,15 @@ class ServeConfig:
                                  "fp32 head).")
     max_batch_tokens: int = _f(8192, "Tokens scored together across requests (at least one whole sequence).")
     batch_wait_ms: float = _f(5.0, "How long a batch waits for more requests before it runs.")
-    max_texts_per_request: int = _f(256, "Texts (or conversations) per request, at most (413 beyond).")
+    max_texts_per_request: int = _f(4096, "Texts (or conversations) per request, at most (413 beyond; OpenRLHF "
+                                    "before v0.10 posts a whole rollout, 1,024 texts by default, at once).")
+    max_request_tokens: int = _f(4_000_000, "Tokens per request after encoding, at most (413 beyond); a request is "
+                                 "scored in pieces of serve.max_batch_tokens through the shared batcher.")
+    max_body_bytes: int = _f(64 * 2**20, "Request body size, at most (413 before the body is read whole).")
     max_text_chars: int = _f(200_000, "Characters per text, at most (413 beyond).")
+    max_queued_requests: int = _f(512, "Requests waiting for a replica, at most; beyond it 503 with Retry-After "
+                                  "(-1: no bound).")
+    retry_after_s: float = _f(1.0, "Retry-After (seconds) sent with a 503 when the queue is full.")
     token_env: str = _f("NORMBT_SERVE_TOKEN", "Environment variable holding a bearer token; when it is set, every "
                         "request needs 'Authorization: Bearer <token>' ('' disables).")
 

@@ -32,6 +32,7 @@ import contextlib
 import datetime as _dt
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -293,6 +294,73 @@ def encode_batch(tokenizer: Any, conversations: Sequence[Sequence[Mapping[str, s
     suffix = "\n\nAssistant:" if add_generation_prompt else ""
     texts = [plain_template(m) + suffix for m in conversations]
     return [list(x) for x in tokenizer(texts, add_special_tokens=True, return_token_type_ids=False)["input_ids"]]
+
+
+@dataclass(frozen=True)
+class TextFrame:
+    """What training's token ids carry around a conversation's text, so a rendered text scores as its conversation.
+
+    ``prefix``/``suffix``: the tokens the tokenizer adds itself (BERT's ``[CLS]``/``[SEP]``; empty with a chat
+    template, whose text writes its own BOS). ``bos``: the template's leading BOS, when its text starts with one.
+    ``turn_end``/``after_turn``: the template's last special token and the whitespace it writes after it
+    (``<|im_end|>`` + ``\\n`` for ChatML, ``<end_of_turn>`` + ``\\n`` for Gemma, nothing after Llama 3's
+    ``<|eot_id|>``): a policy's stop token ends a text one token earlier than training's ids."""
+
+    prefix: tuple[int, ...] = ()
+    suffix: tuple[int, ...] = ()
+    bos: tuple[int, ...] = ()
+    turn_end: int | None = None
+    after_turn: tuple[int, ...] = ()
+
+
+def text_frame(tokenizer: Any) -> TextFrame:
+    """The :class:`TextFrame` of ``tokenizer``, read off how training encodes a probe conversation."""
+    if not getattr(tokenizer, "chat_template", None):
+        framed = tokenizer("x", add_special_tokens=True)["input_ids"]
+        bare = tokenizer("x", add_special_tokens=False)["input_ids"]
+        start = next(i for i in range(len(framed)) if framed[i: i + len(bare)] == bare)
+        return TextFrame(prefix=tuple(framed[:start]), suffix=tuple(framed[start + len(bare):]))
+    probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    ids = encode_messages(tokenizer, probe)
+    bos = tuple(ids[:1]) if tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id] else ()
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} | set(tokenizer.all_special_ids)
+    last = max((i for i, t in enumerate(ids) if t in special), default=None)
+    if last is None or last == 0 or tokenizer.decode(ids[last + 1:]).strip():
+        return TextFrame(bos=bos)  # the template ends in plain text: nothing to restore after a stop token
+    return TextFrame(bos=bos, turn_end=ids[last], after_turn=tuple(ids[last + 1:]))
+
+
+def encode_text(tokenizer: Any, text: str, frame: TextFrame | None = None) -> list[int]:
+    """Token ids of a text that renders a conversation, equal to training's ids for that conversation.
+
+    The text is tokenised without adding special tokens (a rendered text already carries its BOS, ``[CLS]`` or
+    ``<|begin_of_text|>``: adding them again gives ``[CLS] [CLS] ...``), then completed with what training's ids
+    have and the text lacks: the BOS or the tokenizer's own prefix/suffix when absent, and the template's
+    after-turn whitespace when the text stops at the turn's end token (an RL policy's stop token). So the
+    README's ``tokenizer.decode(encode_messages(...))``, OpenRLHF's and LLaMA-Factory's decoded prompt +
+    response, and a text decoded with ``skip_special_tokens=True`` from an encoder's ids all score as training
+    scores the conversation."""
+    return encode_texts(tokenizer, [text], frame)[0]
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str], frame: TextFrame | None = None) -> list[list[int]]:
+    """:func:`encode_text` of many texts with one tokenizer call."""
+    if not texts:
+        return []
+    frame = frame or text_frame(tokenizer)
+    encoded = tokenizer(list(texts), add_special_tokens=False, return_token_type_ids=False)["input_ids"]
+    return [_framed(list(ids), frame) for ids in encoded]
+
+
+def _framed(ids: list[int], frame: TextFrame) -> list[int]:
+    for head in (frame.prefix, frame.bos):
+        if head and tuple(ids[: len(head)]) != head:
+            ids = list(head) + ids
+    if frame.suffix and tuple(ids[-len(frame.suffix):]) != frame.suffix:
+        ids = ids + list(frame.suffix)
+    if frame.after_turn and ids and ids[-1] == frame.turn_end:
+        ids = ids + list(frame.after_turn)
+    return ids
 
 
 def truncate_ids(ids: list[int], max_length: int, side: str = "left") -> list[int]:

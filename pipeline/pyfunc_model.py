@@ -1,10 +1,13 @@
 """The registered reward model's code: MLflow "models from code" (no pickle), logged by the register stage.
 
-``predict`` takes a DataFrame with string columns ``prompt`` and ``response`` and returns a DataFrame with one
-float column ``reward``: the exported ``AutoModelForSequenceClassification``'s score of the conversation
+``predict`` takes a DataFrame with string columns ``prompt`` and ``response`` (or one column ``text``: conversations
+already rendered with the model's chat template, as RL trainers send them) and returns a DataFrame with one float
+column ``reward``: the exported ``AutoModelForSequenceClassification``'s score of the conversation
 ``[user: prompt, assistant: response]``, rendered with the model's chat template at its fixed template date
-(plain ``User: ... / Assistant: ...`` template when it has none), cut to ``max_length`` tokens keeping the first
-token and the end, with the score head applied in fp32: exactly as training and the RewardBench stage score.
+(plain ``User: ... / Assistant: ...`` template when it has none), cut to ``max_length`` tokens (at most what the
+model's positions hold) keeping the first token and the end, the backbone in fp32 on CPU and the score head applied
+in fp32: exactly as training and the RewardBench stage score. A ``text`` is encoded by the rule of
+``pipeline.modeling.encode_text`` (no second BOS; the template's after-turn whitespace restored after a stop token).
 
 ``mlflow.pyfunc.load_model`` executes this file in a fresh module, so its MODULE-LEVEL IMPORTS ARE LIMITED TO
 the standard library, numpy, pandas, torch and mlflow (transformers inside functions): a loaded model never
@@ -29,6 +32,10 @@ INPUT_COLUMNS = ("prompt", "response")
 TEMPLATE_DATE = "2024-07-26"  # pipeline.modeling.TEMPLATE_DATE, when the tokenizer's config has none
 _ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
 _NO_LIMIT = 1_000_000_000
+# pipeline.modeling's encoders, and the ones whose positions start after the padding index (pipeline.scoring)
+_ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "deberta", "deberta-v2", "electra",
+                  "albert", "mpnet", "camembert", "modernbert"}
+_OFFSET_POSITION_TYPES = {"roberta", "xlm-roberta", "camembert", "longformer", "xlm-roberta-xl", "data2vec-text"}
 
 
 def render_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
@@ -52,6 +59,43 @@ def render_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[in
     return list(tokenizer(text, add_special_tokens=True, return_token_type_ids=False)["input_ids"])
 
 
+def text_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a rendered conversation, as training encodes the conversation. Mirrors
+    ``pipeline.modeling.encode_text`` (tested equal): tokenised without added special tokens, then the BOS (or
+    the tokenizer's own prefix/suffix) added when absent, and the template's whitespace after its last special
+    token added when the text stops at that token."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        framed = tokenizer("x", add_special_tokens=True)["input_ids"]
+        bare = tokenizer("x", add_special_tokens=False)["input_ids"]
+        start = next(i for i in range(len(framed)) if framed[i: i + len(bare)] == bare)
+        prefix, suffix = framed[:start], framed[start + len(bare):]
+        ids = ids if not prefix or ids[: len(prefix)] == prefix else prefix + ids
+        return ids if not suffix or ids[-len(suffix):] == suffix else ids + suffix
+    probe = render_ids(tokenizer, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}])
+    bos = tokenizer.bos_token_id
+    if bos is not None and probe[:1] == [bos] and ids[:1] != [bos]:
+        ids = [bos] + ids
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} | set(tokenizer.all_special_ids)
+    last = max((i for i, t in enumerate(probe) if t in special), default=0)
+    after = probe[last + 1:]
+    if last and after and not tokenizer.decode(after).strip() and ids and ids[-1] == probe[last]:
+        ids = ids + after
+    return ids
+
+
+def usable_length(model: Any, tokenizer: Any, max_length: int) -> int:
+    """``max_length`` capped, for encoders, at the positions the model holds and the tokenizer's own limit.
+    Mirrors ``pipeline.scoring.usable_length`` (tested equal)."""
+    if getattr(model.config, "model_type", "") not in _ENCODER_TYPES:
+        return max_length
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and model.config.model_type in _OFFSET_POSITION_TYPES:
+        positions -= int(model.config.pad_token_id or 0) + 1
+    limits = [positions, getattr(tokenizer, "model_max_length", None)]
+    return min([max_length, *(int(x) for x in limits if isinstance(x, int) and 0 < x < _NO_LIMIT)])
+
+
 def cut_ids(ids: list[int], max_length: int, side: str = "left") -> list[int]:
     """``left`` keeps the first token (BOS/CLS) and the conversation's end (the scored token); ``right``
     keeps the start. Mirrors ``pipeline.modeling.truncate_ids``."""
@@ -73,19 +117,23 @@ class PairScorer:
             tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
         if model.config.pad_token_id is None:  # decoders score the last non-pad token: they need a pad id
             model.config.pad_token_id = tokenizer.pad_token_id
+        # the cap reads the tokenizer's own model_max_length: before it is lifted
+        self.max_length = usable_length(model, tokenizer, max_length)
         tokenizer.model_max_length = _NO_LIMIT  # we cut ids ourselves; silence the over-length warning
         self.model, self.tokenizer = model.eval(), tokenizer
         self.device = next(model.parameters()).device
-        self.max_length, self.truncation_side, self.batch_size = max_length, truncation_side, batch_size
+        self.truncation_side, self.batch_size = truncation_side, batch_size
 
     @classmethod
     def load(cls, folder: str | Path, *, device: str = "auto", **options: Any) -> PairScorer:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        model = AutoModelForSequenceClassification.from_pretrained(str(folder))
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        # fp32 on CPU whatever dtype the export was saved in, as the RewardBench stage scores there
+        dtype = torch.float32 if device == "cpu" else "auto"
+        model = AutoModelForSequenceClassification.from_pretrained(str(folder), dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
         return cls(model.to(device), tokenizer, **options)
 
     def encode(self, prompt: str, response: str) -> list[int]:
@@ -94,7 +142,14 @@ class PairScorer:
 
     def rewards(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         """float64 rewards in input order; batches of similar length, right-padded under the attention mask."""
-        ids = [self.encode(p, r) for p, r in zip(prompts, responses, strict=True)]
+        return self.rewards_of_ids([self.encode(p, r) for p, r in zip(prompts, responses, strict=True)])
+
+    def text_rewards(self, texts: Sequence[str]) -> np.ndarray:
+        """Rewards of rendered conversations (:func:`text_ids`)."""
+        return self.rewards_of_ids([cut_ids(text_ids(self.tokenizer, t), self.max_length, self.truncation_side)
+                                    for t in texts])
+
+    def rewards_of_ids(self, ids: Sequence[list[int]]) -> np.ndarray:
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         out = np.zeros(len(ids), dtype=np.float64)
         pad = int(self.model.config.pad_token_id)
@@ -114,9 +169,13 @@ class PairScorer:
     def score_frame(self, frame: Any) -> pd.DataFrame:
         """``prompt``/``response`` rows (DataFrame, dict of columns or list of row dicts) → DataFrame ``reward``."""
         frame = frame if isinstance(frame, pd.DataFrame) else pd.DataFrame(frame)
+        if "text" in frame.columns and not set(INPUT_COLUMNS) & set(frame.columns):
+            if frame["text"].isna().any():
+                raise ValueError("reward model input has empty text values")
+            return pd.DataFrame({"reward": self.text_rewards([str(t) for t in frame["text"]])}, index=frame.index)
         missing = [c for c in INPUT_COLUMNS if c not in frame.columns]
         if missing:
-            raise ValueError(f"reward model input needs columns {list(INPUT_COLUMNS)}; missing {missing} "
+            raise ValueError(f"reward model input needs columns {list(INPUT_COLUMNS)} (or 'text'); missing {missing} "
                              f"(got {list(frame.columns)})")
         if frame[list(INPUT_COLUMNS)].isna().any().any():
             raise ValueError("reward model input has empty prompt/response values")

@@ -51,6 +51,8 @@ MAX_TOKENS_PER_FORWARD = {"cpu": 3072, "cuda": None}
 OUTPUT_COLUMNS = ("score", "hidden", "length")
 _ROW = "__scoring_row__"  # position of a row in the caller's input, to restore order
 _NO_LIMIT = 1_000_000_000
+# Encoders whose position ids start at padding_idx + 1 (transformers: create_position_ids_from_input_ids).
+_OFFSET_POSITION_TYPES = {"roberta", "xlm-roberta", "camembert", "longformer", "xlm-roberta-xl", "data2vec-text"}
 
 
 class RewardScorer:
@@ -118,8 +120,11 @@ def usable_length(model: torch.nn.Module, tokenizer: Any, max_length: int) -> in
     """
     if not modeling.is_encoder(model):
         return max_length
-    limits = [getattr(model.config, "max_position_embeddings", None),
-              getattr(tokenizer, "model_max_length", None)]
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and model.config.model_type in _OFFSET_POSITION_TYPES:
+        # RoBERTa-family position ids start after the padding index (514 positions hold 512 tokens)
+        positions -= int(model.config.pad_token_id or 0) + 1
+    limits = [positions, getattr(tokenizer, "model_max_length", None)]
     return min([max_length, *(int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000)])
 
 
