@@ -501,7 +501,7 @@ def start(cfg: PipelineConfig, *, model: str | None = None, host: str | None = N
     """Deploy the endpoint (Ray as configured: the local cluster by default) and return its URL once it answers."""
     from ray import serve
 
-    from pipeline.raycluster import ensure_ray
+    from pipeline.raycluster import cluster_nodes, ensure_ray
 
     folder, metadata = resolve_model(cfg, model)
     host, port = host or cfg.serve.host, port or cfg.serve.port
@@ -513,7 +513,9 @@ def start(cfg: PipelineConfig, *, model: str | None = None, host: str | None = N
             f"--host {host} --port {port} would be ignored. Serve there (--host {running[0]} --port {running[1]}) or "
             f"use another cluster")
     serve.start(http_options={"host": host, "port": port})
-    settings = {**settings_of(cfg), "staged": stage_model(folder, cfg.ray.storage_path)}
+    # A replica on another node cannot open a driver-local folder: stage a copy where every node reaches.
+    staged = stage_model(folder, cfg.ray.storage_path) if cluster_nodes() > 1 else None
+    settings = {**settings_of(cfg), "staged": staged}
     serve.run(build_app(folder, settings, metadata), name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"
     wait_until_healthy(url, settings.get("token"))

@@ -146,7 +146,7 @@ def check_the_endpoint(tracking_uri, tmp_path, name):
         assert len(scored["normalized_rewards"]) == 2
 
         bad = [(None, b"{nope", 400), ({"qury": ["x"]}, None, 422), ({"query": "x", "extra": 1}, None, 200),
-               ({"query": [3]}, None, 422), ({"query": [""]}, None, 422), ({"query": ["x"] * 300}, None, 413)]
+               ({"query": [3]}, None, 422), ({"query": [""]}, None, 422), ({"query": ["x"] * 5000}, None, 413), (None, b"[" * 100_000, 400)]
         for body, raw, expected in bad:
             status, reply = _post(f"{url}/get_reward", body, raw=raw, token="s3cret")
             assert status == expected, (body, raw, reply)

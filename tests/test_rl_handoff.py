@@ -292,3 +292,17 @@ def test_a_request_is_split_into_pieces_under_the_token_budget():
     chunks = serving.token_chunks(sequences, 512)
     assert chunks == [[0], [1, 2], [3], [4]]
     assert sorted(i for c in chunks for i in c) == list(range(5))
+
+
+def test_a_replica_on_another_node_opens_the_staged_copy(exports, tmp_path):
+    """The driver's model folder does not exist on another node: the replica copies the one staged under
+    ray.storage_path, and says what to set when there is none."""
+    staged = serving.stage_model(exports["chatml"], str(tmp_path / "storage"))
+    elsewhere = serving.replica_folder(str(tmp_path / "not-on-this-node"), staged)
+    service = serving.RewardService(elsewhere, max_length=2048, truncation_side="left")
+    original = serving.RewardService(exports["chatml"], max_length=2048, truncation_side="left")
+    ids = [x for x, _ in original.encode_conversations([CONVERSATION])]
+    assert service.rewards(ids) == pytest.approx(original.rewards(ids), abs=0)
+    assert serving.replica_folder(exports["chatml"], staged) == exports["chatml"]
+    with pytest.raises(FileNotFoundError, match="ray.storage_path"):
+        serving.replica_folder(str(tmp_path / "not-on-this-node"), None)

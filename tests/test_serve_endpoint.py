@@ -125,6 +125,26 @@ def test_stop_deletes_only_its_own_app(deployed):
         serve.delete("someone-else")
 
 
+def test_registry_uris_latest_alias_and_number(tmp_path, monkeypatch):
+    """``models:/name/latest`` is the highest version (it was passed on as a version number and failed)."""
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    folder = chat_styles.reward_model_folder("chatml", tmp_path / "rm")
+    client.create_registered_model("rm")
+    for _ in range(3):
+        client.create_model_version("rm", source=folder, run_id=None)
+    client.set_registered_model_alias("rm", "champion", "2")
+    cfg = load_config(REPO / "configs" / "smoke.yaml", [f"tracking.tracking_uri={uri}"])
+    versions = {spec: serving.resolve_model(cfg, spec)[1]["version"]
+                for spec in ("models:/rm/latest", "models:/rm@champion", "models:/rm/1")}
+    assert versions == {"models:/rm/latest": "3", "models:/rm@champion": "2", "models:/rm/1": "1"}
+    with pytest.raises(FileNotFoundError, match="models:/<name>/latest"):
+        serving.resolve_model(cfg, "models:/rm/newest")
+
+
 def ray_processes(tmp: Path) -> list[str]:
     # -ww: whole command lines whatever COLUMNS says (pytest's terminal width would cut them before the path)
     out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], check=True, capture_output=True, text=True).stdout.splitlines()

@@ -14,13 +14,19 @@ LIMITS = {"max_texts": 4, "max_chars": 50}
 
 @pytest.mark.parametrize("body, status, message", [
     ([1, 2], 422, "must be a JSON object"), ({"qury": ["a"]}, 422, "'query' is missing \\(the body has: qury\\)"),
-    ({"query": []}, 422, "non-empty list"), ({"query": [1]}, 422, "'query\\[0\\]' must be a string"),
+    ({"query": {"a": 1}}, 422, "must be a list of strings"), ({"query": [1]}, 422, "'query\\[0\\]' must be a string"),
     ({"query": ["ok", "  "]}, 422, "'query\\[1\\]' is empty"), ({"query": ["a"] * 5}, 413, "at most 4"),
     ({"query": ["x" * 51]}, 413, "at most 50")])
 def test_get_reward_bodies_are_checked_naming_the_field(body, status, message):
     with pytest.raises(BadRequest, match=message) as err:
         texts_of(body, LIMITS)
     assert err.value.status == status
+
+
+def test_an_empty_query_asks_for_no_rewards():
+    """OpenRLHF sends ``{"query": []}`` to every server past the first when a step has fewer samples than servers."""
+    assert texts_of({"query": [], "prompts": [], "labels": []}, LIMITS) == []
+    assert texts_of({"model": "m", "messages": ["a"]}, LIMITS, "messages") == ["a"]
 
 
 def test_score_bodies_prompt_response_or_messages():
