@@ -453,7 +453,12 @@ def _unified_feedback_margin(row: Mapping[str, Any], difference: float, options:
     """The rating difference on one scale for every sub-source: divided by the sub-source's rating range
     (``margin_scale: range``, so margins lie in (0, 1]: 1 for every binary-label sub-source, a share of the scale
     for rated ones), or as given (``raw``). A sub-source whose scale is not known gets no margin (None): the data
-    stage then counts it under ``data.missing_margin`` rather than mixing an unknown scale in."""
+    stage then counts it under ``data.missing_margin`` rather than mixing an unknown scale in.
+
+    Scaled rather than refused: the paper trains on the mixed ``all`` configuration, where raw differences are 1
+    for half the sub-sources and up to 6 or 9 for two of them, so those two would dominate the margin term; a
+    refusal would leave ``loss.use_margin`` unusable there. The range keeps each sub-source's order and relative
+    strength, and a 1/0 label (no strength stated) counts as a full-scale preference."""
     if options.margin_scale == "raw":
         return difference
     scale = UNIFIED_FEEDBACK_RATING_RANGE.get(row.get("source")) if isinstance(row.get("source"), str) else None
