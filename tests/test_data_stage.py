@@ -204,7 +204,7 @@ def test_margins_are_never_dropped_silently(ray_session, shared_data, tmp_path):
         _run(tmp_path / "error", [source, "loss.use_margin=true"])
     result = _run(tmp_path / "zero", [source, "loss.use_margin=true", "data.missing_margin=zero"])
     assert (_good(result)["margin"] == 0.0).all()
-    assert _stats_of(result)["margins"] == {"use_margin": True, "missing": 40, "policy": "zero"}
+    assert _stats_of(result)["margins"] == {"use_margin": True, "missing": 40, "policy": "zero", "by_subset": {}}
 
 
 def test_an_unseen_schema_loads_with_a_column_mapping_and_a_wrong_one_names_the_column_and_file(ray_session, tmp_path):
