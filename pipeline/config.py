@@ -100,11 +100,15 @@ class SourceConfig:
     limit: int | None = _f(None, "Keep the first N good rows (in source order: the same rows on every rerun).")
     columns: ColumnsConfig | None = _f(None, "Column mapping for an unseen pairwise schema (format: columns).")
     follow: Literal["better", "safer"] = _f("better", "PKU-SafeRLHF: which label picks the chosen response.")
-    aspect: Literal["overall", "helpfulness", "honesty", "instruction_following", "truthfulness"] = _f(
-        "overall", "UltraFeedback: the rating that orders completions (overall_score or one aspect's Rating).")
+    aspect: Literal["overall", "mean", "helpfulness", "honesty", "instruction_following", "truthfulness"] = _f(
+        "overall", "UltraFeedback: the rating that orders completions (overall_score, the mean of the aspect "
+        "Ratings as Argilla's cleaned set binarises, or one aspect's Rating).")
     pairs: Literal["auto", "best_vs_random", "best_vs_rest", "all_pairs"] = _f(
-        "auto", "Pairs from k responses (UltraFeedback, k-wise rankings): best vs a seeded random other "
+        "auto", "Pairs from k responses (UltraFeedback, k-wise rankings): best vs a seeded random one rated below it "
         "(UltraFeedback's auto), best vs each other (k-wise's auto) or every ordered pair.")
+    margin_scale: Literal["range", "raw"] = _f(
+        "range", "Unified-Feedback: margin = rating difference / the sub-source's rating range (0-1 for every "
+        "sub-source), or 'raw' (each sub-source's own scale: 1 for binary labels, up to 9 for overall_score).")
     ties: Literal["quarantine", "keep"] = _f("quarantine", "Equal ratings or a tie label: quarantined with reason "
                                              "'tie'; 'keep' trains them as given, margin 0 (rating format only).")
 
@@ -124,6 +128,8 @@ class SourceConfig:
                               "set synthetic.n_train and synthetic.n_validation")
         if self.ties == "keep" and self.format not in ("rating", "auto"):
             raise ConfigError("ties: keep applies to the rating format only (the others name no chosen side in a tie)")
+        if self.margin_scale == "raw" and self.format not in ("unified_feedback", "auto"):
+            raise ConfigError("margin_scale applies to the unified_feedback format only")
 
     @property
     def kind(self) -> str:

@@ -43,6 +43,7 @@ BROKEN_TRANSCRIPT = "broken_transcript"
 UNKNOWN_FORMAT = "unknown_format"
 TIE = "tie"  # equal ratings or ranks, or a tie label: no preference to learn
 INVERTED = "inverted"  # a rating row whose 'chosen' side scored lower than its 'rejected' side
+NO_LOWER_RATED = "no_lower_rated"  # k responses, none rated below the best: no rejected to draw (best_vs_random)
 OVER_LENGTH = "over_length"  # assigned later by the tokeniser stage, never here
 CONTAMINATED = "contaminated"  # assigned later by the data stage (data.decontaminate), never here
 SUBSAMPLED = "subsampled"  # assigned later by the data stage (a source weight below 1), never here
@@ -59,6 +60,7 @@ REASONS: tuple[str, ...] = (
     UNKNOWN_FORMAT,
     TIE,
     INVERTED,
+    NO_LOWER_RATED,
     OVER_LENGTH,
     CONTAMINATED,
     SUBSAMPLED,
@@ -92,10 +94,11 @@ class RowOptions:
     """Per-source choices of how rows become pairs (the data stage fills them from ``data.sources[i]``)."""
 
     follow: str = "better"  # PKU-SafeRLHF: better_response_id or safer_response_id
-    aspect: str = "overall"  # UltraFeedback: overall_score or one aspect's Rating
+    aspect: str = "overall"  # UltraFeedback: overall_score, the mean of the aspect Ratings, or one aspect's Rating
     pairs: str = "auto"  # best_vs_random | best_vs_rest | all_pairs (auto: per format)
     ties: str = "quarantine"  # or keep (rating format: train as given, margin 0)
     columns: Mapping[str, Any] | None = None  # the column mapping of format 'columns'
+    margin_scale: str = "range"  # Unified-Feedback: rating difference / the sub-source's rating range, or raw
 
 SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
 
@@ -430,9 +433,42 @@ def _extract_rating(row: Mapping[str, Any], options: RowOptions) -> _Parts:
     return prompt, chosen, rejected, high - low
 
 
-def _extract_unified_feedback(row: Mapping[str, Any]) -> _Parts:
-    """llm-blender/Unified-Feedback: two full conversations and their ratings; the higher one is chosen and the
-    rating difference is the margin. Equal ratings (an arena tie is 0.5 / 0.5) are a tie."""
+#: Unified-Feedback: each sub-source keeps its own rating scale. The width of each scale (highest minus lowest rating
+#: a response can get), keyed by the row's ``source``, read from the dataset's builder (github.com/jdf-prog/
+#: UnifiedFeedback, process_and_upload_dataset.py at commit 514a566828dca9b627f7d5eacbf2a675cc7c8073):
+UNIFIED_FEEDBACK_RATING_RANGE: dict[str, float] = {
+    "lmsys/chatbot_arena_conversations": 1.0,  # winner 1.0, loser 0.0 (a tie is 0.5 / 0.5)
+    "Anthropic/hh-rlhf": 1.0,  # chosen 1.0, rejected 0.0
+    "openai/summarize_from_feedback(comparisons)": 1.0,  # the human's choice 1, the other 0
+    "Dahoas/synthetic-instruct-gptj-pairwise": 1.0,  # chosen 1, rejected 0
+    "berkeley-nest/Nectar": 6.0,  # minus the rank: -1 (best) .. -7
+    "argilla/ultrafeedback-binarized-preferences-cleaned": 4.0,  # Argilla's mean of the 1-5 aspect ratings
+    "openai/webgpt_comparisons": 2.0,  # score_0 / score_1 in [-1, 1]
+    # the UltraFeedback config keeps UltraFeedback's own 'source'; its rating is overall_score, 1-10
+    **dict.fromkeys(("evol_instruct", "false_qa", "flan", "sharegpt", "truthful_qa", "ultrachat"), 9.0),
+}
+
+
+def _unified_feedback_margin(row: Mapping[str, Any], difference: float, options: RowOptions) -> float | None:
+    """The rating difference on one scale for every sub-source: divided by the sub-source's rating range
+    (``margin_scale: range``, so margins lie in (0, 1]: 1 for every binary-label sub-source, a share of the scale
+    for rated ones), or as given (``raw``). A sub-source whose scale is not known gets no margin (None): the data
+    stage then counts it under ``data.missing_margin`` rather than mixing an unknown scale in.
+
+    Scaled rather than refused: the paper trains on the mixed ``all`` configuration, where raw differences are 1
+    for half the sub-sources and up to 6 or 9 for two of them, so those two would dominate the margin term; a
+    refusal would leave ``loss.use_margin`` unusable there. The range keeps each sub-source's order and relative
+    strength, and a 1/0 label (no strength stated) counts as a full-scale preference."""
+    if options.margin_scale == "raw":
+        return difference
+    scale = UNIFIED_FEEDBACK_RATING_RANGE.get(row.get("source")) if isinstance(row.get("source"), str) else None
+    return None if scale is None else difference / scale
+
+
+def _extract_unified_feedback(row: Mapping[str, Any], options: RowOptions) -> _Parts:
+    """llm-blender/Unified-Feedback: two full conversations and their ratings; the higher one is chosen. The margin
+    is the rating difference on one scale (:func:`_unified_feedback_margin`). Equal ratings (an arena tie is
+    0.5 / 0.5) are a tie."""
     a = _turns(_field(row, "conv_A"), "conv_A", ASSISTANT)
     b = _turns(_field(row, "conv_B"), "conv_B", ASSISTANT)
     rating_a = _number(_field(row, "conv_A_rating"), "field 'conv_A_rating'", "conv_A_rating")
@@ -440,7 +476,7 @@ def _extract_unified_feedback(row: Mapping[str, Any]) -> _Parts:
     if rating_a == rating_b:
         raise BadRow(TIE, f"fields 'conv_A_rating' and 'conv_B_rating' are both {rating_a}", "conv_A_rating")
     chosen, rejected = (a, b) if rating_a > rating_b else (b, a)
-    return [], chosen, rejected, abs(rating_a - rating_b)
+    return [], chosen, rejected, _unified_feedback_margin(row, abs(rating_a - rating_b), options)
 
 
 def _extract_pku(row: Mapping[str, Any], options: RowOptions) -> _Parts:
@@ -510,7 +546,8 @@ def _score(value: Any, where: str, field: str) -> float | None:
 
 def _ranked_pairs(scores: list[float | None], policy: str, seed: str) -> list[tuple[int, int] | BadRow]:
     """Index pairs ``(chosen, rejected)`` from per-response scores (higher is better; None: unscored, left out),
-    per ``policy``; a pair of equal scores becomes a ``tie`` BadRow in its place."""
+    per ``policy``; a pair of equal scores becomes a ``tie`` BadRow in its place. ``best_vs_random`` draws the
+    rejected among the responses rated below the best (a row with none is a ``no_lower_rated`` BadRow)."""
     scored = [i for i, v in enumerate(scores) if v is not None]
     if len(scored) < 2:
         raise BadRow(NO_PREFERENCE, f"{len(scored)} scored response(s): nothing to compare")
@@ -520,8 +557,12 @@ def _ranked_pairs(scores: list[float | None], policy: str, seed: str) -> list[tu
         pairs = [(i, j) for n, i in enumerate(scored) for j in scored[n + 1:]]
     elif policy == "best_vs_rest":
         pairs = [(best, j) for j in others]
-    else:  # best_vs_random: one other response, drawn with a seed taken from the row itself (reruns agree)
-        pairs = [(best, random.Random(seed).choice(others))]
+    else:  # best_vs_random: one response rated below the best, drawn with a seed taken from the row (reruns agree)
+        lower = [i for i in others if scores[i] < scores[best]]
+        if not lower:
+            raise BadRow(NO_LOWER_RATED, f"all {len(scored)} scored responses are rated {scores[best]}: none below "
+                                         f"the best to reject")
+        pairs = [(best, random.Random(seed).choice(lower))]
     out: list[tuple[int, int] | BadRow] = []
     for i, j in pairs:
         if scores[i] == scores[j]:
@@ -531,11 +572,50 @@ def _ranked_pairs(scores: list[float | None], policy: str, seed: str) -> list[tu
     return out
 
 
+def _aspect_rating(completion: Mapping[str, Any], aspect: str, where: str) -> float | None:
+    """One aspect's ``Rating`` of an UltraFeedback completion (a string "1".."5", or "N/A": None)."""
+    annotations = completion.get("annotations")
+    rating = (annotations if isinstance(annotations, Mapping) else {}).get(aspect) or {}
+    rating = rating[0] if isinstance(rating, list) and rating else rating  # the GitHub release nests lists
+    return _score(rating.get("Rating") if isinstance(rating, Mapping) else None,
+                  f"{where}.annotations.{aspect}.Rating", "completions")
+
+
+def _completion_score(completion: Mapping[str, Any], aspect: str, where: str) -> float | None:
+    """What orders UltraFeedback completions: ``overall`` (the critique's ``overall_score``, 1-10), ``mean`` (the mean
+    of the aspect Ratings that are not "N/A", 1-5: what UltraFeedback stores as ``fine-grained_score``), or one
+    aspect's Rating (1-5). None when unscored."""
+    if aspect == "overall":
+        return _score(completion.get("overall_score"), f"{where}.overall_score", "completions")
+    if aspect == "mean":
+        rated = [r for r in (_aspect_rating(completion, a, where) for a in ASPECTS) if r is not None]
+        return sum(rated) / len(rated) if rated else None
+    return _aspect_rating(completion, aspect, where)
+
+
 def _extract_ultrafeedback(row: Mapping[str, Any], options: RowOptions) -> list[tuple[str, _Parts | BadRow]]:
-    """openbmb/UltraFeedback raw rows: ``instruction`` and ``completions`` (each ``response`` with
-    ``overall_score`` and per-aspect ``annotations[aspect].Rating``, "N/A" when not rated). Completions are ordered
-    by ``aspect``; pairs per ``pairs`` (auto: the best vs a random other, as UltraFeedback-binarized does);
-    margin = score difference."""
+    """openbmb/UltraFeedback raw rows: ``instruction`` and ``completions`` (each a ``response`` with ``overall_score``
+    and per-aspect ``annotations[aspect].Rating``, "N/A" when not rated), ordered by ``aspect``
+    (:func:`_completion_score`); pairs per ``pairs``; margin = the score difference on that score's scale.
+
+    ``pairs: auto`` is ``best_vs_random``, the binarised sets' rule: the chosen is the best-rated completion (the first
+    of equals), the rejected is drawn at random among the completions rated *below* it, with a seed taken from the
+    prompt, so a row gives a pair whenever any completion is rated lower (``[8, 8, 5, 3]`` always does). A row whose
+    scored completions are all rated the same has no rejected to draw: ``no_lower_rated``. Read, not copied:
+
+    * argilla/ultrafeedback-binarized-preferences, README.md at commit ab666e438ca6e63d52430720144e3d2c567fcae3
+      (huggingface.co/datasets/argilla/ultrafeedback-binarized-preferences): the mean of the aspect ratings replaces
+      ``overall_score`` (critiques rated 10 whose rationale was negative), the best mean is chosen, and the rejected
+      is "a random response with lower mean rating", equal only when none is lower, those rows filtered out. Its
+      successor argilla/ultrafeedback-binarized-preferences-cleaned (README.md at 91376df778fc031c79bf47bf69df0d611fb46387)
+      binarises the same way, less the TruthfulQA-contaminated prompts. ``aspect: mean`` is its score.
+    * HuggingFaceH4/ultrafeedback_binarized, README.md at 2a3fb934ee563e5441bf211adaf5215c3fa508dd: the highest
+      ``overall_score`` is chosen and "one of the remaining 3 at random" rejected. Public derivatives of its
+      ``create_dataset.py`` (the file itself, on the Hub, was not reachable) draw over all completions and redraw
+      only while the draw is the chosen one, so a completion rated the same as the best can be H4's rejected: its
+      pairs can tie. The rule here is Argilla's; it agrees with H4's on the chosen completion and on every draw of
+      H4's that is rated lower.
+    """
     prompt = _turns(_field(row, "instruction"), "instruction", USER)
     completions = _as_list(_field(row, "completions"))
     if completions is None:
@@ -546,13 +626,7 @@ def _extract_ultrafeedback(row: Mapping[str, Any], options: RowOptions) -> list[
         if not isinstance(completion, Mapping):
             raise BadRow(BAD_TYPE, f"{where} is {_type_name(completion)}, expected an object", "completions")
         responses.append(_text(completion.get("response"), f"{where}.response", "completions"))
-        if options.aspect == "overall":
-            scores.append(_score(completion.get("overall_score"), f"{where}.overall_score", "completions"))
-        else:
-            rating = (completion.get("annotations") or {}).get(options.aspect) or {}
-            rating = rating[0] if isinstance(rating, list) and rating else rating  # the GitHub release nests lists
-            scores.append(_score(rating.get("Rating") if isinstance(rating, Mapping) else None,
-                                 f"{where}.annotations.{options.aspect}.Rating", "completions"))
+        scores.append(_completion_score(completion, options.aspect, where))
     policy = "best_vs_random" if options.pairs == "auto" else options.pairs
     seed = json.dumps([m["content"] for m in prompt])
     return [(f"{p[0]}>{p[1]}", (prompt, _reply(responses[p[0]]), _reply(responses[p[1]]), scores[p[0]] - scores[p[1]]))
@@ -648,7 +722,7 @@ _EXTRACTORS = {
     SHAREGPT: _one(_extract_sharegpt),
     HELPSTEER2: _one(_extract_helpsteer2),
     RATING: _one_with(_extract_rating),
-    UNIFIED_FEEDBACK: _one(_extract_unified_feedback),
+    UNIFIED_FEEDBACK: _one_with(_extract_unified_feedback),
     PKU_SAFERLHF: _one_with(_extract_pku),
     ARENA: _one(_extract_arena),
     ULTRAFEEDBACK: _extract_ultrafeedback,
@@ -782,13 +856,15 @@ def _own_id(row: Mapping[str, Any], column: str = "id") -> str | None:
     raise BadRow(BAD_TYPE, f"field 'id' is {_type_name(value)}, expected a string or integer", "id")
 
 
-def _subset(row: Mapping[str, Any]) -> str | None:
-    value = row.get("subset")
+def _subset(row: Mapping[str, Any], fmt: str) -> str | None:
+    """The row's ``subset``; a Unified-Feedback row's sub-source (its ``source``), whose scale sets its margin."""
+    name = "source" if fmt == UNIFIED_FEEDBACK and row.get("subset") is None else "subset"
+    value = row.get(name)
     if value is None:
         return None
     if isinstance(value, str):
         return str(value)
-    raise BadRow(BAD_TYPE, f"field 'subset' is {_type_name(value)}, expected a string", "subset")
+    raise BadRow(BAD_TYPE, f"field '{name}' is {_type_name(value)}, expected a string", name)
 
 
 def _normalise(row: Any, fmt: str, source: str, location: str, options: RowOptions) -> list[Record | BadRow]:
@@ -820,7 +896,7 @@ def _normalise(row: Any, fmt: str, source: str, location: str, options: RowOptio
             "rejected": rejected,
             "source": source,
             "location": location,
-            "subset": _subset(row),
+            "subset": _subset(row, fmt),
             "margin": parts[3],
         })
     return out

@@ -35,7 +35,9 @@ Outputs (manifest names → files in the stage folder):
   pad token, as transformers pools: when EOS doubles as pad, the token before a trailing EOS);
 * ``quarantine`` — Parquet folder: ``source, location, reason, detail``;
 * ``stats`` — ``stats.json``: rows per split and source, quarantine counts per reason and per source, prompts on
-  both sides, contamination, margins, truncation, token lengths, the template date;
+  both sides, contamination, margins (and per subset: a Unified-Feedback sub-source's scale), pairing per source
+  (pairs made, rows that gave them, rows with no response rated below the best), truncation, token lengths, the
+  template date;
 * ``datasets`` — ``datasets.json``: what MLflow records as the stage's dataset inputs (one per source and per
   split: name, source, digest, schema, row counts); the train stage logs the same ones into its run.
 """
@@ -145,7 +147,8 @@ def _plain(value: Any) -> Any:
 
 def row_options(source: SourceConfig) -> formats.RowOptions:
     return formats.RowOptions(follow=source.follow, aspect=source.aspect, pairs=source.pairs, ties=source.ties,
-                              columns=plain(source.columns) if source.columns is not None else None)
+                              columns=plain(source.columns) if source.columns is not None else None,
+                              margin_scale=source.margin_scale)
 
 
 def read_source(ray: Any, source: SourceConfig, strict: bool) -> Any:
@@ -365,8 +368,8 @@ def _unwrap_bad_row(err: Exception) -> Exception:
 
 def _summary(table: Any) -> Any:
     """The small columns of every row as pandas (checks, stats, dataset records)."""
-    return table.select(["ok", "id", "split", "source", "location", "reason", "detail", "truncated", "chosen_len",
-                         "rejected_len", "prompt_key", "margin_missing"]).to_pandas()
+    return table.select(["ok", "id", "split", "source", "location", "subset", "margin", "reason", "detail", "truncated",
+                         "chosen_len", "rejected_len", "prompt_key", "margin_missing"]).to_pandas()
 
 
 def _check_column_mappings(summary: Any, sources: tuple[SourceConfig, ...]) -> None:
@@ -481,12 +484,34 @@ def _stats(summary: Any, cfg: PipelineConfig, contaminated: dict[str, Any], move
                   "validation_pairs_moved_to_train": moved},
         "contamination": {**contaminated, "decontaminated": bool(cfg.data.decontaminate)},
         "margins": {"use_margin": cfg.loss.use_margin, "missing": int(good["margin_missing"].sum()),
-                    "policy": cfg.data.missing_margin},
+                    "policy": cfg.data.missing_margin, "by_subset": _margins_by_subset(good)},
+        "pairing": {s.label: _pairing(summary[summary["source"] == s.label], s) for s in cfg.data.sources},
         "truncated": int(good["truncated"].sum()),
         "tokens": {"mean": float(lengths.mean()) if len(lengths) else 0.0,
                    "max": int(lengths.max()) if len(lengths) else 0},
         "template_date": cfg.data.template_date,  # the calendar the chat template saw (saved with the tokenizer too)
     }
+
+
+def _margins_by_subset(good: Any) -> dict[str, dict[str, Any]]:
+    """Pairs, pairs with a margin and the largest margin per subset (a Unified-Feedback row's subset is its
+    sub-source, so this shows the scale each sub-source's margins landed on)."""
+    out = {}
+    for subset, rows in good[good["subset"].notna()].groupby("subset"):
+        margins = rows["margin"].dropna()  # missing_margin=zero has already filled its zeros in: they count here
+        out[str(subset)] = {"pairs": int(len(rows)), "with_margin": int(len(margins)),
+                            "max": float(margins.max()) if len(margins) else None}
+    return out
+
+
+def _pairing(rows: Any, source: SourceConfig) -> dict[str, Any]:
+    """How one source's rows became pairs: a row of k responses gives several (``pairs``), or none when no response
+    is rated below the best (``rows_without_lower_rated``, also a quarantine reason). Weighted copies not counted."""
+    good = rows[rows["ok"]]
+    originals = good[~good["id"].str.contains(r"#w\d+$", regex=True)]
+    return {"policy": source.pairs, "aspect": source.aspect, "pairs": int(len(originals)),
+            "rows_with_pairs": int(originals["location"].nunique()),
+            "rows_without_lower_rated": int((rows["reason"] == formats.NO_LOWER_RATED).sum())}
 
 
 def dataset_records(summary: Any, sources: tuple[SourceConfig, ...], outputs: Mapping[str, str]) -> list[dict]:

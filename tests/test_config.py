@@ -128,3 +128,11 @@ def test_non_finite_numbers_and_a_limit_on_the_synthetic_source_are_refused_at_l
         load_config(None, ["train.lr=nan"])
     with pytest.raises(ConfigError, match="limit does not apply to synthetic"):
         load_config(None, ["data.sources=[{synthetic: {}, limit: 10}]"])
+
+
+def test_the_pairing_and_margin_scale_choices_of_a_source_load_and_misplaced_ones_are_refused():
+    cfg = load_config(None, ["data.sources=[{path: uf.jsonl, aspect: mean}, {path: ufb.jsonl, margin_scale: raw}]"])
+    assert (cfg.data.sources[0].aspect, cfg.data.sources[1].margin_scale) == ("mean", "raw")
+    assert cfg.data.sources[0].margin_scale == "range", "margins on one scale unless raw is asked for"
+    with pytest.raises(ConfigError, match="margin_scale applies to the unified_feedback format only"):
+        load_config(None, ["data.sources=[{path: a.jsonl, format: hh, margin_scale: raw}]"])

@@ -137,7 +137,30 @@ def test_the_papers_unified_feedback_config_reads_its_data(ray_session, tmp_path
                                                      tracker=tracking.RunLogger(None, None), log=lambda _: None))
     good = _good(result)
     assert len(good) == 4 and _stats_of(result)["quarantine"]["by_reason"] == {"tie": 2}
-    assert sorted(good["margin"]) == [1.0, 1.0, 2.25, 3.0]  # the rating differences
+    # the rating differences as shares of each sub-source's rating range: Nectar 3 of 6, Argilla's mean 2.25 of 4,
+    # arena and HH 1 of 1
+    assert sorted(good["margin"]) == [0.5, 0.5625, 1.0, 1.0]
+
+
+def test_ultrafeedback_pairing_and_each_unified_feedback_sub_sources_margins_are_counted_in_stats(ray_session,
+                                                                                                   tmp_path):
+    """UltraFeedback rows pair the best completion with one rated below it; a row with none below is quarantined and
+    counted; the mixed Unified-Feedback margins land on one 0-1 scale, shown per sub-source."""
+    uf = [json.loads(line) for line in (FORMATS / "ultrafeedback_raw.jsonl").read_text().splitlines()]
+    flat = json.loads(json.dumps(uf[0]))
+    for completion in flat["completions"]:
+        completion["overall_score"] = 7.0
+    path = tmp_path / "ultrafeedback.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*uf, dict(flat, instruction="Say hi.")]))
+    mixed = FORMATS / "unified_feedback_all.jsonl"
+    result = _run(tmp_path, [f"data.sources=[{{path: '{path}'}}, {{path: '{mixed}'}}]", "loss.use_margin=true"])
+    stats = _stats_of(result)
+    assert stats["pairing"][str(path)] == {"policy": "auto", "aspect": "overall", "pairs": len(uf),
+                                           "rows_with_pairs": len(uf), "rows_without_lower_rated": 1}
+    assert stats["quarantine"]["by_reason"] == {"no_lower_rated": 1}
+    by_subset = stats["margins"]["by_subset"]
+    assert by_subset["berkeley-nest/Nectar"] == {"pairs": 1, "with_margin": 1, "max": pytest.approx(5 / 6)}
+    assert len(by_subset) == 8 and all(0 < v["max"] <= 1 for v in by_subset.values())
 
 
 def test_prompts_stay_on_one_side_and_weighted_copies_follow_their_original(ray_session, shared_data, tmp_path):
@@ -181,7 +204,7 @@ def test_margins_are_never_dropped_silently(ray_session, shared_data, tmp_path):
         _run(tmp_path / "error", [source, "loss.use_margin=true"])
     result = _run(tmp_path / "zero", [source, "loss.use_margin=true", "data.missing_margin=zero"])
     assert (_good(result)["margin"] == 0.0).all()
-    assert _stats_of(result)["margins"] == {"use_margin": True, "missing": 40, "policy": "zero"}
+    assert _stats_of(result)["margins"] == {"use_margin": True, "missing": 40, "policy": "zero", "by_subset": {}}
 
 
 def test_an_unseen_schema_loads_with_a_column_mapping_and_a_wrong_one_names_the_column_and_file(ray_session, tmp_path):

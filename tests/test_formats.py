@@ -79,6 +79,7 @@ def test_reasons_are_exported_constants() -> None:
         "unknown_format",
         "tie",
         "inverted",
+        "no_lower_rated",
         "over_length",
         "contaminated",
         "subsampled",

@@ -23,11 +23,18 @@ def normalise(row: dict, **options) -> tuple[list[dict], list[dict]]:
     return F.normalise_row(row, source="src", location="f.jsonl:1", options=F.RowOptions(**options))
 
 
-@pytest.mark.parametrize("name,fmt", [("unified_feedback", F.UNIFIED_FEEDBACK), ("pku_saferlhf", F.PKU_SAFERLHF),
+@pytest.mark.parametrize("name,fmt", [("unified_feedback", F.UNIFIED_FEEDBACK), ("unified_feedback_all", F.UNIFIED_FEEDBACK),
+                                      ("pku_saferlhf", F.PKU_SAFERLHF),
                                       ("arena_55k", F.ARENA), ("ultrafeedback_raw", F.ULTRAFEEDBACK),
                                       ("nectar", F.KWISE)])
 def test_each_public_schema_is_detected_by_its_keys(name, fmt):
     assert {F.detect_format(row) for row in rows_of(name)} == {fmt}
+
+
+# Each Unified-Feedback sub-source's rating range (highest minus lowest rating), written out from the builder's code
+# (SCHEMAS.md): the margins are expected on one scale, the rating difference as a share of this range.
+RANGES = {"lmsys/chatbot_arena_conversations": 1.0, "Anthropic/hh-rlhf": 1.0, "berkeley-nest/Nectar": 6.0,
+          "flan": 9.0, "argilla/ultrafeedback-binarized-preferences-cleaned": 4.0}
 
 
 def test_unified_feedback_prefers_the_higher_rating_with_the_difference_as_margin_and_quarantines_ties():
@@ -41,7 +48,7 @@ def test_unified_feedback_prefers_the_higher_rating_with_the_difference_as_margi
         (record,) = records
         assert record["chosen"][-1]["content"] == winner[-1]["content"]
         assert record["rejected"][-1]["content"] == loser[-1]["content"]
-        assert record["margin"] == abs(a - b) and record["id"] == row["id"]
+        assert record["margin"] == abs(a - b) / RANGES[row["source"]] and record["id"] == row["id"]
         assert record["prompt"] == [{"role": m["role"], "content": m["content"]}
                                     for m in winner[: len(record["prompt"])]], "the shared turns are the prompt"
     assert sum(normalise(r)[1] != [] for r in rows_of("unified_feedback")) == 2  # rows 1 and 5: 0.5/0.5, 7.5/7.5
@@ -77,7 +84,7 @@ def test_arena_multi_turn_conversation_keeps_every_turn_of_the_winner():
     assert record["rejected"][-1]["content"] == "Croissant Ever After"
 
 
-def test_ultrafeedback_best_vs_random_other_by_overall_score_or_an_aspect():
+def test_ultrafeedback_best_vs_a_random_lower_rated_one_by_overall_score_or_an_aspect():
     rows = rows_of("ultrafeedback_raw")
     for row in rows:
         (record,), bad = normalise(row)
@@ -93,6 +100,74 @@ def test_ultrafeedback_best_vs_random_other_by_overall_score_or_an_aspect():
     assert helpful["chosen"][-1]["content"] == rows[0]["completions"][0]["response"]  # Rating "5"
     records, bad = normalise(rows[1], aspect="honesty")
     assert records == [] and [q["reason"] for q in bad] == ["no_preference"]
+
+
+def test_unified_feedback_margins_of_every_sub_source_land_on_one_scale():
+    """The `all` configuration mixes 1/0 labels, Nectar's minus-ranks, overall_score (1-10), Argilla's mean ratings
+    (1-5) and WebGPT's scores (-1..1): the margin is the difference as a share of the sub-source's rating range."""
+    rows = rows_of("unified_feedback_all")
+    results = [normalise(row) for row in rows]
+    assert all(bad == [] for _, bad in results)
+    margins = {row["source"]: records[0]["margin"] for row, (records, _) in zip(rows, results, strict=True)}
+    expected = {"lmsys/chatbot_arena_conversations": 1.0, "Anthropic/hh-rlhf": 1.0,
+                "berkeley-nest/Nectar": (-1.0 - -6.0) / 6, "openai/summarize_from_feedback(comparisons)": 1.0,
+                "Dahoas/synthetic-instruct-gptj-pairwise": 1.0, "evol_instruct": (8.5 - 4.0) / 9,
+                "argilla/ultrafeedback-binarized-preferences-cleaned": (4.75 - 2.25) / 4,
+                "openai/webgpt_comparisons": (1.0 - -1.0) / 2}
+    assert margins == pytest.approx(expected)
+    assert all(0 < m <= 1 for m in margins.values())
+    assert [records[0]["subset"] for records, _ in results] == [row["source"] for row in rows], \
+        "the sub-source travels with the pair (stats.json counts margins per sub-source)"
+    raw = {row["source"]: normalise(row, margin_scale="raw")[0][0]["margin"] for row in rows}
+    assert raw["evol_instruct"] == 4.5 and raw["berkeley-nest/Nectar"] == 5.0, "raw keeps each sub-source's scale"
+    (unknown,), bad = normalise(dict(rows[5], source="some/new-source"))
+    assert bad == [] and unknown["margin"] is None, "no margin on a scale nobody documented"
+
+
+def ultrafeedback_row(scores: list[float], instruction: str) -> dict:
+    """A fixture row in UltraFeedback's schema with the given overall_scores."""
+    row = json.loads(json.dumps(rows_of("ultrafeedback_raw")[0]))
+    for completion, score in zip(row["completions"], scores, strict=True):
+        completion["overall_score"] = score
+    return dict(row, instruction=instruction)
+
+
+def test_ultrafeedback_rows_scored_8_8_5_3_always_give_a_pair_with_a_lower_rated_rejected():
+    rows = [ultrafeedback_row([8.0, 8.0, 5.0, 3.0], f"Question {n}: name a colour.") for n in range(200)]
+    results = [normalise(row) for row in rows]
+    unpaired = [bad for records, bad in results if len(records) != 1]
+    assert unpaired == [], f"{len(unpaired)} of 200 rows gave no pair, e.g. {unpaired[0]}"
+    scores = {c["response"]: c["overall_score"] for c in rows[0]["completions"]}
+    assert {scores[r["chosen"][-1]["content"]] for (r,), _ in results} == {8.0}
+    assert {scores[r["rejected"][-1]["content"]] for (r,), _ in results} == {5.0, 3.0}, "drawn among the lower ones"
+    assert [normalise(row) for row in rows[:20]] == results[:20], "the draw is seeded by the row: reruns agree"
+
+
+@pytest.mark.parametrize("aspect,field", [("overall", "overall_score"), ("mean", "fine-grained_score")])
+def test_ultrafeedback_pick_follows_the_binarised_rule_on_the_fixture_rows(aspect, field):
+    """The best-rated completion (the first of equals) is chosen; the rejected is one rated below it. With
+    ``aspect: mean`` the score is the mean of the aspect Ratings, which UltraFeedback also stores as
+    ``fine-grained_score`` (N/A ratings left out): the expected scores are read from that field."""
+    for n, row in enumerate(rows_of("ultrafeedback_raw")):
+        scores = [c[field] for c in row["completions"]]
+        best = scores.index(max(scores))
+        records, bad = normalise(row, aspect=aspect)
+        assert bad == [] and len(records) == 1, f"row {n}: {bad}"
+        by_text = {c["response"]: s for c, s in zip(row["completions"], scores, strict=True)}
+        (record,) = records
+        assert record["chosen"][-1]["content"] == row["completions"][best]["response"], f"row {n}"
+        assert by_text[record["rejected"][-1]["content"]] < max(scores), f"row {n}: the rejected is rated lower"
+        assert record["margin"] == pytest.approx(max(scores) - by_text[record["rejected"][-1]["content"]])
+    bug = rows_of("ultrafeedback_raw")[4]  # overall_score 10 on a wrong answer whose critique says so
+    overall, mean = normalise(bug)[0][0], normalise(bug, aspect="mean")[0][0]
+    assert overall["chosen"][-1]["content"] == bug["completions"][0]["response"]
+    assert mean["chosen"][-1]["content"] == bug["completions"][1]["response"]
+
+
+def test_ultrafeedback_a_row_with_nothing_rated_below_the_best_is_counted_as_no_lower_rated():
+    records, bad = normalise(ultrafeedback_row([7.0, 7.0, 7.0, 7.0], "Say hi."))
+    assert records == [] and [q["reason"] for q in bad] == ["no_lower_rated"]
+    assert "none below the best" in bad[0]["detail"]
 
 
 def test_ultrafeedback_all_pairs_quarantines_each_tied_pair():
