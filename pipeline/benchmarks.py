@@ -332,7 +332,7 @@ def metric_keys(name: str, summary: Mapping[str, Any]) -> dict[str, float]:
     """Flat ``<name>/overall``, ``<name>/section/<S>``, ``<name>/subset/<s>``, ``<name>/<detail>`` (e.g. RM-Bench
     ``hard``, ``chat/easy``) and ``<name>/quarantined`` metrics."""
     flat = {f"{name}/overall": float(summary["overall"]), f"{name}/tie_rate": float(summary["tie_rate"])}
-    flat.update({f"{name}/{_safe(k)}": float(v) for k, v in summary.get("details", {}).items()})
+    flat.update({f"{name}/{'/'.join(map(_safe, k.split('/')))}": float(v) for k, v in summary.get("details", {}).items()})
     if "quarantine" in summary:
         flat[f"{name}/quarantined"] = float(summary["quarantine"]["total"])
     flat.update({f"{name}/section/{_safe(s)}": float(v) for s, v in summary["sections"].items()})

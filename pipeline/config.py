@@ -736,6 +736,8 @@ def _nested_class(hint: Any) -> type | None:
 
 
 def _choices(hint: Any) -> str:
+    """`` [a | b]`` for a ``Literal`` field, also inside ``X | None``."""
     if typing.get_origin(hint) is Literal:
         return f" [{' | '.join(map(str, typing.get_args(hint)))}]"
-    return ""
+    literals = [a for a in typing.get_args(hint) if typing.get_origin(a) is Literal]
+    return _choices(literals[0]) if len(literals) == 1 else ""

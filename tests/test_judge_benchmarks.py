@@ -400,3 +400,62 @@ def test_decontamination_keys_cover_every_format():
     want = {prompt_key([{"role": t["role"], "content": t["content"]} for t in r["conversation_input"]])
             for r in raw_rmb} | {prompt_key([{"role": "user", "content": r["question"]}]) for r in raw_jb}
     assert B.prompt_keys(benches) == want and len(want) == 4 + 8  # two RMB pairs share one conversation
+
+
+# ------------------------------------------------------------------ the stage's files, metrics, report, registry
+
+
+FIXTURE_BENCHES = [
+    {"name": "rmbench", "path": str(DATA / "rm_bench"), "format": "rm_bench"},
+    {"name": "judge_gpt", "path": str(DATA / "judgebench" / "dataset=judgebench,response_model=gpt-4o-2024-05-13.jsonl"),
+     "format": "judgebench"},
+    {"name": "rmb", "path": str(DATA / "rmb"), "format": "rmb"},
+    {"name": "rb2", "path": str(DATA / "rewardbench2" / "test.jsonl"), "format": "v2"},
+]
+
+
+def _fake_scorer(convs, model_path, **_):
+    """Seeded stand-in for the Ray Data scorer: a score and a hidden state per conversation."""
+    rng = np.random.default_rng(len(convs))
+    return convs.assign(score=rng.normal(size=len(convs)), hidden=list(rng.normal(size=(len(convs), 2))))
+
+
+@pytest.mark.unit
+def test_every_format_writes_the_v1_files_metrics_report_and_registry_score(tmp_path, monkeypatch):
+    from pipeline import report, scoring, tracking
+    from pipeline.artifacts import Manifest
+    from pipeline.config import describe
+    from pipeline.document import render_markdown
+    from pipeline.stage import StageContext
+    from stages import register
+
+    monkeypatch.setattr(scoring, "score_conversations", _fake_scorer)
+    # Plots are drawn and checked by the RewardBench stage's own tests; here they would only cost seconds.
+    monkeypatch.setattr(B.metrics, "plot_accuracy_by_distance", lambda table, path: Path(path))
+    cfg = load_config(None, [f"rewardbench.benchmarks={json.dumps(FIXTURE_BENCHES)}",
+                             "rewardbench.score_metric=rmbench/hard", "rewardbench.distance_bins=2"])
+    ctx = StageContext(cfg=cfg, run_dir=tmp_path, out_dir=tmp_path / "rewardbench", upstream={},
+                       tracker=tracking.RunLogger(None, None), log=lambda _: None)
+    outputs, flat = {}, {}
+    for bench in cfg.rewardbench.benchmarks:
+        files, metrics_ = B.score_benchmark(bench, "model", ctx)
+        outputs.update(files)
+        flat.update(metrics_)
+    for name in ("rmbench", "judge_gpt", "rmb", "rb2"):
+        scores = pd.read_parquet(outputs[f"{name}/scores"])
+        assert {"id", "subset", "section", "score_chosen", "score_rejected", "correct", "distance"} <= set(scores)
+        assert np.isfinite(scores["distance"]).all() and f"{name}/length_control/longer_wins" in flat
+        assert flat[f"{name}/overall"] == json.loads(Path(outputs[f"{name}/metrics"]).read_text())["overall"]
+        assert flat[f"{name}/quarantined"] == 0.0
+    assert {"rmbench/hard", "rmbench/easy", "rmbench/normal", "rmbench/safety/hard", "judge_gpt/section/mmlu-pro",
+            "rmb/section/Harmlessness"} <= set(flat)
+    manifest = Manifest(stage="rewardbench", hash="h", outputs=outputs, metrics=flat)
+    text = render_markdown(report._rewardbench({"rewardbench": manifest}), tmp_path)
+    for needle in ("Benchmark rmbench", "safety: accuracy by chosen style", "Benchmark judge_gpt", "gpt-4o-2024-05-13",
+                   "Benchmark rmb", "Helpfulness", "Ties components"):
+        assert needle in text, needle
+    assert register.select_score({"rewardbench": manifest}, cfg.rewardbench.score_metric) == (
+        "rewardbench/rmbench/hard", flat["rmbench/hard"])
+    with pytest.raises(ValueError, match="not among"):
+        register.select_score({"rewardbench": manifest}, "rmbench/nope")
+    assert "[v1 | v2 | rm_bench | judgebench | rmb]" in describe()
