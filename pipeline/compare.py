@@ -307,6 +307,32 @@ def paired_table(pairs: pd.DataFrame, scores: Mapping[str, np.ndarray], *, n_boo
     return pd.DataFrame(rows)
 
 
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjustment (family-wise error over the given tests; Holm 1979): with the m finite p-values
+    sorted ascending, ``adj_(i) = max_{j <= i} min(1, (m - j + 1) p_(j))``; NaN stays NaN. Reject where adj < alpha.
+    (statsmodels' ``multipletests(method="holm")``; written here to avoid a dependency for six lines.)"""
+    p = np.asarray(p_values, dtype=np.float64)
+    out = np.full(p.shape, math.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    order = finite[np.argsort(p[finite], kind="stable")]
+    m = len(order)
+    scaled = np.minimum(1.0, (m - np.arange(m)) * p[order])
+    out[order] = np.maximum.accumulate(scaled) if m else scaled
+    return out
+
+
+def with_holm(paired: pd.DataFrame) -> pd.DataFrame:
+    """``p_holm``: McNemar's p over all pairs adjusted by :func:`holm` across the benchmarks, per (loss, versus)
+    (one family per comparison: "does the loss differ on any benchmark"); per-section rows get NaN."""
+    out = paired.assign(p_holm=math.nan)
+    if out.empty or "scope" not in out:
+        return out
+    overall = out["scope"] == "all"
+    for _, rows in out[overall].groupby(["loss", "versus"], sort=False):
+        out.loc[rows.index, "p_holm"] = holm(rows["p_value"].to_numpy())
+    return out
+
+
 def plot_gradient_pairs(points: Mapping[str, np.ndarray], path: str | Path) -> Path:
     """Per-pair score-head gradient norm against the pair's distance (log-log), one colour per loss, with the
     fitted slope in the legend: about 1 means the update grows with the distance (BT), about 0 flat (NormBT)."""

@@ -459,3 +459,4 @@ def test_every_format_writes_the_v1_files_metrics_report_and_registry_score(tmp_
     with pytest.raises(ValueError, match="not among"):
         register.select_score({"rewardbench": manifest}, "rmbench/nope")
     assert "[v1 | v2 | rm_bench | judgebench | rmb]" in describe()
+
