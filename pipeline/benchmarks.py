@@ -80,6 +80,8 @@ def load_examples(bench: BenchmarkConfig) -> tuple[str, pd.DataFrame, list[dict[
                              f"{judge_benchmarks.quarantine_counts(quarantine)['by_reason']}; first: "
                              f"{quarantine[0] if quarantine else None}")
         frame = pd.DataFrame.from_records(records).drop(columns="location")
+        if bench.format == "judgebench":  # before scoring, not after: the summary would refuse the mix anyway
+            judge_benchmarks.check_one_response_model(frame["response_model"], bench.name)
         return bench.format, frame, quarantine
     located = located_rows(bench)
     fmt = bench.format or detect_format([row for _, row in located])

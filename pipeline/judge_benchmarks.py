@@ -245,14 +245,21 @@ def judgebench_group(source: str) -> str:
     return next((g for g in JUDGEBENCH_GROUPS if source.startswith(g)), source)
 
 
+def check_one_response_model(models: Iterable[str], name: str) -> list[str]:
+    """The response models present; more than one is an error (the authors score each file on its own)."""
+    found = sorted(set(models))
+    if len(found) > 1:
+        raise ValueError(f"benchmark {name!r}: JudgeBench rows from {len(found)} response models "
+                         f"({', '.join(found)}): the authors score each response-model file separately; list one "
+                         "benchmark per file")
+    return found
+
+
 def judgebench_summary(frame: pd.DataFrame) -> dict[str, Any]:
     """Accuracy per source group (``mmlu-pro``, ``livebench-reasoning``, ``livebench-math``, ``livecodebench``)
     and ``overall`` pooled over all pairs (not the mean of the groups), both as fractions (upstream prints
     percentages). One response model per benchmark: the authors score each response-model file on its own."""
-    models = sorted(set(frame["response_model"]))
-    if len(models) > 1:
-        raise ValueError(f"JudgeBench rows from {len(models)} response models ({', '.join(models)}): the authors "
-                         "score each response-model file separately; list one benchmark per file")
+    models = check_one_response_model(frame["response_model"], "JudgeBench")
     correct = frame["correct"].astype(float)
     sections = {g: float(correct[frame["section"] == g].mean()) for g in JUDGEBENCH_GROUPS
                 if (frame["section"] == g).any()}

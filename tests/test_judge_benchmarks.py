@@ -233,10 +233,12 @@ def test_judgebench_tie_is_wrong_and_overall_is_pooled():
 
 @pytest.mark.unit
 def test_judgebench_two_response_model_files_in_one_benchmark_is_an_error():
-    fmt, examples, _ = B.load_examples(BenchmarkConfig(name="jb", path=str(DATA / "judgebench"), format="judgebench"))
-    _, frame = _scored(examples, fmt, np.random.default_rng(0))
     with pytest.raises(ValueError, match="score each response-model file separately"):
-        B.summarise(frame, fmt)
+        B.load_examples(BenchmarkConfig(name="jb", path=str(DATA / "judgebench"), format="judgebench"))
+    frame = pd.DataFrame({"subset": ["livecodebench"] * 2, "section": ["livecodebench"] * 2, "correct": [1, 0],
+                          "response_model": ["a", "b"]})
+    with pytest.raises(ValueError, match="score each response-model file separately"):
+        J.judgebench_summary(frame)
 
 
 # ------------------------------------------------------------------ RMB: authors' code, ported
