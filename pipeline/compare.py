@@ -82,10 +82,19 @@ def _by_seed(frame: pd.DataFrame, label: str, metric: str) -> dict[int, float]:
     return {int(s): float(v) for s, v in zip(sel["seed"], sel[metric], strict=True) if finite(v)}
 
 
+def is_compared(name: str) -> bool:
+    """A benchmark metric the compare table keeps: ``<bench>/overall``, ``<bench>/section/<S>`` and RM-Bench's
+    ``<bench>/easy|normal|hard`` (style against substance: where close-response judgement shows)."""
+    parts = name.split("/")
+    return name.endswith("/overall") or "/section/" in name or (len(parts) == 2 and parts[1] in ("easy", "normal",
+                                                                                                "hard"))
+
+
 def compare_metric_names(names: Sequence[str], metric: str) -> list[str]:
-    """The compared metrics: the validation metric, then per benchmark its overall score and its sections."""
-    bench = [n for n in names if n.endswith("/overall") or "/section/" in n]
-    return [metric, *sorted(bench, key=lambda n: (n.split("/")[0], "/section/" in n, n))]
+    """The compared metrics: the validation metric, then per benchmark its overall score, RM-Bench's difficulty
+    levels and its sections."""
+    bench = [n for n in names if is_compared(n)]
+    return [metric, *sorted(bench, key=lambda n: (n.split("/")[0], "/section/" in n, not n.endswith("/overall"), n))]
 
 
 def plot_compare(table: pd.DataFrame, path: str | Path) -> Path:

@@ -125,8 +125,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.compare import (compare_grid, compare_metric_names, compare_table, finite, plain, plot_compare,
-                              plot_gradient_pairs)
+from pipeline.compare import (compare_grid, compare_metric_names, compare_table, finite, is_compared, plain,
+                              plot_compare, plot_gradient_pairs)
 from pipeline.raycluster import await_free_cpu, job_placement_groups, remove_placement_groups
 from pipeline.artifacts import Manifest, write_json
 from pipeline.config import PipelineConfig, SearchDomain, flatten, from_flat
@@ -630,7 +630,7 @@ def _compare_outputs(ctx: StageContext, records: list[dict[str, Any]], grid: lis
         for name, (flat, frame) in scored.items():
             score_files[name][(r["loss"], r["seed"])] = frame
             for key, value in flat.items():
-                if key.endswith("/overall") or "/section/" in key:
+                if is_compared(key):
                     r[key] = value
                     bench_names.append(key)
     labels = list(dict.fromkeys(g["loss"] for g in grid))

@@ -185,3 +185,10 @@ def test_holm_over_benchmarks_by_hand():
                           "loss": ["normbt"] * 4, "versus": ["bt"] * 4, "p_value": [0.01, 0.02, 0.04, 0.03]})
     out = with_holm(table)
     np.testing.assert_allclose(out["p_holm"].to_numpy(), [0.03, np.nan, 0.06, 0.06])
+
+
+@pytest.mark.unit
+def test_compare_table_keeps_rm_bench_difficulty_levels():
+    names = ["rmb/overall", "rmb/hard", "rmb/chat/hard", "rmb/section/chat", "rmb/tie_rate", "a/overall"]
+    assert compare.compare_metric_names(names, "val") == ["val", "a/overall", "rmb/overall", "rmb/hard",
+                                                          "rmb/section/chat"]
