@@ -97,6 +97,9 @@ def select_score(upstream: Mapping[str, Manifest], metric: str = "") -> tuple[st
     ``rmbench/hard``) when given, else the first benchmark's overall; without a RewardBench score, train's final
     val_accuracy. A named metric the stage did not log is an error (a promotion must not silently fall back)."""
     bench = upstream.get("rewardbench")
+    if bench is None and metric:
+        raise ValueError(f"rewardbench.score_metric={metric!r} but the rewardbench stage has not run (add it to "
+                         "run.stages, or unset rewardbench.score_metric to promote on train/val_accuracy)")
     if bench is not None and metric:
         value = _number(bench.metrics.get(metric))
         if value is None:

@@ -213,7 +213,8 @@ def test_judgebench_equals_the_authors_metrics(path, seed):
         pairs.append({**row, "judgments": [upstream_reward_judgment(score_a, score_b),
                                            upstream_reward_judgment(score_b, score_a)]})
     for source in ["mmlu-pro", "livebench-reasoning", "livebench-math", "livecodebench", ""]:
-        theirs = upstream_compute_final_metrics(pairs, True, include_fn=lambda x: x["source"].startswith(source))
+        theirs = upstream_compute_final_metrics(pairs, True,
+                                                include_fn=lambda x, source=source: x["source"].startswith(source))
         mine = ours["overall"] if source == "" else ours["sections"][source]
         assert 100 * mine == pytest.approx(theirs, abs=1e-12), source
 
@@ -460,5 +461,7 @@ def test_every_format_writes_the_v1_files_metrics_report_and_registry_score(tmp_
         "rewardbench/rmbench/hard", flat["rmbench/hard"])
     with pytest.raises(ValueError, match="not among"):
         register.select_score({"rewardbench": manifest}, "rmbench/nope")
+    with pytest.raises(ValueError, match="has not run"):
+        register.select_score({}, "rmbench/hard")
     assert "[v1 | v2 | rm_bench | judgebench | rmb]" in describe()
 
