@@ -200,7 +200,7 @@ def upstream_compute_final_metrics(pairs, reverse_order, include_fn=lambda x: x)
 @pytest.mark.parametrize("seed", range(5))
 def test_judgebench_equals_the_authors_metrics(path, seed):
     fmt, examples, quarantine = B.load_examples(BenchmarkConfig(name="jb", path=str(path), format="judgebench"))
-    assert quarantine == [] and len(examples) == 8
+    assert quarantine == [] and len(examples) == 9
     convs, frame = _scored(examples, fmt, np.random.default_rng(seed))
     ours = B.summarise(frame, fmt)
     raw = [json.loads(line) for line in path.read_text().splitlines()]
@@ -387,7 +387,7 @@ def test_bad_rows_are_quarantined_with_counted_reasons(tmp_path):
 def test_config_names_the_formats_and_glob_paths_work():
     cfg = load_config(None, ['rewardbench.benchmarks=[{"name": "jb", "path": "%s/*gpt-4o*.jsonl", '
                              '"format": "judgebench"}]' % (DATA / "judgebench"), "rewardbench.score_metric=jb/overall"])
-    assert len(B.load_examples(cfg.rewardbench.benchmarks[0])[1]) == 8
+    assert len(B.load_examples(cfg.rewardbench.benchmarks[0])[1]) == 9
     with pytest.raises(ConfigError, match="score_metric"):
         load_config(None, ["rewardbench.score_metric=nope/overall"])
     with pytest.raises(ConfigError, match="format"):
@@ -402,7 +402,7 @@ def test_decontamination_keys_cover_every_format():
     raw_jb = [json.loads(line) for line in JUDGE_FILES[0].read_text().splitlines()]
     want = {prompt_key([{"role": t["role"], "content": t["content"]} for t in r["conversation_input"]])
             for r in raw_rmb} | {prompt_key([{"role": "user", "content": r["question"]}]) for r in raw_jb}
-    assert B.prompt_keys(benches) == want and len(want) == 4 + 8  # two RMB pairs share one conversation
+    assert B.prompt_keys(benches) == want and len(want) == 4 + 9  # two RMB pairs share one conversation
 
 
 # ------------------------------------------------------------------ the stage's files, metrics, report, registry

@@ -259,7 +259,7 @@ def test_rm_bench_judgebench_rmb_and_v2_fixtures_through_ray(ray_cluster, model_
     local = B.regroup(examples, scoring.score_locally(B.conversations(examples, fmt), str(model_dir),
                                                        max_length=128), fmt)
     np.testing.assert_allclose(np.stack(rm["score_chosen"]), np.stack(local["score_chosen"]), rtol=1e-5, atol=1e-6)
-    for name, n in (("judge", 8), ("rmb", 5), ("rb2", 10)):
+    for name, n in (("judge", 9), ("rmb", 5), ("rb2", 10)):
         assert len(pd.read_parquet(result.outputs[f"{name}/scores"])) == n
         assert result.metrics[f"{name}/quarantined"] == 0.0
     assert {"rmbench/hard", "rmbench/chat/easy", "judge/section/livecodebench", "rmb/section/Helpfulness",
