@@ -82,10 +82,19 @@ def _by_seed(frame: pd.DataFrame, label: str, metric: str) -> dict[int, float]:
     return {int(s): float(v) for s, v in zip(sel["seed"], sel[metric], strict=True) if finite(v)}
 
 
+def is_compared(name: str) -> bool:
+    """A benchmark metric the compare table keeps: ``<bench>/overall``, ``<bench>/section/<S>`` and RM-Bench's
+    ``<bench>/easy|normal|hard`` (style against substance: where close-response judgement shows)."""
+    parts = name.split("/")
+    return name.endswith("/overall") or "/section/" in name or (len(parts) == 2 and parts[1] in ("easy", "normal",
+                                                                                                "hard"))
+
+
 def compare_metric_names(names: Sequence[str], metric: str) -> list[str]:
-    """The compared metrics: the validation metric, then per benchmark its overall score and its sections."""
-    bench = [n for n in names if n.endswith("/overall") or "/section/" in n]
-    return [metric, *sorted(bench, key=lambda n: (n.split("/")[0], "/section/" in n, n))]
+    """The compared metrics: the validation metric, then per benchmark its overall score, RM-Bench's difficulty
+    levels and its sections."""
+    bench = [n for n in names if is_compared(n)]
+    return [metric, *sorted(bench, key=lambda n: (n.split("/")[0], "/section/" in n, not n.endswith("/overall"), n))]
 
 
 def plot_compare(table: pd.DataFrame, path: str | Path) -> Path:
@@ -305,6 +314,32 @@ def paired_table(pairs: pd.DataFrame, scores: Mapping[str, np.ndarray], *, n_boo
                          **boot, "only_versus": test["only_a"], "only_loss": test["only_b"],
                          "p_value": test["p_value"]})
     return pd.DataFrame(rows)
+
+
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjustment (family-wise error over the given tests; Holm 1979): with the m finite p-values
+    sorted ascending, ``adj_(i) = max_{j <= i} min(1, (m - j + 1) p_(j))``; NaN stays NaN. Reject where adj < alpha.
+    (statsmodels' ``multipletests(method="holm")``; written here to avoid a dependency for six lines.)"""
+    p = np.asarray(p_values, dtype=np.float64)
+    out = np.full(p.shape, math.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    order = finite[np.argsort(p[finite], kind="stable")]
+    m = len(order)
+    scaled = np.minimum(1.0, (m - np.arange(m)) * p[order])
+    out[order] = np.maximum.accumulate(scaled) if m else scaled
+    return out
+
+
+def with_holm(paired: pd.DataFrame) -> pd.DataFrame:
+    """``p_holm``: McNemar's p over all pairs adjusted by :func:`holm` across the benchmarks, per (loss, versus)
+    (one family per comparison: "does the loss differ on any benchmark"); per-section rows get NaN."""
+    out = paired.assign(p_holm=math.nan)
+    if out.empty or "scope" not in out:
+        return out
+    overall = out["scope"] == "all"
+    for _, rows in out[overall].groupby(["loss", "versus"], sort=False):
+        out.loc[rows.index, "p_holm"] = holm(rows["p_value"].to_numpy())
+    return out
 
 
 def plot_gradient_pairs(points: Mapping[str, np.ndarray], path: str | Path) -> Path:

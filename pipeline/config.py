@@ -291,11 +291,14 @@ class BenchmarkConfig:
 
     name: str = _f("", "Name in outputs and metrics (letters, digits, _ - .); default: the file's stem, or the "
                    "source kind.")
-    path: str | None = _f(None, "A .jsonl (optionally .gz), .json (array) or .parquet file.")
+    path: str | None = _f(None, "A .jsonl (optionally .gz), .json (array) or .parquet file, a glob of them, or a "
+                          "folder (all of them inside, sorted).")
     hf: str | None = _f(None, "Hub id or save_to_disk folder (needs split), e.g. allenai/reward-bench.")
     synthetic: SyntheticSpec | None = _f(None, "The built-in benchmark's held-out test split, in v1 form.")
-    format: Literal["v1", "v2"] | None = _f(None, "v1 (one chosen and one rejected string) or v2 (lists); "
-                                            "default: detected from the first row.")
+    format: Literal["v1", "v2", "rm_bench", "judgebench", "rmb"] | None = _f(
+        None, "Schema and scoring: v1 (RewardBench: one chosen, one rejected string), v2 (RewardBench 2: lists, "
+        "best-of-4 and Ties), rm_bench (THU-KEG/RM-Bench), judgebench (ScalerLab/JudgeBench, one response-model "
+        "file), rmb (RMB pairwise set); default: v1 or v2, detected from the first row.")
     split: str | None = _f(None, "hf only: the split (allenai/reward-bench: filtered; reward-bench-2: test).")
     config: str | None = _f(None, "hf only: configuration name.")
     revision: str | None = _f(None, "hf only: revision.")
@@ -313,6 +316,8 @@ class BenchmarkConfig:
         for key in ("split", "config", "revision"):
             if getattr(self, key) is not None and kinds[0] != "hf":
                 raise ConfigError(f"{key} applies to hf benchmarks only")
+        if kinds[0] == "synthetic" and self.format not in (None, "v1"):
+            raise ConfigError(f"format {self.format!r} does not apply to the synthetic benchmark (it is v1)")
         if kinds[0] == "hf" and not self.split:
             raise ConfigError("hf benchmarks need split (allenai/reward-bench: filtered; allenai/reward-bench-2: test)")
         if self.limit is not None and self.limit < 1:
@@ -360,6 +365,8 @@ class RewardBenchConfig:
     num_actors: int = _f(1, "Ray Data actors holding a model copy.")
     cpus_per_actor: float = _f(1.0, "CPUs per inference actor.")
     distance_bins: int = _f(4, "Quantile bins for accuracy by representation distance.")
+    score_metric: str = _f("", "Metric the register stage promotes on: '<benchmark>/<metric>' as logged (e.g. "
+                           "rmbench/overall, rmbench/hard, judge_gpt/section/mmlu-pro); '' = <first benchmark>/overall.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -493,6 +500,10 @@ def _check(cfg: PipelineConfig) -> None:
     names = [b.name for b in cfg.rewardbench.benchmarks]
     if not names or len(set(names)) != len(names):
         raise ConfigError(f"rewardbench.benchmarks: list at least one, each with a distinct name (got {names})")
+    chosen_bench = cfg.rewardbench.score_metric.partition("/")[0]
+    if cfg.rewardbench.score_metric and (chosen_bench not in names or "/" not in cfg.rewardbench.score_metric):
+        raise ConfigError(f"rewardbench.score_metric {cfg.rewardbench.score_metric!r} must be '<benchmark>/<metric>' "
+                          f"with <benchmark> one of {names}")
 
 
 
@@ -738,6 +749,8 @@ def _nested_class(hint: Any) -> type | None:
 
 
 def _choices(hint: Any) -> str:
+    """`` [a | b]`` for a ``Literal`` field, also inside ``X | None``."""
     if typing.get_origin(hint) is Literal:
         return f" [{' | '.join(map(str, typing.get_args(hint)))}]"
-    return ""
+    literals = [a for a in typing.get_args(hint) if typing.get_origin(a) is Literal]
+    return _choices(literals[0]) if len(literals) == 1 else ""

@@ -12,8 +12,9 @@ RewardBench v1 (Lambert et al. 2024)
     so that it weighs as much as the six ``hep-*`` code subsets together (6 * 164 = 984).
 
 RewardBench 2 (Malik et al. 2025), scoring as in allenai/reward-bench ``rewardbench/utils.py``
-(``reroll_and_score_dataset`` and ``process_single_model``) driven by ``scripts/run_v2.py``:
-see :func:`v2_row_credit` and :func:`ties_score`.  ``overall = mean of the six subset scores``.
+(``reroll_and_score_dataset`` and ``process_single_model``) driven by ``scripts/run_v2.py`` (checked against
+commit 05a9005efb607249822c193590c8ecab87c77052): see :func:`v2_row_credit` and :func:`ties_score`.
+``overall = mean of the six subset scores`` (the paper's leaderboard score; the script prints subsets only).
 """
 
 from __future__ import annotations

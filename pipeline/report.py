@@ -304,6 +304,20 @@ def _bench_tables(metrics: Mapping[str, Any]) -> list[Block]:
         blocks += [Heading("Subsets", 4),
                    table(("subset", "score", "examples"),
                          [(s, v, counts.get(s)) for s, v in metrics["subsets"].items()])]
+    if metrics.get("details"):
+        blocks += [Heading("Details", 4), table(("metric", "score"), metrics["details"].items())]
+    for group, matrix in metrics.get("matrices", {}).items():  # RM-Bench: chosen style (rows) x rejected style
+        styles = metrics.get("styles") or [str(i) for i in range(len(matrix))]
+        blocks += [Heading(f"{group}: accuracy by chosen style (rows) x rejected style (columns)", 4),
+                   table(("chosen style / rejected style", *styles), [(s, *row) for s, row in zip(styles, matrix, strict=True)])]
+    if metrics.get("ties"):
+        blocks += [Heading("Ties components", 4), table(("component", "value"), metrics["ties"].items())]
+    if metrics.get("response_model"):
+        blocks.append(Text(f"Response model: {metrics['response_model']}."))
+    quarantine = metrics.get("quarantine") or {}
+    if quarantine.get("total"):
+        blocks.append(Text(f"{quarantine['total']} rows quarantined (not scored): {quarantine.get('by_reason')}.",
+                           note=True))
     if metrics.get("missing"):
         blocks.append(Text(f"Official subsets absent: {', '.join(map(str, metrics['missing']))}.", note=True))
     return blocks

@@ -65,7 +65,8 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec(name="best_of_n", entry="stages.best_of_n:run_best_of_n", reads=("best_of_n", "train.use_gpu"),
               uses=("train",)),
     StageSpec(name="register", entry="stages.register:register_model",
-              reads=("tracking", *_SCORING, "model.name_or_path", "loss.name", "train.lr", "data.sources"),
+              reads=("tracking", *_SCORING, "model.name_or_path", "loss.name", "train.lr", "data.sources",
+                     "rewardbench.score_metric"),
               needs=("train",), uses=("data", "tune", "rewardbench", "best_of_n")),
 )}
 assert tuple(STAGES) == typing.get_args(StageName), "every stage name has exactly one spec, in pipeline order"

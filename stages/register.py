@@ -12,8 +12,9 @@ The logged model
 Registry (when ``tracking.enabled``)
     The model is registered under ``tracking.registered_model_name`` and awaited until READY. The new
     version gets alias ``candidate``, and also ``champion`` when its score beats the current champion's
-    (strictly) or there is no champion. The score is the RewardBench ``overall`` of the first benchmark
-    (``rewardbench/<benchmark>/overall``), else the train stage's final ``train/val_accuracy``. Scores are
+    (strictly) or there is no champion. The score is the RewardBench metric ``rewardbench.score_metric``
+    (``rewardbench/<benchmark>/<metric>``; default the first benchmark's ``overall``), else the train stage's
+    final ``train/val_accuracy``. Scores are
     compared only under the same ``score_metric``: a champion scored by another metric, or without a
     score, is kept (the ``decision_reason`` tag says why; move the alias by hand to override). Version
     tags: ``score_metric``, ``score``, ``previous_champion_version``, ``previous_champion_score``,
@@ -67,7 +68,7 @@ def register_model(ctx: StageContext) -> StageResult:
 
     cfg = ctx.cfg
     model_dir = Path(ctx.upstream["train"].output("model"))
-    metric, score = select_score(ctx.upstream)
+    metric, score = select_score(ctx.upstream, cfg.rewardbench.score_metric)
     ctx.log(f"  register: score {metric} = {_show(score)}")
     if cfg.tracking.enabled and ctx.tracker.active:
         record = log_and_register(ctx, model_dir, metric, score)
@@ -91,9 +92,21 @@ def register_model(ctx: StageContext) -> StageResult:
                        metrics=metrics)
 
 
-def select_score(upstream: Mapping[str, Manifest]) -> tuple[str, float | None]:
-    """``(score_metric, score)``: RewardBench overall of the first benchmark, else train's final val_accuracy."""
+def select_score(upstream: Mapping[str, Manifest], metric: str = "") -> tuple[str, float | None]:
+    """``(score_metric, score)``: the RewardBench stage's metric ``metric`` (``<benchmark>/<key>`` as logged, e.g.
+    ``rmbench/hard``) when given, else the first benchmark's overall; without a RewardBench score, train's final
+    val_accuracy. A named metric the stage did not log is an error (a promotion must not silently fall back)."""
     bench = upstream.get("rewardbench")
+    if bench is None and metric:
+        raise ValueError(f"rewardbench.score_metric={metric!r} but the rewardbench stage has not run (add it to "
+                         "run.stages, or unset rewardbench.score_metric to promote on train/val_accuracy)")
+    if bench is not None and metric:
+        value = _number(bench.metrics.get(metric))
+        if value is None:
+            logged = sorted(k for k in bench.metrics if k.endswith("/overall"))
+            raise ValueError(f"rewardbench.score_metric {metric!r}: not among the RewardBench stage's metrics "
+                             f"(overall scores logged: {logged})")
+        return f"rewardbench/{metric}", value
     if bench is not None and "metrics" in bench.outputs:
         path = bench.outputs["metrics"]
         name = next((k[: -len("/metrics")] for k, v in bench.outputs.items()

@@ -8,15 +8,20 @@ as the conversation ``[user: x, assistant: y]``.
 
 Benchmarks (``rewardbench.benchmarks``), each a mapping with ``name`` and exactly one source:
 
-* ``path``: a ``.jsonl`` (optionally ``.gz``), ``.json`` (array) or ``.parquet`` file;
+* ``path``: a ``.jsonl`` (optionally ``.gz``), ``.json`` (array) or ``.parquet`` file, a glob of them, or a
+  folder (every such file inside, sorted);
 * ``hf`` + ``split`` (+ optional ``config``, ``revision``): ``datasets.load_dataset(hf, name=config,
   split=split, revision=revision)``, e.g. ``{hf: allenai/reward-bench, split: filtered}``;
 * ``synthetic``: :class:`pipeline.synthetic.SyntheticSpec` keys; its test split in RewardBench v1 form.
 
-Optional keys: ``format`` (``v1`` | ``v2``; default: ``v2`` when ``chosen`` is a list, else ``v1``) and
-``limit`` (first N rows). Rows hold ``prompt``, ``chosen``, ``rejected`` and optionally ``subset`` (default:
-the benchmark name) and ``id`` (default: the row number). RewardBench v1 gives one chosen and one
-rejected string per row; RewardBench 2 gives lists of strings (Ties: ids ``ref:<p>`` / ``tied:<p>``).
+Optional keys: ``format`` (``v1`` | ``v2`` | ``rm_bench`` | ``judgebench`` | ``rmb``; default: ``v2`` when
+``chosen`` is a list, else ``v1``) and ``limit`` (first N rows). v1/v2 rows hold ``prompt``, ``chosen``,
+``rejected`` and optionally ``subset`` (default: the benchmark name) and ``id`` (default: the row number).
+RewardBench v1 gives one chosen and one rejected string per row; RewardBench 2 gives lists of strings (Ties: ids
+``ref:<p>`` / ``tied:<p>``). ``rm_bench``, ``judgebench`` and ``rmb`` read their authors' public schemas and
+score as their authors do (:mod:`pipeline.judge_benchmarks`); their rows that cannot be scored, and v2 rows whose
+``num_correct`` / ``total_completions`` disagree with their lists, are quarantined with a counted reason
+(``<name>/quarantine.json``; ``quarantine`` in ``metrics.json``).
 
 Contract: files under ``<out_dir>/<name>/``
 
@@ -25,6 +30,10 @@ Contract: files under ``<out_dir>/<name>/``
 
   - v1: scores are floats; ``correct = score_chosen > score_rejected`` (bool; a tie is wrong);
     ``distance = ‖h_chosen − h_rejected‖₂`` with ``h`` the score head's input.
+  - JudgeBench and RMB: as v1 (JudgeBench's chosen is the response its label prefers; ``correct`` is the
+    authors' two-order decision, a tie wrong; extra columns ``label``, ``response_model``).
+  - RM-Bench: scores are lists of 3 (concise, detailed, markdown); ``correct`` is the row's share of its 9
+    chosen x rejected comparisons won (strict ``>``); ``distance`` the mean over the 3 same-style pairs.
   - v2: scores are lists in the data's response order; ``correct`` is the official best-of-k
     credit (:func:`pipeline.metrics.v2_row_credit`: 1 for a clean win, 1/k for a k-way tie at the
     top, else 0; NaN for Ties rows, which are judged per prompt); ``distance = ‖h_chosen[0] − h_r*‖₂``
@@ -33,7 +42,12 @@ Contract: files under ``<out_dir>/<name>/``
 
 * ``metrics.json``: ``format``, ``model``, ``subsets`` (accuracy or v2 score per subset),
   ``sections``, ``overall``, ``counts`` (examples per subset), ``distance_bins`` (records of the table
-  below) and ``missing`` (official subsets absent); v2 also ``ties`` (Ties components). Sections:
+  below) and ``missing`` (official subsets absent); v2 also ``ties`` (Ties components); RM-Bench, JudgeBench
+  and RMB also ``details`` (RM-Bench: ``easy`` / ``normal`` / ``hard`` and per domain; logged as
+  ``<name>/<detail>``), RM-Bench ``matrices`` (per domain, chosen style x rejected style), JudgeBench
+  ``response_model``. RM-Bench sections are the domains (safety pooled), JudgeBench's the source groups,
+  RMB's the goals (Helpfulness, Harmlessness); their ``overall`` is the authors' (RM-Bench: mean of domains;
+  JudgeBench and RMB: pooled over pairs). Sections:
   v1 with only official subsets uses the official weights (:func:`pipeline.metrics.v1_metrics`);
   other v1 data (e.g. the synthetic benchmark) weights subsets by example count
   (:func:`pipeline.metrics.sections_from_map` over the official and synthetic section maps; unknown

@@ -92,7 +92,8 @@ Outputs (stage folder; manifest names in brackets):
   ``paired_stats.csv`` [paired_stats] (per benchmark, for all pairs and per section: accuracies as plain means
   over pairs × seeds, the difference with a 95% pair-bootstrap interval that resamples pairs with their seeds,
   its SE and minimum detectable effect at 80% power; McNemar's exact test over pairs, a pair counting once with
-  its seeds averaged; seeds missing for either setting are left out);
+  its seeds averaged, and ``p_holm``, that p over all pairs adjusted by Holm's method across the benchmarks, one
+  family per setting; seeds missing for either setting are left out);
   ``shared_bins.csv`` [shared_bins] with ``shared_bin_edges.json`` [shared_bin_edges] (every pair binned once
   by its distance under ``tune.reference_model``, default the untrained starting model: accuracy per bin for
   each setting on the same pairs, and among cells where the two disagree the share each wins);
@@ -102,7 +103,8 @@ Outputs (stage folder; manifest names in brackets):
 
 Metrics: ``tune/best_<metric>``, ``tune/trials``, ``tune/completed``, ``tune/stopped``, ``tune/errors``;
 compare mode adds ``compare/<loss>/<metric>_mean`` / ``_ci_low`` / ``_ci_high`` (``loss`` also ``diff``) and
-``compare/paired/<benchmark>/<loss>/diff`` / ``ci_low`` / ``ci_high`` / ``mde`` / ``p_value`` (all pairs).
+``compare/paired/<benchmark>/<loss>/diff`` / ``ci_low`` / ``ci_high`` / ``mde`` / ``p_value`` / ``p_holm``
+(all pairs).
 """
 
 from __future__ import annotations
@@ -123,8 +125,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.compare import (compare_grid, compare_metric_names, compare_table, finite, plain, plot_compare,
-                              plot_gradient_pairs)
+from pipeline.compare import (compare_grid, compare_metric_names, compare_table, finite, is_compared, plain,
+                              plot_compare, plot_gradient_pairs)
 from pipeline.raycluster import await_free_cpu, job_placement_groups, remove_placement_groups
 from pipeline.artifacts import Manifest, write_json
 from pipeline.config import PipelineConfig, SearchDomain, flatten, from_flat
@@ -628,7 +630,7 @@ def _compare_outputs(ctx: StageContext, records: list[dict[str, Any]], grid: lis
         for name, (flat, frame) in scored.items():
             score_files[name][(r["loss"], r["seed"])] = frame
             for key, value in flat.items():
-                if key.endswith("/overall") or "/section/" in key:
+                if is_compared(key):
                     r[key] = value
                     bench_names.append(key)
     labels = list(dict.fromkeys(g["loss"] for g in grid))
@@ -701,7 +703,8 @@ def _pair_evidence(ctx: StageContext, benches: list[Any], score_files: dict[str,
                    labels: list[str], seeds: list[int]) -> dict[str, Path]:
     """Pair-level evidence per benchmark (module docstring): paired statistics, shared-reference distance bins
     with the disagreement analysis, length-only controls."""
-    from pipeline.compare import align_pairs, assign_bins, paired_table, shared_bin_edges, shared_bin_table
+    from pipeline.compare import (align_pairs, assign_bins, paired_table, shared_bin_edges, shared_bin_table,
+                                  with_holm)
 
     scored = [b for b in benches if score_files[b.name]]
     reference = _reference_scores(ctx, scored) if scored else {"__model__": ""}
@@ -728,7 +731,7 @@ def _pair_evidence(ctx: StageContext, benches: list[Any], score_files: dict[str,
     out = ctx.out_dir
     files = {"paired_stats": out / "paired_stats.csv", "shared_bins": out / "shared_bins.csv",
              "length_controls": out / "length_controls.csv", "shared_bin_edges": out / "shared_bin_edges.json"}
-    _concat(paired).to_csv(files["paired_stats"], index=False)
+    with_holm(_concat(paired)).to_csv(files["paired_stats"], index=False)
     _concat(binned).to_csv(files["shared_bins"], index=False)
     _concat([pd.DataFrame(lengths)] if lengths else []).to_csv(files["length_controls"], index=False)
     write_json(files["shared_bin_edges"], {"reference_model": reference["__model__"], "edges": edges_out})
@@ -778,12 +781,12 @@ def _paired_metrics(ctx: StageContext, files: Mapping[str, Path]) -> dict[str, f
     out: dict[str, float] = {}
     for row in stats[stats["scope"] == "all"].itertuples() if "scope" in stats else []:
         prefix = f"compare/paired/{row.benchmark}/{row.loss}"
-        for field in ("diff", "ci_low", "ci_high", "mde", "p_value"):
+        for field in ("diff", "ci_low", "ci_high", "mde", "p_value", "p_holm"):
             if finite(getattr(row, field)):
                 out[f"{prefix}/{field}"] = float(getattr(row, field))
         ctx.log(f"  paired over {row.n_pairs} {row.benchmark} pairs × {row.n_seeds} seeds: {row.loss} − {row.versus} "
                 f"{row.diff:+.4f} [{row.ci_low:+.4f}, {row.ci_high:+.4f}], MDE {row.mde:.4f}, McNemar p "
-                f"{row.p_value:.3g} (pairs won {row.only_loss} vs {row.only_versus})")
+                f"{row.p_value:.3g}, Holm over benchmarks {row.p_holm:.3g} (pairs won {row.only_loss} vs {row.only_versus})")
     return out
 
 

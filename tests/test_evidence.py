@@ -172,3 +172,23 @@ def test_bt_gradient_grows_with_distance_and_normbt_flattens_it():
     normbt_slope = metrics.loglog_slope(d.numpy(), normbt.numpy())
     assert bt_slope > 0.5, bt_slope
     assert abs(normbt_slope) < 0.2 and normbt_slope < bt_slope - 0.5, (normbt_slope, bt_slope)
+
+
+@pytest.mark.unit
+def test_holm_over_benchmarks_by_hand():
+    from pipeline.compare import holm, with_holm
+
+    # by hand: sorted 0.01, 0.03, 0.04 -> 3*0.01 = 0.03, 2*0.03 = 0.06, max(0.06, 1*0.04) = 0.06
+    np.testing.assert_allclose(holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])
+    assert np.isnan(holm([np.nan, 0.5])[0]) and holm([np.nan, 0.5])[1] == 0.5 and holm([0.9, 0.8]).max() == 1.0
+    table = pd.DataFrame({"benchmark": ["a", "a", "b", "c"], "scope": ["all", "Chat", "all", "all"],
+                          "loss": ["normbt"] * 4, "versus": ["bt"] * 4, "p_value": [0.01, 0.02, 0.04, 0.03]})
+    out = with_holm(table)
+    np.testing.assert_allclose(out["p_holm"].to_numpy(), [0.03, np.nan, 0.06, 0.06])
+
+
+@pytest.mark.unit
+def test_compare_table_keeps_rm_bench_difficulty_levels():
+    names = ["rmb/overall", "rmb/hard", "rmb/chat/hard", "rmb/section/chat", "rmb/tie_rate", "a/overall"]
+    assert compare.compare_metric_names(names, "val") == ["val", "a/overall", "rmb/overall", "rmb/hard",
+                                                          "rmb/section/chat"]

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline import metrics, modeling, raycluster, scoring, synthetic, tracking
 from pipeline.stage import StageContext
-from pipeline.config import REPO_ROOT, ConfigError, load_config
+from pipeline.config import REPO_ROOT, BenchmarkConfig, ConfigError, load_config
 from pipeline import benchmarks as B
 from stages import rewardbench as rb
 
@@ -241,3 +241,26 @@ def test_synthetic_and_v2_benchmarks_in_one_run(ray_cluster, model_dir, tmp_path
     assert recorder.metrics == {}, "the runner logs a stage's metrics, once; the stage itself does not"
     logged = {p.rsplit("/", 1)[-1] for p, _ in recorder.artifacts}
     assert {"scores.parquet", "metrics.json", "accuracy_by_distance.csv"} <= logged
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_rm_bench_judgebench_rmb_and_v2_fixtures_through_ray(ray_cluster, model_dir, tmp_path):
+    data = Path(__file__).parent / "data" / "benchmarks"
+    benches = [{"name": "rmbench", "path": str(data / "rm_bench"), "format": "rm_bench"},
+               {"name": "judge", "path": str(data / "judgebench" / "*claude*.jsonl"), "format": "judgebench"},
+               {"name": "rmb", "path": str(data / "rmb"), "format": "rmb"},
+               {"name": "rb2", "path": str(data / "rewardbench2" / "test.jsonl"), "format": "v2"}]
+    result = rb.score_rewardbench(_context(tmp_path, model_dir, benches))
+    rm = pd.read_parquet(result.outputs["rmbench/scores"])
+    assert len(rm) == 7 and all(len(s) == 3 for s in rm["score_chosen"])
+    # Through Ray or in-process, one scoring path: the same per-response scores for RM-Bench.
+    fmt, examples, _ = B.load_examples(BenchmarkConfig(**benches[0]))
+    local = B.regroup(examples, scoring.score_locally(B.conversations(examples, fmt), str(model_dir),
+                                                       max_length=128), fmt)
+    np.testing.assert_allclose(np.stack(rm["score_chosen"]), np.stack(local["score_chosen"]), rtol=1e-5, atol=1e-6)
+    for name, n in (("judge", 9), ("rmb", 5), ("rb2", 10)):
+        assert len(pd.read_parquet(result.outputs[f"{name}/scores"])) == n
+        assert result.metrics[f"{name}/quarantined"] == 0.0
+    assert {"rmbench/hard", "rmbench/chat/easy", "judge/section/livecodebench", "rmb/section/Helpfulness",
+            "rb2/subset/Ties"} <= set(result.metrics)
