@@ -123,8 +123,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.compare import (compare_grid, compare_metric_names, compare_table, finite, plain, plot_compare,
-                              plot_gradient_pairs)
+from pipeline.compare import (MDE_TARGET, compare_grid, compare_metric_names, compare_table, finite, plain,
+                              plot_compare, plot_gradient_pairs)
 from pipeline.raycluster import await_free_cpu, job_placement_groups, remove_placement_groups
 from pipeline.artifacts import Manifest, write_json
 from pipeline.config import PipelineConfig, SearchDomain, flatten, from_flat
@@ -728,11 +728,17 @@ def _pair_evidence(ctx: StageContext, benches: list[Any], score_files: dict[str,
     out = ctx.out_dir
     files = {"paired_stats": out / "paired_stats.csv", "shared_bins": out / "shared_bins.csv",
              "length_controls": out / "length_controls.csv", "shared_bin_edges": out / "shared_bin_edges.json"}
-    _concat(paired).to_csv(files["paired_stats"], index=False)
+    _concat_paired(paired).to_csv(files["paired_stats"], index=False)
     _concat(binned).to_csv(files["shared_bins"], index=False)
     _concat([pd.DataFrame(lengths)] if lengths else []).to_csv(files["length_controls"], index=False)
     write_json(files["shared_bin_edges"], {"reference_model": reference["__model__"], "edges": edges_out})
     return files
+
+
+def _concat_paired(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    from pipeline.compare import holm_by_comparison
+
+    return holm_by_comparison(pd.concat(frames, ignore_index=True)) if frames else _concat([])
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -778,12 +784,15 @@ def _paired_metrics(ctx: StageContext, files: Mapping[str, Path]) -> dict[str, f
     out: dict[str, float] = {}
     for row in stats[stats["scope"] == "all"].itertuples() if "scope" in stats else []:
         prefix = f"compare/paired/{row.benchmark}/{row.loss}"
-        for field in ("diff", "ci_low", "ci_high", "mde", "p_value"):
+        for field in ("diff", "ci_low", "ci_high", "mde", "p_value", "p_holm", "seeds_for_mde"):
             if finite(getattr(row, field)):
                 out[f"{prefix}/{field}"] = float(getattr(row, field))
         ctx.log(f"  paired over {row.n_pairs} {row.benchmark} pairs × {row.n_seeds} seeds: {row.loss} − {row.versus} "
-                f"{row.diff:+.4f} [{row.ci_low:+.4f}, {row.ci_high:+.4f}], MDE {row.mde:.4f}, McNemar p "
-                f"{row.p_value:.3g} (pairs won {row.only_loss} vs {row.only_versus})")
+                f"{row.diff:+.4f}; over training runs [{row.ci_low:+.4f}, {row.ci_high:+.4f}], MDE {row.mde:.4f}, "
+                f"p {row.p_value:.3g} (Holm {row.p_holm:.3g}), {row.seeds_for_mde:g} seeds per loss for a "
+                f"{MDE_TARGET:.2f} MDE; conditional on these trained models [{row.ci_low_conditional:+.4f}, "
+                f"{row.ci_high_conditional:+.4f}], McNemar p {row.p_mcnemar_conditional:.3g} "
+                f"(pairs won {row.only_loss} vs {row.only_versus})")
     return out
 
 
