@@ -387,8 +387,8 @@ def align_pairs(frames: Mapping[tuple[str, int], pd.DataFrame], labels: Sequence
 
     ``frames`` are the benchmark's ``scores.parquet`` tables (``id, section, correct``); a missing (label, seed)
     leaves NaN in its column. An id may repeat (RewardBench 2's Ties rows share one): rows are matched by id and
-    occurrence. Returns the pairs (``id, section``, in the first table's order, keys present in all tables) and
-    ``{label: [n_pairs, n_seeds]}``."""
+    occurrence. Returns the pairs (``key`` = ``<id>#<occurrence>``, ``id``, ``section``, in the first table's
+    order, keys present in all tables) and ``{label: [n_pairs, n_seeds]}``."""
     keyed = {k: _by_occurrence(f) for k, f in frames.items()}
     present = list(keyed.values())
     if not present:
@@ -396,7 +396,7 @@ def align_pairs(frames: Mapping[tuple[str, int], pd.DataFrame], labels: Sequence
     keys = present[0].index
     for f in present[1:]:
         keys = keys[keys.isin(f.index)]
-    pairs = present[0].loc[keys, ["id", "section"]].reset_index(drop=True)
+    pairs = present[0].loc[keys, ["id", "section"]].rename_axis("key").reset_index()
     scores = {}
     for lab in labels:
         matrix = np.full((len(keys), len(seeds)), np.nan)
@@ -405,6 +405,17 @@ def align_pairs(frames: Mapping[tuple[str, int], pd.DataFrame], labels: Sequence
                 matrix[:, j] = keyed[(lab, s)].loc[keys, "correct"].to_numpy(dtype=float)
         scores[lab] = matrix
     return pairs, scores
+
+
+def reference_distances(pairs: pd.DataFrame, reference: pd.DataFrame) -> np.ndarray:
+    """The reference model's distance of each of ``pairs`` (from :func:`align_pairs`), matched by id and
+    occurrence like the trained models' rows (an id may repeat). ``reference``: its ``scores.parquet`` table."""
+    by_key = _by_occurrence(reference)["distance"]
+    missing = pairs["key"][~pairs["key"].isin(by_key.index)]
+    if len(missing):
+        raise ValueError(f"the reference model's scores lack {len(missing)} compared pair(s), e.g. "
+                         f"{missing.head(3).tolist()} (id#occurrence): it must score the same benchmark file")
+    return by_key.reindex(pairs["key"]).to_numpy(dtype=np.float64)
 
 
 def _by_occurrence(frame: pd.DataFrame) -> pd.DataFrame:

@@ -701,7 +701,8 @@ def _pair_evidence(ctx: StageContext, benches: list[Any], score_files: dict[str,
                    labels: list[str], seeds: list[int]) -> dict[str, Path]:
     """Pair-level evidence per benchmark (module docstring): paired statistics, shared-reference distance bins
     with the disagreement analysis, length-only controls."""
-    from pipeline.compare import align_pairs, assign_bins, paired_table, shared_bin_edges, shared_bin_table
+    from pipeline.compare import (align_pairs, assign_bins, paired_table, reference_distances, shared_bin_edges,
+                                  shared_bin_table)
 
     scored = [b for b in benches if score_files[b.name]]
     reference = _reference_scores(ctx, scored) if scored else {"__model__": ""}
@@ -713,10 +714,10 @@ def _pair_evidence(ctx: StageContext, benches: list[Any], score_files: dict[str,
         stats = paired_table(pairs, scores, n_boot=ctx.cfg.tune.bootstrap, seed=ctx.cfg.train.seed)
         paired.append(stats.assign(benchmark=bench.name))
         ref_frame, controls = reference[bench.name]
-        distance = ref_frame.assign(id=ref_frame["id"].astype(str)).set_index("id").loc[pairs["id"], "distance"]
-        edges = shared_bin_edges(distance.to_numpy(), ctx.cfg.rewardbench.distance_bins)
+        distance = reference_distances(pairs, ref_frame)
+        edges = shared_bin_edges(distance, ctx.cfg.rewardbench.distance_bins)
         edges_out[bench.name] = edges.tolist()
-        table = shared_bin_table(assign_bins(distance.to_numpy(), edges), edges, scores)
+        table = shared_bin_table(assign_bins(distance, edges), edges, scores)
         binned.append(table.assign(benchmark=bench.name))
         for section, control in controls.items():
             sel = np.ones(len(pairs), bool) if section == "all" else (pairs["section"] == section).to_numpy()

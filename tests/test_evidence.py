@@ -127,6 +127,15 @@ def test_a_failed_trial_costs_its_seed_not_every_pair():
 
 # ---------------------------------------------------------------- shared distance bins
 
+def test_reference_distances_follow_each_occurrence_of_a_repeated_id():
+    frames = {("bt", 0): pd.DataFrame({"id": ["t", "x", "t"], "section": "Ties", "correct": [1.0, 0.0, 1.0]})}
+    pairs, _ = compare.align_pairs(frames, ["bt"], [0])
+    reference = pd.DataFrame({"id": ["t", "x", "t"], "distance": [1.0, 2.0, 3.0]})
+    assert compare.reference_distances(pairs, reference).tolist() == [1.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match=r"lack 1 compared pair.*t#1"):
+        compare.reference_distances(pairs, reference.iloc[:2])
+
+
 def test_shared_bins_hold_the_same_pairs_for_every_model_and_count_disagreements():
     reference = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
     edges = compare.shared_bin_edges(reference, 2)
