@@ -88,11 +88,14 @@ Outputs (stage folder; manifest names in brackets):
 * compare mode: ``compare.csv`` [compare_table] (``loss, metric, mean, ci_low, ci_high, n``; ``loss`` is a
   setting's label or ``diff`` — with more than two settings ``diff:<label>-<first label>``; metrics: the
   validation metric, each benchmark's overall and sections, and ``grad/distance_slope``) and
-  ``compare.png`` [compare_plot]. Pair-level evidence, each later setting against the first:
+  ``compare.png`` [compare_plot]. Pair-level evidence, each later setting against the first (the analysis is
+  :mod:`pipeline.compare_analysis`; this stage scores the trials and the reference model and writes its results):
   ``paired_stats.csv`` [paired_stats] (per benchmark, for all pairs and per section: accuracies as plain means
-  over pairs × seeds, the difference with a 95% pair-bootstrap interval that resamples pairs with their seeds,
-  its SE and minimum detectable effect at 80% power; McNemar's exact test over pairs, a pair counting once with
-  its seeds averaged; seeds missing for either setting are left out);
+  over pairs × seeds; the difference over training runs and pairs, :func:`pipeline.compare.paired_bootstrap`:
+  95% interval, SE split into seed and pair parts, MDE at 80% power, p-value, ``p_holm`` (Holm across the
+  comparison's benchmarks and sections) and ``seeds_for_mde`` (seeds per loss for a 3-point MDE); conditional on
+  these trained models: the pair-only bootstrap interval and McNemar's exact test over pairs; seeds missing for
+  either setting are left out);
   ``shared_bins.csv`` [shared_bins] with ``shared_bin_edges.json`` [shared_bin_edges] (every pair binned once
   by its distance under ``tune.reference_model``, default the untrained starting model: accuracy per bin for
   each setting on the same pairs, and among cells where the two disagree the share each wins);
@@ -102,7 +105,8 @@ Outputs (stage folder; manifest names in brackets):
 
 Metrics: ``tune/best_<metric>``, ``tune/trials``, ``tune/completed``, ``tune/stopped``, ``tune/errors``;
 compare mode adds ``compare/<loss>/<metric>_mean`` / ``_ci_low`` / ``_ci_high`` (``loss`` also ``diff``) and
-``compare/paired/<benchmark>/<loss>/diff`` / ``ci_low`` / ``ci_high`` / ``mde`` / ``p_value`` (all pairs).
+``compare/paired/<benchmark>/<loss>/diff`` / ``ci_low`` / ``ci_high`` / ``mde`` / ``p_value`` / ``p_holm`` /
+``seeds_for_mde`` (all pairs, over training runs).
 """
 
 from __future__ import annotations
@@ -123,15 +127,14 @@ import numpy as np
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.compare import (MDE_TARGET, compare_grid, compare_metric_names, compare_table, finite, plain,
-                              plot_compare, plot_gradient_pairs)
+from pipeline.compare import compare_grid, finite, plain
+from pipeline.compare_analysis import GRAD_SLOPE
 from pipeline.raycluster import await_free_cpu, job_placement_groups, remove_placement_groups
 from pipeline.artifacts import Manifest, write_json
 from pipeline.config import PipelineConfig, SearchDomain, flatten, from_flat
 from pipeline.stage import STAGES, StageContext, StageResult, stage_hash
 
 TRIAL_CPUS = 0.1  # the trial function only drives its TorchTrainer (0 is rejected by Tune)
-GRAD_SLOPE = "grad/distance_slope"  # the train loop's final metric: log-log slope of gradient norm on distance
 GRID_KEY = "grid_index"  # compare mode's only Tune parameter: the index into the losses × seeds grid
 CHECKPOINT_KEY = "checkpoint_path"  # added to the Tune result by TuneReportCallback when Train checkpoints
 EXPERIMENT = "tune"
@@ -611,6 +614,10 @@ def _counts(records: list[dict[str, Any]]) -> dict[str, int]:
 
 def _compare_outputs(ctx: StageContext, records: list[dict[str, Any]], grid: list[dict[str, Any]],
                      benches: list[Any]) -> StageResult:
+    """Score every completed trial on the benchmarks, then hand the analysis to :mod:`pipeline.compare_analysis`
+    and write, log and return what it found."""
+    from pipeline.compare_analysis import pair_evidence, paired_summary, seed_summary, write_pair_evidence, \
+        write_seed_outputs
     from pipeline.train_loop import GRADIENT_PAIRS
 
     metric = ctx.cfg.tune.metric
@@ -632,46 +639,35 @@ def _compare_outputs(ctx: StageContext, records: list[dict[str, Any]], grid: lis
                     r[key] = value
                     bench_names.append(key)
     labels = list(dict.fromkeys(g["loss"] for g in grid))
-    names = compare_metric_names(list(dict.fromkeys(bench_names)), metric) + [GRAD_SLOPE]
-    table = compare_table(records, names, labels)
-    table_path = ctx.out_dir / "compare.csv"
-    table.to_csv(table_path, index=False)
-    plot_path = plot_compare(table[table["metric"] != GRAD_SLOPE], ctx.out_dir / "compare.png")
-    means = {lab: table[(table["loss"] == lab) & (table["metric"] == metric)]["mean"].iloc[0] for lab in labels}
-    scored_labels = [lab for lab in labels if finite(means[lab])]
-    if not scored_labels:
-        raise RuntimeError(f"no compare trial completed with a finite {metric!r}")
-    winner = max(scored_labels, key=lambda lab: (means[lab], -labels.index(lab)))
-    setting = next(g["setting"] for g in grid if g["loss"] == winner)
+    summary = seed_summary(records, labels, metric, bench_names)
+    setting = next(g["setting"] for g in grid if g["loss"] == summary.winner)
     best_path = write_json(ctx.out_dir / "best_config.json", {k: plain(v) for k, v in setting.items()})
     keys = list(dict.fromkeys(k for g in grid for k in g["setting"]))
     columns = {"loss": [r["loss"] for r in records], "seed": [r["seed"] for r in records],
                **{k: [plain(r["setting"].get(k)) for r in records] for k in keys}}
     for r in records:
-        r["best"] = r["loss"] == winner
+        r["best"] = r["loss"] == summary.winner
     trials = _trials_frame(records, metric, columns)
-    for name in names[1:]:
+    for name in summary.metric_names[1:]:
         trials[name] = [r.get(name, math.nan) for r in records]
     trials_path = ctx.out_dir / "trials.csv"
     trials.to_csv(trials_path, index=False)
     seeds = sorted({g["seed"] for g in grid})
-    evidence = _pair_evidence(ctx, benches, score_files, labels, seeds)
-    gradient_plot = plot_gradient_pairs(
-        {lab: np.concatenate(p) for lab, p in gradient_points.items() if p}, ctx.out_dir / "gradient_slopes.png")
-    files = {"compare_table": table_path, "compare_plot": plot_path, "best_config": best_path, "trials": trials_path,
-             "gradient_plot": gradient_plot, **evidence}
+    scored_benches = [b for b in benches if score_files[b.name]]
+    references, reference_model = _reference_scores(ctx, scored_benches) if scored_benches else ({}, "")
+    evidence = pair_evidence(score_files, references, labels, seeds, n_boot=ctx.cfg.tune.bootstrap,
+                             seed=ctx.cfg.train.seed, distance_bins=ctx.cfg.rewardbench.distance_bins)
+    files = {**write_seed_outputs(summary, gradient_points, ctx.out_dir), "best_config": best_path,
+             "trials": trials_path, **write_pair_evidence(evidence, ctx.out_dir, reference_model)}
     for path in files.values():
         ctx.tracker.log_artifact(path)
-    stage_metrics: dict[str, Any] = {f"tune/best_{metric}": means[winner], **_counts(records)}
-    for row in table.itertuples():
-        for field in ("mean", "ci_low", "ci_high"):
-            if finite(getattr(row, field)):  # one seed: no interval
-                stage_metrics[f"compare/{row.loss}/{row.metric}_{field}"] = float(getattr(row, field))
-    for row in table[table["loss"].str.startswith("diff")].itertuples():
-        ctx.log(f"  compare {row.loss} {row.metric}: {row.mean:+.4f} [{row.ci_low:+.4f}, {row.ci_high:+.4f}] "
-                f"(n={row.n})")
-    stage_metrics.update(_paired_metrics(ctx, files))
-    ctx.log(f"  tune: {winner} has the higher mean {metric} ({means[winner]:.4f}); best_config {setting}")
+    paired_metrics, paired_lines = paired_summary(evidence["paired_stats"])
+    for line in summary.lines + paired_lines:
+        ctx.log(line)
+    ctx.log(f"  tune: {summary.winner} has the higher mean {metric} ({summary.means[summary.winner]:.4f}); "
+            f"best_config {setting}")
+    stage_metrics = {f"tune/best_{metric}": summary.means[summary.winner], **_counts(records), **summary.metrics,
+                     **paired_metrics}
     return StageResult(outputs={k: str(v) for k, v in files.items()}, metrics=stage_metrics)
 
 
@@ -697,56 +693,7 @@ def _score_trial(ctx: StageContext, r: dict[str, Any], benches: list[Any], gradi
     return scored, points.reshape(-1, 2)
 
 
-def _pair_evidence(ctx: StageContext, benches: list[Any], score_files: dict[str, dict[tuple[str, int], pd.DataFrame]],
-                   labels: list[str], seeds: list[int]) -> dict[str, Path]:
-    """Pair-level evidence per benchmark (module docstring): paired statistics, shared-reference distance bins
-    with the disagreement analysis, length-only controls."""
-    from pipeline.compare import (align_pairs, assign_bins, paired_table, reference_distances, shared_bin_edges,
-                                  shared_bin_table)
-
-    scored = [b for b in benches if score_files[b.name]]
-    reference = _reference_scores(ctx, scored) if scored else {"__model__": ""}
-    paired, binned, lengths, edges_out = [], [], [], {}
-    for bench in scored:
-        pairs, scores = align_pairs(score_files[bench.name], labels, seeds)
-        if pairs.empty:
-            continue
-        stats = paired_table(pairs, scores, n_boot=ctx.cfg.tune.bootstrap, seed=ctx.cfg.train.seed)
-        paired.append(stats.assign(benchmark=bench.name))
-        ref_frame, controls = reference[bench.name]
-        distance = reference_distances(pairs, ref_frame)
-        edges = shared_bin_edges(distance, ctx.cfg.rewardbench.distance_bins)
-        edges_out[bench.name] = edges.tolist()
-        table = shared_bin_table(assign_bins(distance, edges), edges, scores)
-        binned.append(table.assign(benchmark=bench.name))
-        for section, control in controls.items():
-            sel = np.ones(len(pairs), bool) if section == "all" else (pairs["section"] == section).to_numpy()
-            row = {"benchmark": bench.name, "section": section, "n": control["n"],
-                   "longer_wins": control["longer_wins"], "shorter_wins": control["shorter_wins"]}
-            row.update({f"accuracy:{lab}": float(np.nanmean(scores[lab][sel])) if sel.any() else math.nan
-                        for lab in labels})
-            lengths.append(row)
-    out = ctx.out_dir
-    files = {"paired_stats": out / "paired_stats.csv", "shared_bins": out / "shared_bins.csv",
-             "length_controls": out / "length_controls.csv", "shared_bin_edges": out / "shared_bin_edges.json"}
-    _concat_paired(paired).to_csv(files["paired_stats"], index=False)
-    _concat(binned).to_csv(files["shared_bins"], index=False)
-    _concat([pd.DataFrame(lengths)] if lengths else []).to_csv(files["length_controls"], index=False)
-    write_json(files["shared_bin_edges"], {"reference_model": reference["__model__"], "edges": edges_out})
-    return files
-
-
-def _concat_paired(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    from pipeline.compare import holm_by_comparison
-
-    return holm_by_comparison(pd.concat(frames, ignore_index=True)) if frames else _concat([])
-
-
-def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"benchmark": []})  # a header, no rows
-
-
-def _reference_scores(ctx: StageContext, benches: list[Any]) -> dict[str, Any]:
+def _reference_scores(ctx: StageContext, benches: list[Any]) -> tuple[dict[str, Any], str]:
     """Every benchmark scored once by the reference model (``tune.reference_model``, default the untrained
     starting model): its per-pair distances bin the pairs for every loss; its run also yields the length
     controls (they depend on the texts only). The untrained model is built on the driver and saved once into
@@ -756,6 +703,7 @@ def _reference_scores(ctx: StageContext, benches: list[Any]) -> dict[str, Any]:
 
     from pipeline import modeling
     from pipeline.benchmarks import score_benchmark
+    from pipeline.compare_analysis import Reference
 
     cfg = ctx.cfg
     model_path = cfg.tune.reference_model
@@ -771,30 +719,12 @@ def _reference_scores(ctx: StageContext, benches: list[Any]) -> dict[str, Any]:
         del model
     ref_ctx = dataclasses.replace(ctx, out_dir=ctx.out_dir / "scores" / "reference",
                                   tracker=tracking.RunLogger(None, None))
-    out: dict[str, Any] = {"__model__": cfg.tune.reference_model or "untrained starting model"}
+    out = {}
     for bench in benches:
         outputs, _ = score_benchmark(bench, model_path, ref_ctx)
         summary = json.loads(Path(outputs[f"{bench.name}/metrics"]).read_text())
-        out[bench.name] = (pd.read_parquet(outputs[f"{bench.name}/scores"]), summary["length_controls"])
-    return out
-
-
-def _paired_metrics(ctx: StageContext, files: Mapping[str, Path]) -> dict[str, float]:
-    """Stage metrics and log lines of the paired statistics over all pairs of each benchmark."""
-    stats = pd.read_csv(files["paired_stats"])
-    out: dict[str, float] = {}
-    for row in stats[stats["scope"] == "all"].itertuples() if "scope" in stats else []:
-        prefix = f"compare/paired/{row.benchmark}/{row.loss}"
-        for field in ("diff", "ci_low", "ci_high", "mde", "p_value", "p_holm", "seeds_for_mde"):
-            if finite(getattr(row, field)):
-                out[f"{prefix}/{field}"] = float(getattr(row, field))
-        ctx.log(f"  paired over {row.n_pairs} {row.benchmark} pairs × {row.n_seeds} seeds: {row.loss} − {row.versus} "
-                f"{row.diff:+.4f}; over training runs [{row.ci_low:+.4f}, {row.ci_high:+.4f}], MDE {row.mde:.4f}, "
-                f"p {row.p_value:.3g} (Holm {row.p_holm:.3g}), {row.seeds_for_mde:g} seeds per loss for a "
-                f"{MDE_TARGET:.2f} MDE; conditional on these trained models [{row.ci_low_conditional:+.4f}, "
-                f"{row.ci_high_conditional:+.4f}], McNemar p {row.p_mcnemar_conditional:.3g} "
-                f"(pairs won {row.only_loss} vs {row.only_versus})")
-    return out
+        out[bench.name] = Reference(pd.read_parquet(outputs[f"{bench.name}/scores"]), summary["length_controls"])
+    return out, cfg.tune.reference_model or "untrained starting model"
 
 
 def _safe(text: str) -> str:

@@ -127,6 +127,33 @@ def test_a_failed_trial_costs_its_seed_not_every_pair():
 
 # ---------------------------------------------------------------- shared distance bins
 
+def test_pair_evidence_survives_a_benchmark_that_repeats_an_id(tmp_path):
+    """RewardBench 2's Ties rows share an id: the reference model's distances must be matched to the pairs by id
+    and occurrence (as ``align_pairs`` matches the trained models' rows), not by a ``.loc`` on a repeated id."""
+    from pipeline.compare_analysis import Reference, pair_evidence, write_pair_evidence
+
+    ids = ["a", "tie", "tie", "tie", "b", "c"]
+    sections = ["Chat", "Ties", "Ties", "Ties", "Chat", "Math"]
+    reference = pd.DataFrame({"id": ids, "section": sections, "correct": 1.0,
+                              "distance": [0.5, 1.0, 2.0, 3.0, 4.0, 5.0]})
+    controls = {"all": {"longer_wins": 0.5, "shorter_wins": 0.5, "n": 6}}
+    rng = np.random.default_rng(0)
+    score_files = {"rb2": {(lab, s): pd.DataFrame({"id": ids, "section": sections,
+                                                   "correct": rng.integers(0, 2, 6).astype(float)})
+                           for lab in ("bt", "normbt") for s in (0, 1)}}
+    evidence = pair_evidence(score_files, {"rb2": Reference(reference, controls)}, ["bt", "normbt"], [0, 1],
+                             n_boot=50, seed=0, distance_bins=2)
+    bins = evidence["shared_bins"]
+    assert bins.groupby("loss")["n_pairs"].sum().to_dict() == {"bt": 6, "normbt": 6}
+    assert evidence["edges"]["rb2"] == pytest.approx([0.5, 2.5, 5.0])  # quantiles of all six, the ties included
+    low_bin = bins[(bins["bin"] == 0) & (bins["loss"] == "bt")]
+    assert low_bin["n_pairs"].item() == 3  # a, tie#0 (1.0), tie#1 (2.0): each occurrence keeps its own distance
+    paired = evidence["paired_stats"].set_index("scope")
+    assert paired.loc["all", "n_pairs"] == 6 and 0.0 <= paired.loc["all", "p_holm"] <= 1.0
+    files = write_pair_evidence(evidence, tmp_path, "ref")
+    assert json.loads(files["shared_bin_edges"].read_text())["reference_model"] == "ref"
+
+
 def test_reference_distances_follow_each_occurrence_of_a_repeated_id():
     frames = {("bt", 0): pd.DataFrame({"id": ["t", "x", "t"], "section": "Ties", "correct": [1.0, 0.0, 1.0]})}
     pairs, _ = compare.align_pairs(frames, ["bt"], [0])

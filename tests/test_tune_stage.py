@@ -25,37 +25,6 @@ TRIAL_OVERRIDES = ["tune.trial_overrides={train.max_steps: 2}"]
 
 
 @pytest.mark.unit
-def test_pair_evidence_survives_a_benchmark_that_repeats_an_id(tmp_path, monkeypatch):
-    """RewardBench 2's Ties rows share an id: the reference model's distances must be matched to the pairs by id
-    and occurrence (as ``align_pairs`` matches the trained models' rows), not by a ``.loc`` on a repeated id."""
-    from types import SimpleNamespace
-
-    from pipeline import tracking
-    from pipeline.stage import StageContext
-
-    ids = ["a", "tie", "tie", "tie", "b", "c"]
-    sections = ["Chat", "Ties", "Ties", "Ties", "Chat", "Math"]
-    reference = pd.DataFrame({"id": ids, "section": sections, "correct": 1.0,
-                              "distance": [0.5, 1.0, 2.0, 3.0, 4.0, 5.0]})
-    controls = {"all": {"longer_wins": 0.5, "shorter_wins": 0.5, "n": 6}}
-    monkeypatch.setattr(T, "_reference_scores", lambda ctx, benches: {"__model__": "ref", "rb2": (reference, controls)})
-    rng = np.random.default_rng(0)
-    score_files = {"rb2": {(lab, s): pd.DataFrame({"id": ids, "section": sections,
-                                                   "correct": rng.integers(0, 2, 6).astype(float)})
-                           for lab in ("bt", "normbt") for s in (0, 1)}}
-    cfg = load_config(None, ["tune.bootstrap=50", "rewardbench.distance_bins=2"])
-    ctx = StageContext(cfg=cfg, run_dir=tmp_path, out_dir=tmp_path, upstream={},
-                       tracker=tracking.RunLogger(None, None), log=lambda _: None)
-    files = T._pair_evidence(ctx, [SimpleNamespace(name="rb2")], score_files, ["bt", "normbt"], [0, 1])
-    bins = pd.read_csv(files["shared_bins"])
-    assert bins.groupby("loss")["n_pairs"].sum().to_dict() == {"bt": 6, "normbt": 6}
-    edges = json.loads(Path(files["shared_bin_edges"]).read_text())["edges"]["rb2"]
-    assert edges == pytest.approx([0.5, 2.5, 5.0])  # the quantiles of all six distances, the three ties included
-    low_bin = bins[(bins["bin"] == 0) & (bins["loss"] == "bt")]
-    assert low_bin["n_pairs"].item() == 3  # a, tie#0 (1.0), tie#1 (2.0): each occurrence keeps its own distance
-
-
-@pytest.mark.unit
 def test_search_space_maps_each_domain():
     from ray.tune.search.sample import Categorical, Float, Integer
 
