@@ -38,20 +38,77 @@ def loss_label(setting: Mapping[str, Any]) -> str:
     return ",".join(f"{k.removeprefix('loss.')}={plain(v)}" for k, v in setting.items()) or "base"
 
 
-def compare_grid(cfg: PipelineConfig) -> list[dict[str, Any]]:
-    """The compare trials in grid order: ``{"loss": label, "seed": s, "setting": {...}, "overrides": {...}}``."""
+def compare_settings(cfg: PipelineConfig) -> list[tuple[str, dict[str, Any]]]:
+    """``(label, setting)`` of every ``tune.losses`` entry (labels made unique by ``#i``)."""
     settings = [dict(s) for s in cfg.tune.losses]
     if len(settings) < 2:
         raise ValueError("tune.losses: compare mode needs at least two loss settings")
     labels = [loss_label(s) for s in settings]
     labels = [f"{lab}#{i}" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
+    return list(zip(labels, settings, strict=True))
+
+
+def setting_lr(cfg: PipelineConfig, setting: Mapping[str, Any], chosen: Mapping[str, float], label: str) -> float:
+    """The lr a setting trains at: its own ``train.lr``, else the one chosen for it on validation, else the
+    trials' (``train.lr`` after ``tune.trial_overrides``)."""
+    if "train.lr" in setting:
+        return float(setting["train.lr"])
+    if label in chosen:
+        return float(chosen[label])
+    return float(cfg.tune.trial_overrides.get("train.lr", cfg.train.lr))
+
+
+def compare_grid(cfg: PipelineConfig, lrs: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+    """The compare trials in grid order: ``{"loss": label, "seed": s, "setting": {...}, "lr": lr,
+    "overrides": {...}}``; ``lrs`` (label → lr chosen on validation, :func:`choose_lrs`) sets ``train.lr`` of
+    the settings that do not fix it themselves."""
     grid = []
-    for label, setting in zip(labels, settings, strict=True):
+    for label, setting in compare_settings(cfg):
+        lr = setting_lr(cfg, setting, lrs or {}, label)
+        own = {"train.lr": lr} if lrs and label in lrs and "train.lr" not in setting else {}
         for i in range(cfg.tune.seeds):
             seed = cfg.train.seed + i
-            grid.append({"loss": label, "seed": seed, "setting": setting,
-                         "overrides": {**setting, "train.seed": seed, "model.seed": seed}})
+            grid.append({"loss": label, "seed": seed, "setting": setting, "lr": lr,
+                         "overrides": {**setting, **own, "train.seed": seed, "model.seed": seed}})
     return grid
+
+
+def lr_search_grid(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """The validation-only lr search before a comparison: every setting without its own ``train.lr`` × each of
+    ``tune.compare_lr_grid`` × ``tune.compare_lr_seeds`` seeds; cells like :func:`compare_grid`'s."""
+    grid = []
+    for label, setting in compare_settings(cfg):
+        if "train.lr" in setting:
+            continue
+        for lr in cfg.tune.compare_lr_grid:
+            for i in range(cfg.tune.compare_lr_seeds):
+                seed = cfg.train.seed + i
+                grid.append({"loss": label, "seed": seed, "setting": setting, "lr": float(lr),
+                             "overrides": {**setting, "train.lr": float(lr), "train.seed": seed,
+                                           "model.seed": seed}})
+    return grid
+
+
+def choose_lrs(records: Sequence[Mapping[str, Any]], metric: str) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Per setting, the lr with the highest mean validation ``metric`` over its seeds (ties: the smaller lr).
+
+    ``records``: one per lr-search trial with ``loss``, ``lr``, ``seed``, ``status`` and ``metric``; only
+    completed trials with a finite metric count. Returns the per (setting, lr) table (``loss, lr, mean, n,
+    chosen``) and ``{label: lr}``. A setting none of whose trials finished is an error naming it."""
+    frame = pd.DataFrame.from_records(records, columns=["loss", "lr", "seed", "status", metric])
+    ok = frame[(frame["status"] == "COMPLETED") & frame[metric].map(finite)].astype({metric: float})
+    table = (frame[["loss", "lr"]].drop_duplicates()
+             .merge(ok.groupby(["loss", "lr"], as_index=False).agg(mean=(metric, "mean"), n=(metric, "size")),
+                    how="left", on=["loss", "lr"]).fillna({"n": 0}))
+    chosen = {}
+    for label, rows in table.groupby("loss", sort=False):
+        rows = rows[rows["mean"].map(finite)]
+        if rows.empty:
+            raise RuntimeError(f"lr search: no trial of {label!r} completed with a finite {metric!r}")
+        best = rows.sort_values(["mean", "lr"], ascending=[False, True]).iloc[0]
+        chosen[str(label)] = float(best["lr"])
+    table["chosen"] = [chosen.get(lab) == lr for lab, lr in zip(table["loss"], table["lr"], strict=True)]
+    return table.astype({"n": int}), chosen
 
 
 def compare_table(records: Sequence[Mapping[str, Any]], metric_names: Sequence[str], labels: Sequence[str],

@@ -3,7 +3,7 @@ stage metrics and log lines. Pure (no Ray, no model): the tune stage scores the 
 hands the results here, and writes what comes back.
 
 Files (names as the tune stage's manifest lists them): ``compare.csv`` / ``compare.png`` (means over seeds and the
-seed-paired difference, :func:`pipeline.compare.compare_table`), ``paired_stats.csv`` (per benchmark, all pairs and
+seed-paired difference, :func:`pipeline.compare.compare_table`, with each setting's ``lr``), ``paired_stats.csv`` (per benchmark, all pairs and
 each section, every later setting against the first: over training runs and pairs
 :func:`pipeline.compare.paired_bootstrap`, Holm-adjusted across the comparison's benchmarks and sections;
 conditional on these trained models the pair-only interval and McNemar's test), ``shared_bins.csv`` with
@@ -55,12 +55,14 @@ class SeedSummary:
 
 
 def seed_summary(records: Sequence[Mapping[str, Any]], labels: Sequence[str], metric: str,
-                 bench_names: Sequence[str]) -> SeedSummary:
+                 bench_names: Sequence[str], lrs: Mapping[str, float]) -> SeedSummary:
     """Means and t-intervals over seeds per label, the seed-paired differences, and the winner on ``metric``.
     ``records``: one per trial with ``loss``, ``seed`` and its metrics; ``bench_names``: the benchmark metric
-    keys the trials reported (``<bench>/overall``, ``<bench>/section/<S>``)."""
+    keys the trials reported (``<bench>/overall``, ``<bench>/section/<S>``); ``lrs``: each label's learning
+    rate, the table's ``lr`` column (empty on the difference rows)."""
     names = compare_metric_names(list(dict.fromkeys(bench_names)), metric) + [GRAD_SLOPE]
     table = compare_table(records, names, labels)
+    table["lr"] = table["loss"].map(dict(lrs))
     means = {lab: float(table[(table["loss"] == lab) & (table["metric"] == metric)]["mean"].iloc[0])
              for lab in labels}
     scored = [lab for lab in labels if finite(means[lab])]

@@ -274,6 +274,10 @@ class TuneConfig:
                                             "Compare mode: loss settings, each dotted config keys -> values "
                                             "(checked like overrides when the config loads).")
     seeds: int = _f(5, "Compare mode: seeds per loss setting.")
+    compare_lr_grid: tuple[float, ...] = _f((), "Compare mode: learning rates each loss setting first tries on "
+                                            "validation (tune.metric); its seeds then train at its best one "
+                                            "(empty: train.lr, or the setting's own train.lr, for all).")
+    compare_lr_seeds: int = _f(1, "Compare mode: seeds per (setting, lr) in that search (train.seed + i).")
     reference_model: str = _f("", "Compare mode: the reward-model folder whose pair distances bin every benchmark "
                               "pair once for all losses ('': the untrained starting model, built as training builds it).")
     bootstrap: int = _f(2000, "Compare mode: pair-bootstrap resamples for the paired differences.")
@@ -474,6 +478,9 @@ def _check(cfg: PipelineConfig) -> None:
         (cfg.best_of_n.gold != "rm" or cfg.best_of_n.gold_model, "best_of_n.gold=rm needs best_of_n.gold_model"),
         (len(cfg.data.sources) > 0, "data.sources must list at least one source"),
         (cfg.tune.seeds >= 1 and cfg.tune.num_samples >= 1, "tune.seeds and tune.num_samples must be >= 1"),
+        (cfg.tune.compare_lr_seeds >= 1, "tune.compare_lr_seeds must be >= 1"),
+        (all(lr > 0 and math.isfinite(lr) for lr in cfg.tune.compare_lr_grid),
+         "tune.compare_lr_grid: every learning rate must be finite and > 0"),
     ]
     for ok, message in checks:
         if not ok:

@@ -44,6 +44,13 @@ stopping). Each trial's exported model (``model/`` of its final checkpoint) is t
 benchmark's overall score and each of its sections, the table gives the mean and 95% t-interval over seeds per
 loss setting, and for the paired difference (setting − first setting, paired by seed).
 
+Each loss at its own lr (``tune.compare_lr_grid``, empty by default): before the seeded trials, every setting
+that does not fix ``train.lr`` itself trains at each grid lr with ``tune.compare_lr_seeds`` seeds (a Tune
+experiment of its own, ``<storage>/tune_lr``), and keeps the lr with the best mean ``tune.metric`` on the
+validation split (ties: the smaller lr; :func:`pipeline.compare.choose_lrs`); these trials are never scored on a
+benchmark. The setting's seeds then all train at that lr; ``lr_search.csv`` [lr_search] lists every (setting,
+lr) with its mean, and ``compare.csv`` and ``trials.csv`` name each setting's lr.
+
 Resources: in process, a trial's actor reserves ``train.num_workers × train.cpus_per_worker`` CPUs (and one
 GPU when training on GPUs). With Ray Train, a trial function reserves 0.1 CPU (:data:`TRIAL_CPUS`) and its
 Train workers ``train.num_workers × train.cpus_per_worker``. Unless ``tune.max_concurrent_trials`` is set,
@@ -83,9 +90,10 @@ Outputs (stage folder; manifest names in brackets):
   end; ``STOPPED``: stopped early by ASHA; ``ERROR``), ``best``, ``checkpoint``, ``mlflow_run_id``, ``error``,
   and in compare mode the benchmark metrics.
 * ``best_config.json`` [best_config]: only the chosen dotted keys → values (search: the searched keys of the
-  best trial; compare: the loss setting with the higher mean validation accuracy). The train stage applies it.
+  best trial; compare: the loss setting with the higher mean validation accuracy, with its searched
+  ``train.lr`` when the lr search ran). The train stage applies it.
 * [best_checkpoint]: the best trial's final Ray Train checkpoint (search mode, when it completed).
-* compare mode: ``compare.csv`` [compare_table] (``loss, metric, mean, ci_low, ci_high, n``; ``loss`` is a
+* compare mode: ``compare.csv`` [compare_table] (``loss, metric, mean, ci_low, ci_high, n, lr``; ``loss`` is a
   setting's label or ``diff`` — with more than two settings ``diff:<label>-<first label>``; metrics: the
   validation metric, each benchmark's overall and sections, and ``grad/distance_slope``) and
   ``compare.png`` [compare_plot]. Pair-level evidence, each later setting against the first (the analysis is
@@ -346,19 +354,16 @@ def tune_reward_model(ctx: StageContext) -> StageResult:
     concurrency = derive_concurrency(ray.cluster_resources(), base, launcher)
     digest = stage_hash(cfg, STAGES["tune"], ctx.upstream)
     if cfg.tune.mode == "compare":
-        benches = cfg.rewardbench.benchmarks
-        grid = compare_grid(cfg)
-        setup = TrialSetup(cfg=base, data=data, storage_path=f"{storage}/{TRIALS_FOLDER}", tracker=ctx.tracker,
-                           mode="compare", digest=digest, grid=tuple(g["overrides"] for g in grid),
-                           controller_failure_limit=cfg.tune.controller_failure_limit,
-                           start_timeout_s=_start_timeout(cfg), concurrency=concurrency, launcher=launcher)
+        lrs, lr_files = _search_lrs(ctx, base, data, digest, storage, concurrency, launcher)
+        grid = compare_grid(cfg, lrs)
+        setup = _compare_setup(ctx, base, data, digest, f"{storage}/{TRIALS_FOLDER}", grid, concurrency, launcher)
         ctx.log(f"  tune: compare {len(grid)} trials ({cfg.tune.seeds} seeds × "
                 f"{', '.join(dict.fromkeys(g['loss'] for g in grid))}), {concurrency} at a time, "
                 f"{_launcher_words(launcher, base)}")
         results = _fit(ctx, setup, param_space={GRID_KEY: _grid_search(len(grid))}, num_samples=1,
                        scheduler=None, search_alg=None, concurrency=concurrency, storage=storage,
                        expected=len(grid))
-        return _compare_outputs(ctx, results, grid, benches)
+        return _compare_outputs(ctx, results, grid, cfg.rewardbench.benchmarks, lr_files)
     eval_every = eval_cadence(max_steps, base.train.eval_every, cfg.tune.eval_reports)
     base = from_flat({"train.eval_every": eval_every}, base=base)
     space = search_space(cfg.tune.search_space)
@@ -376,6 +381,43 @@ def tune_reward_model(ctx: StageContext) -> StageResult:
                    search_alg=search_alg, concurrency=concurrency, storage=storage,
                    expected=cfg.tune.num_samples)
     return _search_outputs(ctx, results, list(space))
+
+
+def _compare_setup(ctx: StageContext, base: PipelineConfig, data: Manifest, digest: str, trials_path: str,
+                   grid: list[dict[str, Any]], concurrency: int, launcher: str) -> TrialSetup:
+    return TrialSetup(cfg=base, data=data, storage_path=trials_path, tracker=ctx.tracker, mode="compare",
+                      digest=digest, grid=tuple(g["overrides"] for g in grid),
+                      controller_failure_limit=ctx.cfg.tune.controller_failure_limit,
+                      start_timeout_s=_start_timeout(ctx.cfg), concurrency=concurrency, launcher=launcher)
+
+
+def _search_lrs(ctx: StageContext, base: PipelineConfig, data: Manifest, digest: str, storage: str,
+                concurrency: int, launcher: str) -> tuple[dict[str, float], dict[str, Path]]:
+    """Compare mode's first phase (``tune.compare_lr_grid``): every setting without its own ``train.lr`` trains
+    at each grid lr (``tune.compare_lr_seeds`` seeds) and keeps the lr with the best mean validation metric. Only
+    validation decides; these trials are never scored on a benchmark. Writes ``lr_search.csv``."""
+    from pipeline.compare import choose_lrs, lr_search_grid
+
+    grid = lr_search_grid(ctx.cfg)
+    if not grid:
+        return {}, {}
+    setup = _compare_setup(ctx, base, data, digest, f"{storage}/{TRIALS_FOLDER}_lr", grid, concurrency, launcher)
+    ctx.log(f"  tune: lr search on validation, {len(grid)} trials (lr {list(ctx.cfg.tune.compare_lr_grid)} × "
+            f"{ctx.cfg.tune.compare_lr_seeds} seed(s) × {len(dict.fromkeys(g['loss'] for g in grid))} settings)")
+    records = _fit(ctx, setup, param_space={GRID_KEY: _grid_search(len(grid))}, num_samples=1, scheduler=None,
+                   search_alg=None, concurrency=concurrency, storage=storage, expected=len(grid),
+                   name=f"{EXPERIMENT}_lr")
+    metric = ctx.cfg.tune.metric
+    for r in records:
+        cell = grid[int(r["config"][GRID_KEY])]
+        r.update(loss=cell["loss"], seed=cell["seed"], lr=cell["lr"])
+    table, chosen = choose_lrs(records, metric)
+    path = ctx.out_dir / "lr_search.csv"
+    table.to_csv(path, index=False)
+    ctx.tracker.log_artifact(path)
+    for label, lr in chosen.items():
+        ctx.log(f"  tune: {label} trains at lr {lr:g} (best mean {metric} of the lr search)")
+    return chosen, {"lr_search": path}
 
 
 def _launcher_words(launcher: str, cfg: PipelineConfig) -> str:
@@ -453,13 +495,14 @@ def _env(name: str, value: str) -> Iterator[None]:
 
 
 def _fit(ctx: StageContext, setup: TrialSetup, *, param_space: dict, num_samples: int, scheduler: Any,
-         search_alg: Any, concurrency: int, storage: str, expected: int) -> list[dict[str, Any]]:
-    """Run (or resume) the experiment; one dict per trial (see :func:`_trial_record`)."""
+         search_alg: Any, concurrency: int, storage: str, expected: int, name: str = EXPERIMENT
+         ) -> list[dict[str, Any]]:
+    """Run (or resume) the experiment ``name``; one dict per trial (see :func:`_trial_record`)."""
     from ray import tune
 
     trainable = tune.with_resources(make_trainable(setup), trial_resources(setup.cfg, setup.launcher))
-    experiment = f"{storage}/{EXPERIMENT}"
-    marker = ctx.out_dir / "experiment.json"
+    experiment = f"{storage}/{name}"
+    marker = ctx.out_dir / ("experiment.json" if name == EXPERIMENT else f"experiment-{name}.json")
     digest = setup.digest
     previous = json.loads(marker.read_text()) if marker.is_file() else {}
     if previous.get("hash") == digest and tune.Tuner.can_restore(experiment):
@@ -476,7 +519,7 @@ def _fit(ctx: StageContext, setup: TrialSetup, *, param_space: dict, num_samples
                                         scheduler=scheduler, search_alg=search_alg,
                                         max_concurrent_trials=concurrency,
                                         reuse_actors=setup.launcher == "in_process"),
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage, verbose=1,
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=0)))
     before = job_placement_groups()
     try:
@@ -613,7 +656,7 @@ def _counts(records: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def _compare_outputs(ctx: StageContext, records: list[dict[str, Any]], grid: list[dict[str, Any]],
-                     benches: list[Any]) -> StageResult:
+                     benches: list[Any], lr_files: Mapping[str, Path]) -> StageResult:
     """Score every completed trial on the benchmarks, then hand the analysis to :mod:`pipeline.compare_analysis`
     and write, log and return what it found."""
     from pipeline.compare_analysis import pair_evidence, paired_summary, seed_summary, write_pair_evidence, \
@@ -639,12 +682,15 @@ def _compare_outputs(ctx: StageContext, records: list[dict[str, Any]], grid: lis
                     r[key] = value
                     bench_names.append(key)
     labels = list(dict.fromkeys(g["loss"] for g in grid))
-    summary = seed_summary(records, labels, metric, bench_names)
-    setting = next(g["setting"] for g in grid if g["loss"] == summary.winner)
+    lrs = {g["loss"]: g["lr"] for g in grid}
+    summary = seed_summary(records, labels, metric, bench_names, lrs)
+    winner_cell = next(g for g in grid if g["loss"] == summary.winner)
+    setting = {k: v for k, v in winner_cell["overrides"].items() if k not in ("train.seed", "model.seed")}
     best_path = write_json(ctx.out_dir / "best_config.json", {k: plain(v) for k, v in setting.items()})
     keys = list(dict.fromkeys(k for g in grid for k in g["setting"]))
     columns = {"loss": [r["loss"] for r in records], "seed": [r["seed"] for r in records],
-               **{k: [plain(r["setting"].get(k)) for r in records] for k in keys}}
+               "lr": [lrs[r["loss"]] for r in records],
+               **{k: [plain(r["setting"].get(k)) for r in records] for k in keys if k != "train.lr"}}
     for r in records:
         r["best"] = r["loss"] == summary.winner
     trials = _trials_frame(records, metric, columns)
@@ -658,7 +704,7 @@ def _compare_outputs(ctx: StageContext, records: list[dict[str, Any]], grid: lis
     evidence = pair_evidence(score_files, references, labels, seeds, n_boot=ctx.cfg.tune.bootstrap,
                              seed=ctx.cfg.train.seed, distance_bins=ctx.cfg.rewardbench.distance_bins)
     files = {**write_seed_outputs(summary, gradient_points, ctx.out_dir), "best_config": best_path,
-             "trials": trials_path, **write_pair_evidence(evidence, ctx.out_dir, reference_model)}
+             "trials": trials_path, **write_pair_evidence(evidence, ctx.out_dir, reference_model), **lr_files}
     for path in files.values():
         ctx.tracker.log_artifact(path)
     paired_metrics, paired_lines = paired_summary(evidence["paired_stats"])
