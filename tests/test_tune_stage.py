@@ -251,7 +251,7 @@ def test_search_trials_train_one_after_another_in_one_reused_process(tmp_path, d
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_compare_reports_means_and_paired_intervals(tmp_path, data_manifest, ray_session):
     """Also the Ray Train launcher (what trials on several GPUs use): every trial a TorchTrainer."""
     bench = json.dumps([{"name": "synthetic", "synthetic": {"n_test": 32}}])
