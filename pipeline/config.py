@@ -180,8 +180,20 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class LossConfig:
-    name: Literal["bt", "normbt"] = _f("normbt", "Loss: 'bt' (Bradley-Terry) or 'normbt' (distance-normalised BT).")
-    beta: float = _f(DEFAULT_BETA, "NormBT EMA decay of the mean representation distance (paper: 0.9).")
+    name: Literal["bt", "normbt", "bt_clip"] = _f("normbt", "Loss: 'bt' (Bradley-Terry), 'normbt' (distance-"
+                                                  "normalised BT) or 'bt_clip' (BT, per-pair gradient clipped at "
+                                                  "the score head).")
+    beta: float = _f(DEFAULT_BETA, "NormBT EMA decay of the mean representation distance (paper: 0.9; 0: each "
+                     "step's own batch mean, the paper's no-EMA ablation).")
+    distance: Literal["l2", "cosine"] = _f("l2", "NormBT distance: 'l2' (paper) or 'cosine' (1 - cos, ablation).")
+    representation: Literal["head_input", "mean_pooled"] = _f("head_input", "What NormBT measures the distance "
+                                                              "on: the score head's input (paper) or the last "
+                                                              "hidden states mean-pooled over real tokens "
+                                                              "(the paper's ablation).")
+    clip: float = _f(0.1, "bt_clip: per-pair score-head gradient norm c, weight min(1, c / (sigmoid(-m) d)); 0.1 "
+                     "clips the farther half of the embedded MiniLM's pairs at the start (median d about 0.2).")
+    head_input_norm: Literal["none", "layernorm"] = _f("none", "'layernorm': LayerNorm (no affine) on the score "
+                                                       "head's input, in training and in the exported model.")
     eps: float = _f(DEFAULT_EPS, "NormBT weight stabiliser: w = mu / (d + eps).")
     use_margin: bool = _f(False, "Subtract the data's per-pair margin inside the sigmoid.")
     label_smoothing: float = _f(0.0, "Probability mass on the flipped label (conservative BT).")
@@ -268,6 +280,10 @@ class TuneConfig:
                                             "Compare mode: loss settings, each dotted config keys -> values "
                                             "(checked like overrides when the config loads).")
     seeds: int = _f(5, "Compare mode: seeds per loss setting.")
+    compare_lr_grid: tuple[float, ...] = _f((), "Compare mode: learning rates each loss setting first tries on "
+                                            "validation (tune.metric); its seeds then train at its best one "
+                                            "(empty: train.lr, or the setting's own train.lr, for all).")
+    compare_lr_seeds: int = _f(1, "Compare mode: seeds per (setting, lr) in that search (train.seed + i).")
     reference_model: str = _f("", "Compare mode: the reward-model folder whose pair distances bin every benchmark "
                               "pair once for all losses ('': the untrained starting model, built as training builds it).")
     bootstrap: int = _f(2000, "Compare mode: pair-bootstrap resamples for the paired differences.")
@@ -464,6 +480,9 @@ def _check(cfg: PipelineConfig) -> None:
         (0 <= cfg.train.zero_stage <= 3, "train.zero_stage must be 0, 1, 2 or 3"),
         (0.0 <= cfg.loss.beta < 1.0, "loss.beta must be in [0, 1)"),
         (cfg.loss.eps > 0, "loss.eps must be > 0 (it bounds the NormBT weight at mu/eps)"),
+        (cfg.loss.clip > 0 and math.isfinite(cfg.loss.clip), "loss.clip must be finite and > 0"),
+        (cfg.loss.name == "normbt" or (cfg.loss.distance == "l2" and cfg.loss.representation == "head_input"),
+         "loss.distance and loss.representation change NormBT's distance: they need loss.name=normbt"),
         (0.0 < cfg.data.validation_fraction < 1.0, "data.validation_fraction must be in (0, 1)"),
         (cfg.data.max_length >= 8, "data.max_length must be >= 8"),
         (cfg.train.num_workers >= 1, "train.num_workers must be >= 1"),
@@ -479,6 +498,9 @@ def _check(cfg: PipelineConfig) -> None:
         (cfg.best_of_n.gold != "rm" or cfg.best_of_n.gold_model, "best_of_n.gold=rm needs best_of_n.gold_model"),
         (len(cfg.data.sources) > 0, "data.sources must list at least one source"),
         (cfg.tune.seeds >= 1 and cfg.tune.num_samples >= 1, "tune.seeds and tune.num_samples must be >= 1"),
+        (cfg.tune.compare_lr_seeds >= 1, "tune.compare_lr_seeds must be >= 1"),
+        (all(lr > 0 and math.isfinite(lr) for lr in cfg.tune.compare_lr_grid),
+         "tune.compare_lr_grid: every learning rate must be finite and > 0"),
     ]
     for ok, message in checks:
         if not ok:

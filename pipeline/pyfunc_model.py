@@ -186,17 +186,22 @@ class PairScorer:
 class _head_in_fp32:  # noqa: N801 - used as a context manager, like torch.inference_mode
     """The score head (last linear layer with ``num_labels`` outputs) recomputed in fp32 while inside: a bf16 or
     fp16 model would otherwise round rewards to the dtype's spacing (2^-6 near |r| = 3 in bf16) and tie close
-    pairs. Mirrors ``pipeline.modeling.forward_rewards``."""
+    pairs. Mirrors ``pipeline.modeling.forward_rewards``, including its head-input LayerNorm (no affine, eps
+    1e-5) when the model's config says ``score_head_input_norm: layernorm`` (the LayerNorm baseline's models)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         heads = [m for m in model.modules()
                  if isinstance(m, torch.nn.Linear) and m.out_features == model.config.num_labels]
         self.head = heads[-1]
+        self.normalise = getattr(model.config, "score_head_input_norm", None) == "layernorm"
 
     def __enter__(self) -> None:
         def fp32(module: torch.nn.Module, args: tuple, _output: torch.Tensor) -> torch.Tensor:
             bias = None if module.bias is None else module.bias.float()
-            return F.linear(args[0].float(), module.weight.float(), bias)
+            h = args[0].float()
+            if self.normalise:
+                h = F.layer_norm(h, h.shape[-1:], eps=1e-5)
+            return F.linear(h, module.weight.float(), bias)
 
         self.handle = self.head.register_forward_hook(fp32, prepend=True)
 

@@ -365,10 +365,14 @@ def _tune(manifests: Mapping[str, Manifest]) -> list[Block]:
 
 
 def _pair_evidence(out: Mapping[str, str]) -> list[Block]:
-    """The compare run's pair-level tables and the gradient plot (stages/tune.py names them)."""
-    parts = [("paired_stats", "Paired over pairs (bootstrap, McNemar, minimum detectable effect)",
-              "diff: accuracy of the loss minus the first loss over the same pairs and seeds; the interval resamples "
-              "pairs with their seeds; mde: the smallest difference detectable at 80% power."),
+    """The compare run's lr search, pair-level tables and the gradient plot (stages/tune.py names them)."""
+    parts = [("lr_search", "Learning rate per loss setting (validation only)",
+              "Each setting trained at every listed lr; its seeds then trained at the chosen one."),
+             ("paired_stats", "Paired over training runs and pairs (interval, MDE, Holm; conditional McNemar)",
+              "diff: accuracy of the loss minus the first loss over the same pairs and seeds; ci_low/ci_high, se, "
+              "mde (smallest difference detectable at 80% power), p_value and p_holm count seed-to-seed and pair "
+              "variation; seeds_for_mde: seeds per loss for a 3-point MDE. The *_conditional columns and McNemar "
+              "hold these trained models fixed."),
              ("shared_bins", "Accuracy by distance bin, bins shared by every loss",
               "Bins from the reference model's distances; won_share: among cells where this loss and the first "
               "disagree, the share this loss gets right."),

@@ -221,8 +221,7 @@ def build_engine(cfg: PipelineConfig, plan: LoopPlan, use_gpu: bool) -> tuple[An
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds = HfDeepSpeedConfig(ds_config)
-    model = modeling.build_reward_model(cfg.model.name_or_path, tok, revision=cfg.model.revision,
-                                        trust_remote_code=cfg.model.trust_remote_code, seed=cfg.model.seed)
+    model = reward_model_for(cfg, tok)
     optimizer = _optimizer(cfg, model)
     warmup = int(round(cfg.train.warmup_ratio * plan.max_steps))
     scheduler = get_scheduler(cfg.train.scheduler, optimizer, num_warmup_steps=warmup,
@@ -231,6 +230,14 @@ def build_engine(cfg: PipelineConfig, plan: LoopPlan, use_gpu: bool) -> tuple[An
     del hf_ds  # alive, it would make any later model construction run ZeRO collectives (a hang)
     engine.eval()  # dropout off in training too (modeling.disable_dropout): eval mode is the rule, not a flag
     return engine, model, tok
+
+
+def reward_model_for(cfg: PipelineConfig, tok: Any) -> torch.nn.Module:
+    """The model a run trains: the configured backbone with its score head, and the head-input LayerNorm when
+    ``loss.head_input_norm`` asks for it (recorded in the model's config, so the export scores the same way)."""
+    return modeling.build_reward_model(cfg.model.name_or_path, tok, revision=cfg.model.revision,
+                                       trust_remote_code=cfg.model.trust_remote_code, seed=cfg.model.seed,
+                                       head_input_norm=cfg.loss.head_input_norm)
 
 
 def _fault_injection(step: int) -> None:
@@ -254,16 +261,33 @@ def _loss(cfg: PipelineConfig, out: tuple, batch: dict, mu: float | None) -> tup
     kw = {"margin": margin, "label_smoothing": cfg.loss.label_smoothing, "center_coef": cfg.loss.center_coef}
     if cfg.loss.name == "bt":
         return losses.bt_loss(rc, rr, **kw)
-    return losses.normbt_loss(rc, rr, hc, hr, mu=mu, eps=cfg.loss.eps, **kw)
+    if cfg.loss.name == "bt_clip":
+        return losses.clipped_bt_loss(rc, rr, hc, hr, clip=cfg.loss.clip, **kw)
+    return losses.normbt_loss(rc, rr, hc, hr, mu=mu, eps=cfg.loss.eps, distance=cfg.loss.distance, **kw)
+
+
+def pooled(cfg: PipelineConfig) -> bool:
+    """Whether the loop's forwards return mean-pooled hidden states (NormBT's mean-pooled-distance ablation)
+    instead of the score head's input: the distances of the loss, μ and validation are then measured on them."""
+    return cfg.loss.representation == "mean_pooled"
 
 
 def _gradient_pairs(cfg: PipelineConfig, out: tuple, batch: dict, mu: float | None) -> np.ndarray:
-    """``[B, 2]``: each pair's distance and the norm of the gradient its loss term sends to the score head."""
+    """``[B, 2]``: each pair's distance and the norm of the gradient its loss term sends to the score head
+    (the head-input L2 distance; none under the mean-pooled representation, whose forward does not return the
+    head's input, so the slope would not be the head's)."""
     rc, rr, hc, hr = out
+    if pooled(cfg):
+        return np.zeros((0, 2))
     d = losses.pair_distances(hc, hr).float()
-    weights = cfg.loss.name == "normbt" and mu is not None and mu > 0
-    norms = losses.pair_gradient_norms(rc, rr, d, weights=mu / (d + cfg.loss.eps) if weights else None,
-                                       margin=batch["margin"] if cfg.loss.use_margin else None,
+    margin = batch["margin"] if cfg.loss.use_margin else None
+    weights = None
+    if cfg.loss.name == "normbt" and mu is not None and mu > 0:
+        weights = mu / (losses.pair_distances(hc, hr, kind=cfg.loss.distance).float() + cfg.loss.eps)
+    elif cfg.loss.name == "bt_clip":
+        weights = losses.clip_weights(rc, rr, d, clip=cfg.loss.clip, margin=margin,
+                                      label_smoothing=cfg.loss.label_smoothing)
+    norms = losses.pair_gradient_norms(rc, rr, d, weights=weights, margin=margin,
                                        label_smoothing=cfg.loss.label_smoothing)
     return torch.stack([d.cpu(), norms.cpu()], dim=1).numpy().astype(np.float64)
 
@@ -275,8 +299,9 @@ def _step_distance(cfg, engine, model, micro_batches, pad, device, first_out, co
     outs = [first_out] if first_out is not None else []
     if first_out is None or len(micro_batches) > 1:
         with torch.no_grad():
-            outs = [modeling.forward_pairs(model, collate(mb, pad, device), engine=engine) for mb in micro_batches]
-    local = [float(losses.pair_distances(o[2], o[3]).sum()) for o in outs]
+            outs = [modeling.forward_pairs(model, collate(mb, pad, device), engine=engine, pooled=pooled(cfg))
+                    for mb in micro_batches]
+    local = [float(losses.pair_distances(o[2], o[3], kind=cfg.loss.distance).sum()) for o in outs]
     total, count = comm.all_reduce([sum(local), float(sum(len(mb) for mb in micro_batches))])
     return total / count
 
@@ -302,14 +327,14 @@ def train_one_step(cfg, engine, model, micro_batches, ema, pad, device, step, co
     its backward, and μ is committed only once the step has been taken, so a skipped step leaves μ as it was.
     A skipped step still advances the LR schedule, which stays a function of the step counter.
     ``diagnostics``, when given, receives ``[B, 2]`` = (distance, score-head gradient norm) of micro-batch 0."""
-    first = modeling.forward_pairs(model, collate(micro_batches[0], pad, device), engine=engine)
+    first = modeling.forward_pairs(model, collate(micro_batches[0], pad, device), engine=engine, pooled=pooled(cfg))
     distance = _step_distance(cfg, engine, model, micro_batches, pad, device,
                               first if len(micro_batches) == 1 else None, comm)
     mu = ema.peek(distance) if distance is not None else None
     per_micro = []
     for j, rows in enumerate(micro_batches):
         batch = collate(rows, pad, device)
-        out = first if j == 0 else modeling.forward_pairs(model, batch, engine=engine)
+        out = first if j == 0 else modeling.forward_pairs(model, batch, engine=engine, pooled=pooled(cfg))
         if os.environ.get("NORMBT_NAN_AT_STEP") == str(step):  # test hook for the NaN guard
             out = (out[0] * float("nan"), *out[1:])
         loss, metrics = _loss(cfg, out, batch, mu)
@@ -357,9 +382,10 @@ def evaluate(cfg, engine, model, rows: list[dict], pad, device, comm: Collective
     lengths = [max(r["chosen_len"], r["rejected_len"]) for r in rows]  # chosen and rejected pad together
     for chunk in eval_batches(len(rows), comm.world, comm.rank, max(1, cfg.train.micro_batch_size * 2), lengths):
         batch_rows = [rows[i] for i in chunk] or rows[:1]
-        rc, rr, hc, hr = modeling.forward_pairs(model, collate(batch_rows, pad, device), engine=engine)
+        rc, rr, hc, hr = modeling.forward_pairs(model, collate(batch_rows, pad, device), engine=engine,
+                                                pooled=pooled(cfg))
         if chunk:
-            d = losses.pair_distances(hc, hr)
+            d = losses.pair_distances(hc, hr, kind=cfg.loss.distance)
             local += list(zip(chunk, rc.tolist(), rr.tolist(), d.float().tolist(), strict=True))
     table = comm.all_gather_rows(np.array(local, dtype=np.float64).reshape(-1, 4))
     table = table[np.argsort(table[:, 0], kind="stable")]

@@ -44,6 +44,13 @@ stopping). Each trial's exported model (``model/`` of its final checkpoint) is t
 benchmark's overall score and each of its sections, the table gives the mean and 95% t-interval over seeds per
 loss setting, and for the paired difference (setting − first setting, paired by seed).
 
+Each loss at its own lr (``tune.compare_lr_grid``, empty by default): before the seeded trials, every setting
+that does not fix ``train.lr`` itself trains at each grid lr with ``tune.compare_lr_seeds`` seeds (a Tune
+experiment of its own, ``<storage>/tune_lr``), and keeps the lr with the best mean ``tune.metric`` on the
+validation split (ties: the smaller lr; :func:`pipeline.compare.choose_lrs`); these trials are never scored on a
+benchmark. The setting's seeds then all train at that lr; ``lr_search.csv`` [lr_search] lists every (setting,
+lr) with its mean, and ``compare.csv`` and ``trials.csv`` name each setting's lr.
+
 Resources: in process, a trial's actor reserves ``train.num_workers × train.cpus_per_worker`` CPUs (and one
 GPU when training on GPUs). With Ray Train, a trial function reserves 0.1 CPU (:data:`TRIAL_CPUS`) and its
 Train workers ``train.num_workers × train.cpus_per_worker``. Unless ``tune.max_concurrent_trials`` is set,
@@ -83,17 +90,20 @@ Outputs (stage folder; manifest names in brackets):
   end; ``STOPPED``: stopped early by ASHA; ``ERROR``), ``best``, ``checkpoint``, ``mlflow_run_id``, ``error``,
   and in compare mode the benchmark metrics.
 * ``best_config.json`` [best_config]: only the chosen dotted keys → values (search: the searched keys of the
-  best trial; compare: the loss setting with the higher mean validation accuracy). The train stage applies it.
+  best trial; compare: the loss setting with the higher mean validation accuracy, with its searched
+  ``train.lr`` when the lr search ran). The train stage applies it.
 * [best_checkpoint]: the best trial's final Ray Train checkpoint (search mode, when it completed).
-* compare mode: ``compare.csv`` [compare_table] (``loss, metric, mean, ci_low, ci_high, n``; ``loss`` is a
+* compare mode: ``compare.csv`` [compare_table] (``loss, metric, mean, ci_low, ci_high, n, lr``; ``loss`` is a
   setting's label or ``diff`` — with more than two settings ``diff:<label>-<first label>``; metrics: the
   validation metric, each benchmark's overall and sections, and ``grad/distance_slope``) and
-  ``compare.png`` [compare_plot]. Pair-level evidence, each later setting against the first:
+  ``compare.png`` [compare_plot]. Pair-level evidence, each later setting against the first (the analysis is
+  :mod:`pipeline.compare_analysis`; this stage scores the trials and the reference model and writes its results):
   ``paired_stats.csv`` [paired_stats] (per benchmark, for all pairs and per section: accuracies as plain means
-  over pairs × seeds, the difference with a 95% pair-bootstrap interval that resamples pairs with their seeds,
-  its SE and minimum detectable effect at 80% power; McNemar's exact test over pairs, a pair counting once with
-  its seeds averaged, and ``p_holm``, that p over all pairs adjusted by Holm's method across the benchmarks, one
-  family per setting; seeds missing for either setting are left out);
+  over pairs × seeds; the difference over training runs and pairs, :func:`pipeline.compare.paired_bootstrap`:
+  95% interval, SE split into seed and pair parts, MDE at 80% power, p-value, ``p_holm`` (Holm across the
+  comparison's benchmarks and sections) and ``seeds_for_mde`` (seeds per loss for a 3-point MDE); conditional on
+  these trained models: the pair-only bootstrap interval and McNemar's exact test over pairs; seeds missing for
+  either setting are left out);
   ``shared_bins.csv`` [shared_bins] with ``shared_bin_edges.json`` [shared_bin_edges] (every pair binned once
   by its distance under ``tune.reference_model``, default the untrained starting model: accuracy per bin for
   each setting on the same pairs, and among cells where the two disagree the share each wins);
@@ -103,8 +113,8 @@ Outputs (stage folder; manifest names in brackets):
 
 Metrics: ``tune/best_<metric>``, ``tune/trials``, ``tune/completed``, ``tune/stopped``, ``tune/errors``;
 compare mode adds ``compare/<loss>/<metric>_mean`` / ``_ci_low`` / ``_ci_high`` (``loss`` also ``diff``) and
-``compare/paired/<benchmark>/<loss>/diff`` / ``ci_low`` / ``ci_high`` / ``mde`` / ``p_value`` / ``p_holm``
-(all pairs).
+``compare/paired/<benchmark>/<loss>/diff`` / ``ci_low`` / ``ci_high`` / ``mde`` / ``p_value`` / ``p_holm`` /
+``seeds_for_mde`` (all pairs, over training runs).
 """
 
 from __future__ import annotations
@@ -125,15 +135,14 @@ import numpy as np
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.compare import (compare_grid, compare_metric_names, compare_table, finite, is_compared, plain,
-                              plot_compare, plot_gradient_pairs)
+from pipeline.compare import compare_grid, finite, is_compared, plain
+from pipeline.compare_analysis import GRAD_SLOPE
 from pipeline.raycluster import await_free_cpu, job_placement_groups, remove_placement_groups
 from pipeline.artifacts import Manifest, write_json
 from pipeline.config import PipelineConfig, SearchDomain, flatten, from_flat
 from pipeline.stage import STAGES, StageContext, StageResult, stage_hash
 
 TRIAL_CPUS = 0.1  # the trial function only drives its TorchTrainer (0 is rejected by Tune)
-GRAD_SLOPE = "grad/distance_slope"  # the train loop's final metric: log-log slope of gradient norm on distance
 GRID_KEY = "grid_index"  # compare mode's only Tune parameter: the index into the losses × seeds grid
 CHECKPOINT_KEY = "checkpoint_path"  # added to the Tune result by TuneReportCallback when Train checkpoints
 EXPERIMENT = "tune"
@@ -345,19 +354,16 @@ def tune_reward_model(ctx: StageContext) -> StageResult:
     concurrency = derive_concurrency(ray.cluster_resources(), base, launcher)
     digest = stage_hash(cfg, STAGES["tune"], ctx.upstream)
     if cfg.tune.mode == "compare":
-        benches = cfg.rewardbench.benchmarks
-        grid = compare_grid(cfg)
-        setup = TrialSetup(cfg=base, data=data, storage_path=f"{storage}/{TRIALS_FOLDER}", tracker=ctx.tracker,
-                           mode="compare", digest=digest, grid=tuple(g["overrides"] for g in grid),
-                           controller_failure_limit=cfg.tune.controller_failure_limit,
-                           start_timeout_s=_start_timeout(cfg), concurrency=concurrency, launcher=launcher)
+        lrs, lr_files = _search_lrs(ctx, base, data, digest, storage, concurrency, launcher)
+        grid = compare_grid(cfg, lrs)
+        setup = _compare_setup(ctx, base, data, digest, f"{storage}/{TRIALS_FOLDER}", grid, concurrency, launcher)
         ctx.log(f"  tune: compare {len(grid)} trials ({cfg.tune.seeds} seeds × "
                 f"{', '.join(dict.fromkeys(g['loss'] for g in grid))}), {concurrency} at a time, "
                 f"{_launcher_words(launcher, base)}")
         results = _fit(ctx, setup, param_space={GRID_KEY: _grid_search(len(grid))}, num_samples=1,
                        scheduler=None, search_alg=None, concurrency=concurrency, storage=storage,
                        expected=len(grid))
-        return _compare_outputs(ctx, results, grid, benches)
+        return _compare_outputs(ctx, results, grid, cfg.rewardbench.benchmarks, lr_files)
     eval_every = eval_cadence(max_steps, base.train.eval_every, cfg.tune.eval_reports)
     base = from_flat({"train.eval_every": eval_every}, base=base)
     space = search_space(cfg.tune.search_space)
@@ -375,6 +381,43 @@ def tune_reward_model(ctx: StageContext) -> StageResult:
                    search_alg=search_alg, concurrency=concurrency, storage=storage,
                    expected=cfg.tune.num_samples)
     return _search_outputs(ctx, results, list(space))
+
+
+def _compare_setup(ctx: StageContext, base: PipelineConfig, data: Manifest, digest: str, trials_path: str,
+                   grid: list[dict[str, Any]], concurrency: int, launcher: str) -> TrialSetup:
+    return TrialSetup(cfg=base, data=data, storage_path=trials_path, tracker=ctx.tracker, mode="compare",
+                      digest=digest, grid=tuple(g["overrides"] for g in grid),
+                      controller_failure_limit=ctx.cfg.tune.controller_failure_limit,
+                      start_timeout_s=_start_timeout(ctx.cfg), concurrency=concurrency, launcher=launcher)
+
+
+def _search_lrs(ctx: StageContext, base: PipelineConfig, data: Manifest, digest: str, storage: str,
+                concurrency: int, launcher: str) -> tuple[dict[str, float], dict[str, Path]]:
+    """Compare mode's first phase (``tune.compare_lr_grid``): every setting without its own ``train.lr`` trains
+    at each grid lr (``tune.compare_lr_seeds`` seeds) and keeps the lr with the best mean validation metric. Only
+    validation decides; these trials are never scored on a benchmark. Writes ``lr_search.csv``."""
+    from pipeline.compare import choose_lrs, lr_search_grid
+
+    grid = lr_search_grid(ctx.cfg)
+    if not grid:
+        return {}, {}
+    setup = _compare_setup(ctx, base, data, digest, f"{storage}/{TRIALS_FOLDER}_lr", grid, concurrency, launcher)
+    ctx.log(f"  tune: lr search on validation, {len(grid)} trials (lr {list(ctx.cfg.tune.compare_lr_grid)} × "
+            f"{ctx.cfg.tune.compare_lr_seeds} seed(s) × {len(dict.fromkeys(g['loss'] for g in grid))} settings)")
+    records = _fit(ctx, setup, param_space={GRID_KEY: _grid_search(len(grid))}, num_samples=1, scheduler=None,
+                   search_alg=None, concurrency=concurrency, storage=storage, expected=len(grid),
+                   name=f"{EXPERIMENT}_lr")
+    metric = ctx.cfg.tune.metric
+    for r in records:
+        cell = grid[int(r["config"][GRID_KEY])]
+        r.update(loss=cell["loss"], seed=cell["seed"], lr=cell["lr"])
+    table, chosen = choose_lrs(records, metric)
+    path = ctx.out_dir / "lr_search.csv"
+    table.to_csv(path, index=False)
+    ctx.tracker.log_artifact(path)
+    for label, lr in chosen.items():
+        ctx.log(f"  tune: {label} trains at lr {lr:g} (best mean {metric} of the lr search)")
+    return chosen, {"lr_search": path}
 
 
 def _launcher_words(launcher: str, cfg: PipelineConfig) -> str:
@@ -452,13 +495,14 @@ def _env(name: str, value: str) -> Iterator[None]:
 
 
 def _fit(ctx: StageContext, setup: TrialSetup, *, param_space: dict, num_samples: int, scheduler: Any,
-         search_alg: Any, concurrency: int, storage: str, expected: int) -> list[dict[str, Any]]:
-    """Run (or resume) the experiment; one dict per trial (see :func:`_trial_record`)."""
+         search_alg: Any, concurrency: int, storage: str, expected: int, name: str = EXPERIMENT
+         ) -> list[dict[str, Any]]:
+    """Run (or resume) the experiment ``name``; one dict per trial (see :func:`_trial_record`)."""
     from ray import tune
 
     trainable = tune.with_resources(make_trainable(setup), trial_resources(setup.cfg, setup.launcher))
-    experiment = f"{storage}/{EXPERIMENT}"
-    marker = ctx.out_dir / "experiment.json"
+    experiment = f"{storage}/{name}"
+    marker = ctx.out_dir / ("experiment.json" if name == EXPERIMENT else f"experiment-{name}.json")
     digest = setup.digest
     previous = json.loads(marker.read_text()) if marker.is_file() else {}
     if previous.get("hash") == digest and tune.Tuner.can_restore(experiment):
@@ -475,7 +519,7 @@ def _fit(ctx: StageContext, setup: TrialSetup, *, param_space: dict, num_samples
                                         scheduler=scheduler, search_alg=search_alg,
                                         max_concurrent_trials=concurrency,
                                         reuse_actors=setup.launcher == "in_process"),
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage, verbose=1,
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=0)))
     before = job_placement_groups()
     try:
@@ -612,7 +656,11 @@ def _counts(records: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def _compare_outputs(ctx: StageContext, records: list[dict[str, Any]], grid: list[dict[str, Any]],
-                     benches: list[Any]) -> StageResult:
+                     benches: list[Any], lr_files: Mapping[str, Path]) -> StageResult:
+    """Score every completed trial on the benchmarks, then hand the analysis to :mod:`pipeline.compare_analysis`
+    and write, log and return what it found."""
+    from pipeline.compare_analysis import pair_evidence, paired_summary, seed_summary, write_pair_evidence, \
+        write_seed_outputs
     from pipeline.train_loop import GRADIENT_PAIRS
 
     metric = ctx.cfg.tune.metric
@@ -634,46 +682,38 @@ def _compare_outputs(ctx: StageContext, records: list[dict[str, Any]], grid: lis
                     r[key] = value
                     bench_names.append(key)
     labels = list(dict.fromkeys(g["loss"] for g in grid))
-    names = compare_metric_names(list(dict.fromkeys(bench_names)), metric) + [GRAD_SLOPE]
-    table = compare_table(records, names, labels)
-    table_path = ctx.out_dir / "compare.csv"
-    table.to_csv(table_path, index=False)
-    plot_path = plot_compare(table[table["metric"] != GRAD_SLOPE], ctx.out_dir / "compare.png")
-    means = {lab: table[(table["loss"] == lab) & (table["metric"] == metric)]["mean"].iloc[0] for lab in labels}
-    scored_labels = [lab for lab in labels if finite(means[lab])]
-    if not scored_labels:
-        raise RuntimeError(f"no compare trial completed with a finite {metric!r}")
-    winner = max(scored_labels, key=lambda lab: (means[lab], -labels.index(lab)))
-    setting = next(g["setting"] for g in grid if g["loss"] == winner)
+    lrs = {g["loss"]: g["lr"] for g in grid}
+    summary = seed_summary(records, labels, metric, bench_names, lrs)
+    winner_cell = next(g for g in grid if g["loss"] == summary.winner)
+    setting = {k: v for k, v in winner_cell["overrides"].items() if k not in ("train.seed", "model.seed")}
     best_path = write_json(ctx.out_dir / "best_config.json", {k: plain(v) for k, v in setting.items()})
     keys = list(dict.fromkeys(k for g in grid for k in g["setting"]))
     columns = {"loss": [r["loss"] for r in records], "seed": [r["seed"] for r in records],
-               **{k: [plain(r["setting"].get(k)) for r in records] for k in keys}}
+               "lr": [lrs[r["loss"]] for r in records],
+               **{k: [plain(r["setting"].get(k)) for r in records] for k in keys if k != "train.lr"}}
     for r in records:
-        r["best"] = r["loss"] == winner
+        r["best"] = r["loss"] == summary.winner
     trials = _trials_frame(records, metric, columns)
-    for name in names[1:]:
+    for name in summary.metric_names[1:]:
         trials[name] = [r.get(name, math.nan) for r in records]
     trials_path = ctx.out_dir / "trials.csv"
     trials.to_csv(trials_path, index=False)
     seeds = sorted({g["seed"] for g in grid})
-    evidence = _pair_evidence(ctx, benches, score_files, labels, seeds)
-    gradient_plot = plot_gradient_pairs(
-        {lab: np.concatenate(p) for lab, p in gradient_points.items() if p}, ctx.out_dir / "gradient_slopes.png")
-    files = {"compare_table": table_path, "compare_plot": plot_path, "best_config": best_path, "trials": trials_path,
-             "gradient_plot": gradient_plot, **evidence}
+    scored_benches = [b for b in benches if score_files[b.name]]
+    references, reference_model = _reference_scores(ctx, scored_benches) if scored_benches else ({}, "")
+    evidence = pair_evidence(score_files, references, labels, seeds, n_boot=ctx.cfg.tune.bootstrap,
+                             seed=ctx.cfg.train.seed, distance_bins=ctx.cfg.rewardbench.distance_bins)
+    files = {**write_seed_outputs(summary, gradient_points, ctx.out_dir), "best_config": best_path,
+             "trials": trials_path, **write_pair_evidence(evidence, ctx.out_dir, reference_model), **lr_files}
     for path in files.values():
         ctx.tracker.log_artifact(path)
-    stage_metrics: dict[str, Any] = {f"tune/best_{metric}": means[winner], **_counts(records)}
-    for row in table.itertuples():
-        for field in ("mean", "ci_low", "ci_high"):
-            if finite(getattr(row, field)):  # one seed: no interval
-                stage_metrics[f"compare/{row.loss}/{row.metric}_{field}"] = float(getattr(row, field))
-    for row in table[table["loss"].str.startswith("diff")].itertuples():
-        ctx.log(f"  compare {row.loss} {row.metric}: {row.mean:+.4f} [{row.ci_low:+.4f}, {row.ci_high:+.4f}] "
-                f"(n={row.n})")
-    stage_metrics.update(_paired_metrics(ctx, files))
-    ctx.log(f"  tune: {winner} has the higher mean {metric} ({means[winner]:.4f}); best_config {setting}")
+    paired_metrics, paired_lines = paired_summary(evidence["paired_stats"])
+    for line in summary.lines + paired_lines:
+        ctx.log(line)
+    ctx.log(f"  tune: {summary.winner} has the higher mean {metric} ({summary.means[summary.winner]:.4f}); "
+            f"best_config {setting}")
+    stage_metrics = {f"tune/best_{metric}": summary.means[summary.winner], **_counts(records), **summary.metrics,
+                     **paired_metrics}
     return StageResult(outputs={k: str(v) for k, v in files.items()}, metrics=stage_metrics)
 
 
@@ -699,50 +739,7 @@ def _score_trial(ctx: StageContext, r: dict[str, Any], benches: list[Any], gradi
     return scored, points.reshape(-1, 2)
 
 
-def _pair_evidence(ctx: StageContext, benches: list[Any], score_files: dict[str, dict[tuple[str, int], pd.DataFrame]],
-                   labels: list[str], seeds: list[int]) -> dict[str, Path]:
-    """Pair-level evidence per benchmark (module docstring): paired statistics, shared-reference distance bins
-    with the disagreement analysis, length-only controls."""
-    from pipeline.compare import (align_pairs, assign_bins, paired_table, shared_bin_edges, shared_bin_table,
-                                  with_holm)
-
-    scored = [b for b in benches if score_files[b.name]]
-    reference = _reference_scores(ctx, scored) if scored else {"__model__": ""}
-    paired, binned, lengths, edges_out = [], [], [], {}
-    for bench in scored:
-        pairs, scores = align_pairs(score_files[bench.name], labels, seeds)
-        if pairs.empty:
-            continue
-        stats = paired_table(pairs, scores, n_boot=ctx.cfg.tune.bootstrap, seed=ctx.cfg.train.seed)
-        paired.append(stats.assign(benchmark=bench.name))
-        ref_frame, controls = reference[bench.name]
-        distance = ref_frame.assign(id=ref_frame["id"].astype(str)).set_index("id").loc[pairs["id"], "distance"]
-        edges = shared_bin_edges(distance.to_numpy(), ctx.cfg.rewardbench.distance_bins)
-        edges_out[bench.name] = edges.tolist()
-        table = shared_bin_table(assign_bins(distance.to_numpy(), edges), edges, scores)
-        binned.append(table.assign(benchmark=bench.name))
-        for section, control in controls.items():
-            sel = np.ones(len(pairs), bool) if section == "all" else (pairs["section"] == section).to_numpy()
-            row = {"benchmark": bench.name, "section": section, "n": control["n"],
-                   "longer_wins": control["longer_wins"], "shorter_wins": control["shorter_wins"]}
-            row.update({f"accuracy:{lab}": float(np.nanmean(scores[lab][sel])) if sel.any() else math.nan
-                        for lab in labels})
-            lengths.append(row)
-    out = ctx.out_dir
-    files = {"paired_stats": out / "paired_stats.csv", "shared_bins": out / "shared_bins.csv",
-             "length_controls": out / "length_controls.csv", "shared_bin_edges": out / "shared_bin_edges.json"}
-    with_holm(_concat(paired)).to_csv(files["paired_stats"], index=False)
-    _concat(binned).to_csv(files["shared_bins"], index=False)
-    _concat([pd.DataFrame(lengths)] if lengths else []).to_csv(files["length_controls"], index=False)
-    write_json(files["shared_bin_edges"], {"reference_model": reference["__model__"], "edges": edges_out})
-    return files
-
-
-def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"benchmark": []})  # a header, no rows
-
-
-def _reference_scores(ctx: StageContext, benches: list[Any]) -> dict[str, Any]:
+def _reference_scores(ctx: StageContext, benches: list[Any]) -> tuple[dict[str, Any], str]:
     """Every benchmark scored once by the reference model (``tune.reference_model``, default the untrained
     starting model): its per-pair distances bin the pairs for every loss; its run also yields the length
     controls (they depend on the texts only). The untrained model is built on the driver and saved once into
@@ -752,6 +749,7 @@ def _reference_scores(ctx: StageContext, benches: list[Any]) -> dict[str, Any]:
 
     from pipeline import modeling
     from pipeline.benchmarks import score_benchmark
+    from pipeline.compare_analysis import Reference
 
     cfg = ctx.cfg
     model_path = cfg.tune.reference_model
@@ -767,27 +765,12 @@ def _reference_scores(ctx: StageContext, benches: list[Any]) -> dict[str, Any]:
         del model
     ref_ctx = dataclasses.replace(ctx, out_dir=ctx.out_dir / "scores" / "reference",
                                   tracker=tracking.RunLogger(None, None))
-    out: dict[str, Any] = {"__model__": cfg.tune.reference_model or "untrained starting model"}
+    out = {}
     for bench in benches:
         outputs, _ = score_benchmark(bench, model_path, ref_ctx)
         summary = json.loads(Path(outputs[f"{bench.name}/metrics"]).read_text())
-        out[bench.name] = (pd.read_parquet(outputs[f"{bench.name}/scores"]), summary["length_controls"])
-    return out
-
-
-def _paired_metrics(ctx: StageContext, files: Mapping[str, Path]) -> dict[str, float]:
-    """Stage metrics and log lines of the paired statistics over all pairs of each benchmark."""
-    stats = pd.read_csv(files["paired_stats"])
-    out: dict[str, float] = {}
-    for row in stats[stats["scope"] == "all"].itertuples() if "scope" in stats else []:
-        prefix = f"compare/paired/{row.benchmark}/{row.loss}"
-        for field in ("diff", "ci_low", "ci_high", "mde", "p_value", "p_holm"):
-            if finite(getattr(row, field)):
-                out[f"{prefix}/{field}"] = float(getattr(row, field))
-        ctx.log(f"  paired over {row.n_pairs} {row.benchmark} pairs × {row.n_seeds} seeds: {row.loss} − {row.versus} "
-                f"{row.diff:+.4f} [{row.ci_low:+.4f}, {row.ci_high:+.4f}], MDE {row.mde:.4f}, McNemar p "
-                f"{row.p_value:.3g}, Holm over benchmarks {row.p_holm:.3g} (pairs won {row.only_loss} vs {row.only_versus})")
-    return out
+        out[bench.name] = Reference(pd.read_parquet(outputs[f"{bench.name}/scores"]), summary["length_controls"])
+    return out, cfg.tune.reference_model or "untrained starting model"
 
 
 def _safe(text: str) -> str:

@@ -503,3 +503,91 @@ def test_ema_feeds_normbt_end_to_end() -> None:
     _, metrics = normbt_loss(t([1.0, 0.0]), t([0.0, 0.0]), chosen_h, rejected_h, mu=mu, eps=1e-3)
     assert metrics["weight_max"] == pytest.approx(7.5 / 5.001, rel=1e-6)
     assert metrics["weight_min"] == pytest.approx(7.5 / 10.001, rel=1e-6)
+
+
+# ---------------------------------------------------------------- baselines and ablations (reviewers, paper)
+
+
+def test_cosine_distance_is_one_minus_cos_and_zero_for_identical_pairs():
+    from pipeline.losses import pair_distances as distances
+
+    hc = torch.tensor([[1.0, 0.0], [1.0, 1.0], [2.0, 0.0], [0.0, 0.0]])
+    hr = torch.tensor([[0.0, 1.0], [1.0, 1.0], [-1.0, 0.0], [1.0, 0.0]])
+    got = distances(hc, hr, kind="cosine")
+    assert got.tolist() == pytest.approx([1.0, 0.0, 2.0, 1.0], abs=1e-6)  # orthogonal, same, opposite, zero vector
+    assert distances(hc * 10, hr, kind="cosine").tolist() == pytest.approx(got.tolist(), abs=1e-6)  # scale-blind
+    with pytest.raises(ValueError, match="distance kind"):
+        distances(hc, hr, kind="manhattan")
+
+
+def test_normbt_with_cosine_distance_weights_pairs_by_mu_over_cosine_distance():
+    """Two pairs with cosine distances 1 and 2, mu = 1.5, equal rewards (each BT term log 2):
+    weights 1.5/(1+eps) and 1.5/(2+eps), loss = log 2 * mean(weights)."""
+    hc = torch.tensor([[1.0, 0.0], [3.0, 0.0]])
+    hr = torch.tensor([[0.0, 5.0], [-1.0, 0.0]])
+    r = torch.zeros(2, requires_grad=True)
+    loss, metrics = normbt_loss(r, r.detach().clone(), hc, hr, mu=1.5, eps=1e-3, distance="cosine")
+    weights = [1.5 / (1 + 1e-3), 1.5 / (2 + 1e-3)]
+    assert loss.item() == pytest.approx(LOG2 * sum(weights) / 2)
+    assert metrics["distance_mean"] == pytest.approx(1.5) and metrics["weight_max"] == pytest.approx(weights[0])
+    l2_loss, _ = normbt_loss(r, r.detach().clone(), hc, hr, mu=1.5, eps=1e-3)
+    assert l2_loss.item() != pytest.approx(loss.item())  # the L2 distances (5.10, 4) weight differently
+
+
+def test_no_ema_is_each_steps_own_batch_mean():
+    """The paper's no-EMA ablation is loss.beta = 0: mu is the step's own (global) batch-mean distance."""
+    ema = DistanceEMA(0.0)
+    assert [ema.update(m) for m in (2.0, 5.0, 1.0)] == [2.0, 5.0, 1.0]
+    hc, hr = torch.tensor([[3.0, 4.0], [1.0, 0.0]]), torch.zeros(2, 2)  # distances 5 and 1: batch mean 3
+    r = torch.zeros(2)
+    mu = DistanceEMA(0.0).update(pair_distances(hc, hr).mean())
+    _, metrics = normbt_loss(r, r, hc, hr, mu=mu, eps=1e-3)
+    assert metrics["mu"] == pytest.approx(3.0)
+
+
+def test_clipped_bt_caps_each_pairs_score_head_gradient_at_c():
+    """Rewards r_c - r_r = 0 (sigmoid(-0) = 1/2), distances 1 and 8, c = 1: head-gradient norms 0.5 and 4,
+    weights 1 and 1/4; the clipped pair's gradient norm becomes exactly c, the other is untouched."""
+    from pipeline.losses import clip_weights, clipped_bt_loss, pair_gradient_norms
+
+    hc = torch.tensor([[1.0, 0.0], [0.0, 8.0]])
+    hr = torch.zeros(2, 2)
+    rc, rr = torch.zeros(2, requires_grad=True), torch.zeros(2)
+    d = pair_distances(hc, hr)
+    weights = clip_weights(rc, rr, d, clip=1.0)
+    assert weights.tolist() == pytest.approx([1.0, 0.25])
+    assert pair_gradient_norms(rc, rr, d, weights=weights).tolist() == pytest.approx([0.5, 1.0])
+    loss, metrics = clipped_bt_loss(rc, rr, hc, hr, clip=1.0)
+    assert loss.item() == pytest.approx(LOG2 * (1.0 + 0.25) / 2)
+    assert metrics["clipped_share"] == pytest.approx(0.5) and metrics["weight_min"] == pytest.approx(0.25)
+    loss.backward()  # the weight is a constant: d loss / d r_c,i = -w_i * sigmoid(-0) / B
+    assert rc.grad.tolist() == pytest.approx([-0.25, -0.0625])
+    # the spec's formula min(1, c / (sigmoid(-m) d)) at another margin: m = 2, d = 8
+    m = torch.tensor([2.0])
+    w = clip_weights(m, torch.zeros(1), torch.tensor([8.0]), clip=0.5)
+    assert w.item() == pytest.approx(min(1.0, 0.5 / (torch.sigmoid(-m).item() * 8.0)))
+    with pytest.raises(ValueError, match="clip"):
+        clip_weights(rc, rr, d, clip=0.0)
+
+
+def test_mean_pooled_averages_only_real_tokens():
+    from pipeline.losses import mean_pooled
+
+    hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]], [[5.0, 6.0], [0.0, 0.0], [0.0, 0.0]]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert mean_pooled(hidden, mask).tolist() == [[2.0, 3.0], [5.0, 6.0]]
+    assert mean_pooled(hidden, torch.zeros(2, 3)).tolist() == [[0.0, 0.0], [0.0, 0.0]]
+    with pytest.raises(ValueError, match="attention_mask"):
+        mean_pooled(hidden, mask[:, :2])
+
+
+def test_head_input_layernorm_has_no_affine_and_removes_scale():
+    from pipeline.losses import head_input_layernorm
+
+    h = torch.tensor([[1.0, 2.0, 3.0, 6.0]], dtype=torch.bfloat16)
+    got = head_input_layernorm(h)
+    x = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    assert got.dtype == torch.float32
+    assert got[0].tolist() == pytest.approx(((x - x.mean()) / torch.sqrt(x.var(unbiased=False) + 1e-5)).tolist(),
+                                            abs=1e-5)
+    assert head_input_layernorm(h.float() * 100)[0].tolist() == pytest.approx(got[0].tolist(), abs=1e-4)

@@ -211,3 +211,43 @@ def test_batched_encoding_equals_one_conversation_at_a_time(name, tmp_path):
     assert M.encode_batch(tok, conversations) == one_by_one
     assert [M.encode_messages(tok, c) for c in conversations] == one_by_one
     assert len({tuple(x) for x in one_by_one}) == len(one_by_one)
+
+
+@pytest.mark.parametrize("name", ["tiny:llama", "tiny:bert"])
+def test_layernorm_head_input_is_trained_and_exported_with_the_model(name, tmp_path):
+    """The LayerNorm baseline: the head reads LayerNorm(h) in training (forward_pairs), the flag travels in
+    config.json, and every scorer of this project (forward_rewards, the MLflow pyfunc) scores the exported model
+    exactly as training did."""
+    from pipeline import pyfunc_model
+    tok = M.load_tokenizer(name)
+    model = M.build_reward_model(name, tok, seed=1, head_input_norm="layernorm")
+    batch = _batch(tok)
+    with torch.no_grad():
+        rc, rr, hc, hr = M.forward_pairs(model, batch)
+        plain_rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+    head = M.score_head(model)
+    torch.testing.assert_close(hc.mean(-1), torch.zeros(2), atol=1e-5, rtol=0)  # normalised: zero mean per vector
+    torch.testing.assert_close(head(torch.cat([hc, hr])).squeeze(-1), torch.cat([rc, rr]), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(plain_rewards, torch.cat([rc, rr]))  # without the rule the head reads raw h
+    folder = M.save_reward_model(model, tok, tmp_path / "rm")
+    loaded, _ = M.load_exported(folder)
+    assert getattr(loaded.config, M.HEAD_INPUT_NORM) == "layernorm"
+    with torch.no_grad():
+        after, _ = M.forward_rewards(loaded, batch["input_ids"], batch["attention_mask"])
+        with pyfunc_model._head_in_fp32(loaded):
+            pyfunc = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+    torch.testing.assert_close(after, torch.cat([rc, rr]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pyfunc, torch.cat([rc, rr]), rtol=1e-5, atol=1e-6)
+
+
+def test_pooled_forward_returns_the_mean_of_the_last_hidden_states():
+    tok = M.load_tokenizer("tiny:bert")
+    model = M.build_reward_model("tiny:bert", tok, seed=1)
+    batch = _batch(tok)
+    with torch.no_grad():
+        rc, rr, pc, pr = M.forward_pairs(model, batch, pooled=True)
+        rc0, rr0, _, _ = M.forward_pairs(model, batch)
+        last = model(**batch, output_hidden_states=True).hidden_states[-1]
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    torch.testing.assert_close(torch.cat([pc, pr]), (last * mask).sum(1) / mask.sum(1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([rc, rr]), torch.cat([rc0, rr0]))  # the rewards do not change

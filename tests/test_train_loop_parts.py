@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -234,3 +235,44 @@ def test_a_torchrun_rendezvous_is_left_alone(monkeypatch):
         monkeypatch.setenv(key, value)
     single_process_env()
     assert {k: os.environ[k] for k in torchrun} == torchrun
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["loss.name=bt", "loss.head_input_norm=layernorm"], "layernorm"),
+    (["loss.name=bt_clip", "loss.clip=0.01"], "clipped_share"),
+    (["loss.name=normbt", "loss.distance=cosine"], "mu"),
+    (["loss.name=normbt", "loss.beta=0.0"], "mu"),
+    (["loss.name=normbt", "loss.representation=mean_pooled"], "mu"),
+])
+def test_every_loss_setting_trains_a_step_with_its_own_distance_and_weights(overrides, expected):
+    """Each baseline / ablation goes through the loop's step: its loss, its distance for μ (NormBT), and the
+    gradient diagnostics (none under the mean-pooled representation, whose forward has no head input)."""
+    from pipeline import losses, modeling
+    from pipeline.config import load_config
+    from pipeline.distributed import Collectives
+    from pipeline.train_loop import collate, pooled, reward_model_for, train_one_step
+    from tests.helpers import PlainEngine
+
+    cfg = load_config(None, ["model.name_or_path=tiny:bert", *overrides])
+    tok = modeling.load_tokenizer("tiny:bert")
+    model = reward_model_for(cfg, tok)
+    engine = PlainEngine(model, lr_lambda=lambda step: 1.0)
+    ema, comm = losses.DistanceEMA(cfg.loss.beta), Collectives(torch.device("cpu"))
+    ids = [tok(t)["input_ids"] for t in ("one two", "three four five", "six", "seven eight nine ten")]
+    rows = [{"chosen_ids": ids[i], "rejected_ids": ids[i + 1], "chosen_len": 1, "rejected_len": 1, "margin": None}
+            for i in range(3)]
+    batch = collate(rows, tok.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        _, _, hc, hr = modeling.forward_pairs(model, batch, pooled=pooled(cfg))
+    diagnostics: list = []
+    metrics = train_one_step(cfg, engine, model, [rows], ema, tok.pad_token_id, torch.device("cpu"), 0, comm,
+                             diagnostics)
+    assert metrics is not None and math.isfinite(metrics["loss"])
+    if expected == "layernorm":
+        assert getattr(model.config, modeling.HEAD_INPUT_NORM) == "layernorm"
+        assert hc.mean(-1).abs().max() < 1e-4  # the head reads (and the loop sees) the normalised input
+    else:
+        assert expected in metrics
+    if cfg.loss.name == "normbt":  # μ after the first step is that step's mean distance, of the configured kind
+        assert ema.mu == pytest.approx(float(losses.pair_distances(hc, hr, kind=cfg.loss.distance).mean()), rel=1e-5)
+    assert diagnostics[0].shape == ((0, 2) if pooled(cfg) else (3, 2))

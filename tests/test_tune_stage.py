@@ -136,6 +136,34 @@ def test_compare_grid_and_labels():
 
 
 @pytest.mark.unit
+def test_each_setting_searches_its_own_lr_on_validation_then_trains_its_seeds_there():
+    cfg = load_config(None, ["tune.seeds=2", "tune.compare_lr_grid=[1e-4, 3e-4]", "tune.compare_lr_seeds=2",
+                             "tune.losses=[{loss.name: bt}, {loss.name: normbt}, {loss.name: bt, train.lr: 5e-5}]",
+                             "tune.trial_overrides={train.max_steps: 3}"])
+    search = C.lr_search_grid(cfg)  # the setting with its own lr is not searched
+    assert [(g["loss"], g["lr"], g["seed"]) for g in search] == [
+        ("bt", 1e-4, 0), ("bt", 1e-4, 1), ("bt", 3e-4, 0), ("bt", 3e-4, 1),
+        ("normbt", 1e-4, 0), ("normbt", 1e-4, 1), ("normbt", 3e-4, 0), ("normbt", 3e-4, 1)]
+    assert search[2]["overrides"] == {"loss.name": "bt", "train.lr": 3e-4, "train.seed": 0, "model.seed": 0}
+    val = {("bt", 1e-4): [0.6, 0.7], ("bt", 3e-4): [0.7, 0.6], ("normbt", 1e-4): [0.5, 0.6],
+           ("normbt", 3e-4): [0.8, float("nan")]}  # bt: a tie (the smaller lr wins); normbt: one seed failed
+    records = [{"loss": g["loss"], "lr": g["lr"], "seed": g["seed"], "val_accuracy": val[(g["loss"], g["lr"])][g["seed"]],
+                "status": "COMPLETED" if g["seed"] == 0 or g["loss"] == "bt" else "ERROR"} for g in search]
+    table, chosen = C.choose_lrs(records, "val_accuracy")
+    assert chosen == {"bt": 1e-4, "normbt": 3e-4}
+    assert table.set_index(["loss", "lr"]).loc[("normbt", 3e-4), "n"] == 1
+    assert table["chosen"].sum() == 2
+    grid = C.compare_grid(cfg, chosen)
+    assert {g["loss"]: g["lr"] for g in grid} == {"bt": 1e-4, "normbt": 3e-4, "name=bt,train.lr=5e-5": 5e-5}
+    assert grid[2]["overrides"]["train.lr"] == 3e-4 and grid[2]["setting"] == {"loss.name": "normbt"}
+    assert {g["lr"] for g in C.compare_grid(cfg)} == {1e-4, 5e-5}  # no search: train.lr, or the setting's own
+    with pytest.raises(RuntimeError, match="normbt"):
+        C.choose_lrs([{**r, "status": "ERROR"} if r["loss"] == "normbt" else r for r in records], "val_accuracy")
+    with pytest.raises(ConfigError, match="compare_lr_grid"):
+        load_config(None, ["tune.compare_lr_grid=[0.0]"])
+
+
+@pytest.mark.unit
 def test_trial_status_and_best_trial_choice():
     from types import SimpleNamespace
 
@@ -223,17 +251,22 @@ def test_search_trials_train_one_after_another_in_one_reused_process(tmp_path, d
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_compare_reports_means_and_paired_intervals(tmp_path, data_manifest, ray_session):
     """Also the Ray Train launcher (what trials on several GPUs use): every trial a TorchTrainer."""
     bench = json.dumps([{"name": "synthetic", "synthetic": {"n_test": 32}}])
     cfg, manifest = _run_tune(tmp_path, data_manifest, [
         "tune.mode=compare", "tune.seeds=2", f"rewardbench.benchmarks={bench}", "rewardbench.max_length=128",
-        "rewardbench.batch_size=64", "tune.trial_launcher=ray_train"])
+        "rewardbench.batch_size=64", "tune.trial_launcher=ray_train", "tune.compare_lr_grid=[1e-4, 3e-4]"])
     assert set(manifest.outputs) == {"compare_table", "compare_plot", "best_config", "trials", "gradient_plot",
-                                     "paired_stats", "shared_bins", "length_controls", "shared_bin_edges"}
+                                     "paired_stats", "shared_bins", "length_controls", "shared_bin_edges",
+                                     "lr_search"}
+    lr_search = pd.read_csv(manifest.outputs["lr_search"])  # each loss's lr chosen on validation first
+    assert len(lr_search) == 4 and lr_search.groupby("loss")["chosen"].sum().to_dict() == {"bt": 1, "normbt": 1}
+    chosen = dict(zip(lr_search.loc[lr_search["chosen"], "loss"], lr_search.loc[lr_search["chosen"], "lr"]))
     table = pd.read_csv(manifest.outputs["compare_table"])
-    assert list(table.columns) == ["loss", "metric", "mean", "ci_low", "ci_high", "n"]
+    assert list(table.columns) == ["loss", "metric", "mean", "ci_low", "ci_high", "n", "lr"]
+    assert table.groupby("loss")["lr"].first().dropna().to_dict() == pytest.approx(chosen)
     assert set(table["loss"]) == {"bt", "normbt", "diff"}
     metrics = set(table["metric"])
     assert {"val_accuracy", "synthetic/overall", "grad/distance_slope"} <= metrics
@@ -266,8 +299,10 @@ def test_compare_reports_means_and_paired_intervals(tmp_path, data_manifest, ray
     assert sorted(zip(trials["loss"], trials["seed"])) == [("bt", 0), ("bt", 1), ("normbt", 0), ("normbt", 1)]
     assert (trials["status"] == "COMPLETED").all() and trials["synthetic/overall"].notna().all()
     winner = "normbt" if wide.loc["val_accuracy", "normbt"] > wide.loc["val_accuracy", "bt"] else "bt"
-    assert json.loads(Path(manifest.outputs["best_config"]).read_text()) == {"loss.name": winner}
+    assert json.loads(Path(manifest.outputs["best_config"]).read_text()) == {"loss.name": winner,
+                                                                             "train.lr": chosen[winner]}
+    assert trials.groupby("loss")["lr"].first().to_dict() == pytest.approx(chosen)
     assert manifest.metrics["compare/diff/val_accuracy_mean"] == pytest.approx(wide.loc["val_accuracy", "diff"])
-    runs = _child_runs(cfg, manifest.mlflow_run_id)
-    assert len(runs) == 4 and all("synthetic/overall" in r.data.metrics for r in runs)
+    runs = _child_runs(cfg, manifest.mlflow_run_id)  # 4 lr-search trials (validation only) and 4 compare trials
+    assert len(runs) == 8 and sum("synthetic/overall" in r.data.metrics for r in runs) == 4
     _assert_cpus_released(ray_session)
