@@ -3,10 +3,12 @@
 
     python run_pipeline.py [--config FILE] [--run-dir DIR] [--stages a,b] [key=value ...]
     python run_pipeline.py serve [--config FILE] [--model M] [--host H] [--port P] [key=value ...]
+    python run_pipeline.py score --model M --input F --output scores.parquet [--format FMT] [key=value ...]
 
 Defaults: ``configs/default.yaml`` (offline, minutes on 2 CPU cores) and ``runs/<run.name>``.
 A rerun skips finished stages and resumes a failed one. ``serve`` deploys the registry's champion (or ``--model``:
-models:/name@alias, a run directory, a save_pretrained folder) on Ray Serve until Ctrl-C (see pipeline/serving.py).
+models:/name@alias, a run directory, a save_pretrained folder) on Ray Serve until Ctrl-C (see pipeline/serving.py);
+``score`` scores a file of conversations or pairs with it on Ray Data (see pipeline/batch_scoring.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if args[:1] == ["serve"]:
         return serve(args[1:])
+    if args[:1] == ["score"]:
+        return score(args[1:])
     return run(argv)
 
 
@@ -58,6 +62,36 @@ def serve(argv: list[str]) -> int:
     finally:
         serving.stop()
         shutdown_if_started()
+
+
+def score(argv: list[str]) -> int:
+    """``run_pipeline.py score``: rewards of a file's conversations or preference pairs, on Ray Data."""
+    parser = argparse.ArgumentParser(prog="run_pipeline.py score", description=score.__doc__)
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--model", default=None, help="as for serve (default serve.model, else the champion)")
+    parser.add_argument("--input", required=True, help="a JSONL/JSON/Parquet file, glob or folder")
+    parser.add_argument("--output", required=True, help="the Parquet file to write")
+    parser.add_argument("--format", default="auto", help="the pairs' format (default: detected per row)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value (value parsed as YAML)")
+    args = parser.parse_args(argv)
+    from pipeline import batch_scoring, serving
+    from pipeline.config import ConfigError, load_config
+    from pipeline.raycluster import ensure_ray, shutdown_if_started
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        folder, _ = serving.resolve_model(cfg, args.model)
+        ensure_ray(cfg)
+        summary = batch_scoring.score_file(cfg, folder, args.input, args.output, fmt=args.format)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"score: {err}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown_if_started()
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary["reasons"].items())) or "none"
+    print(f"scored {summary['conversations']} conversations and {summary['pairs']} pairs into {summary['output']}; "
+          f"quarantined {summary['quarantined']} rows ({reasons}) into {summary['quarantine']}", flush=True)
+    return 0
 
 
 def _sigterm_as_interrupt() -> list[bool]:

@@ -946,6 +946,23 @@ def normalise_row(
     return records, [make_quarantine(source, location, b.reason, b.detail) for b in bad]
 
 
+def normalise_conversation(row: Mapping[str, Any], *, source: str, location: str
+                           ) -> tuple[list[Message] | None, QuarantineRecord | None]:
+    """One conversation to score (a row with ``messages``: ``{role, content}`` or ShareGPT ``{from, value}``
+    turns) with the same checks as a pair's sides: a system turn only first, no two user turns in a row, at least
+    one user turn, the last turn the assistant's. ``(messages, None)``, or ``(None, quarantine record)``."""
+    try:
+        turns = _turns(_field(row, "messages"), "messages", USER)
+        _check_role_order("prompt", turns)
+        if not turns or turns[-1]["role"] != ASSISTANT:
+            raise BadRow(BROKEN_TRANSCRIPT, "field 'messages' does not end with an assistant turn", "messages")
+        if not any(m["role"] == USER for m in turns):
+            raise BadRow(BROKEN_TRANSCRIPT, "field 'messages' has no user turn", "messages")
+    except BadRow as bad:
+        return None, make_quarantine(source, location, bad.reason, bad.detail)
+    return turns, None
+
+
 def normalise_batch(
     rows: Iterable[Located],
     *,
