@@ -10,9 +10,10 @@ Both servers are Ray Serve deployments with one replica and the same CPUs, servi
 
 ``--clients`` threads each send ``--requests`` ``POST /get_reward`` requests of one text (real prompt/response
 pairs from ``../shared/data`` HH-RLHF, rendered as the model's conversation text; a fixed list, the same for both
-servers), as fast as answers come back. Printed per server and round: requests/s, texts/s, p50 and p99 latency, and
-the ratio batched/naive of requests/s measured in the same run (the servers alternate each round). Every request is
-bounded (a timeout) and the loop stops by itself; nothing leaves 127.0.0.1.
+servers), as fast as answers come back, while one more thread asks ``GET /health`` every 100 ms. Printed per server
+and round: requests/s, texts/s, p50 and p99 latency, ``/health``'s p50 and max latency under that load, and the ratio
+batched/naive of requests/s measured in the same run (the servers alternate each round). Every request is bounded (a
+timeout) and the loop stops by itself; nothing leaves 127.0.0.1.
 """
 
 # no "from __future__ import annotations": FastAPI reads the naive route's annotations (pickled by Ray Serve)
@@ -76,16 +77,32 @@ def load(url: str, texts: list[str], clients: int, requests: int) -> dict[str, f
             with lock:
                 latencies.append(time.perf_counter() - started)
 
+    health: list[float] = []
+    done = threading.Event()
+
+    def probe() -> None:  # /health under load: a liveness probe must not wait behind the scoring
+        while not done.wait(0.1):
+            started = time.perf_counter()
+            with urllib.request.urlopen(f"{url}/health", timeout=30) as reply:
+                reply.read()
+            health.append(time.perf_counter() - started)
+
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    prober = threading.Thread(target=probe)
     started = time.perf_counter()
+    prober.start()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - started
+    done.set()
+    prober.join()
     latencies.sort()
     return {"requests_per_s": len(latencies) / wall, "texts_per_s": len(latencies) / wall,
-            "p50_s": statistics.median(latencies), "p99_s": latencies[int(0.99 * (len(latencies) - 1))]}
+            "p50_s": statistics.median(latencies), "p99_s": latencies[int(0.99 * (len(latencies) - 1))],
+            "health_p50_s": statistics.median(health) if health else float("nan"),
+            "health_max_s": max(health, default=float("nan"))}
 
 
 def main() -> None:
@@ -127,10 +144,11 @@ def main() -> None:
                     serving.wait_until_healthy(url, None)
                 load(url, texts[:8], 4, 2)  # warm-up
                 results[name] = load(url, texts, args.clients, args.requests)
-                serve.shutdown()
+                serving.stop() if name == "batched" else serve.delete("naive")
                 r = results[name]
                 print(f"round {round_ + 1} {name:8s}: {r['requests_per_s']:6.1f} requests/s, "
-                      f"{r['texts_per_s']:6.1f} texts/s, p50 {r['p50_s'] * 1000:7.1f} ms, p99 {r['p99_s'] * 1000:7.1f} ms")
+                      f"{r['texts_per_s']:6.1f} texts/s, p50 {r['p50_s'] * 1000:7.1f} ms, p99 {r['p99_s'] * 1000:7.1f} ms, "
+                      f"/health p50 {r['health_p50_s'] * 1000:6.1f} ms, max {r['health_max_s'] * 1000:6.1f} ms")
             ratios.append(results["batched"]["requests_per_s"] / results["naive"]["requests_per_s"])
             print(f"round {round_ + 1} ratio batched/naive requests/s: {ratios[-1]:.2f}x")
         print(f"ratios: {', '.join(f'{r:.2f}' for r in ratios)} (target >= 3x at 32 clients)")
