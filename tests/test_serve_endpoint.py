@@ -79,6 +79,21 @@ def test_metadata_needs_the_token_when_one_is_set(deployed):
     assert requests.get(f"{url}/health", timeout=30).status_code == 200  # probes need no token
 
 
+def test_bodies_the_parser_cannot_take_get_a_4xx_before_they_are_read_whole(deployed):
+    """Over-nested JSON was a 500; a body over serve.max_body_bytes was read whole before any limit applied."""
+    import requests
+
+    url, _, _ = deployed
+    nested = requests.post(f"{url}/get_reward", data=b"[" * 100_000, timeout=60,
+                           headers={"Content-Type": "application/json", "Authorization": "Bearer s3cret"})
+    assert nested.status_code == 400, nested.text
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(b"POST /get_reward HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer s3cret\r\nContent-Length: 1000000000\r\n\r\n{\"query\": [")
+        assert conn.recv(200).startswith(b"HTTP/1.1 413")
+
+
 def test_a_full_queue_answers_503_with_retry_after_and_the_rest_are_served(deployed):
     url, _, service = deployed
     queries = rollout(service, 300)
