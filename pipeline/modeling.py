@@ -119,14 +119,20 @@ def _tiny_config(arch: str, tokenizer: Any, *, causal: bool):
 
 
 def build_reward_model(name: str, tokenizer: Any, *, revision: str | None = None, trust_remote_code: bool = False,
-                       seed: int = 0, dtype: torch.dtype | None = None) -> nn.Module:
-    """An ``AutoModelForSequenceClassification`` (num_labels=1) following the contract above."""
+                       seed: int = 0, dtype: torch.dtype | None = None,
+                       attn_implementation: str | None = None) -> nn.Module:
+    """An ``AutoModelForSequenceClassification`` (num_labels=1) following the contract above.
+
+    ``dtype``: the weights' dtype whatever the checkpoint's (None: transformers' default, which in transformers 5
+    is the checkpoint's own dtype, so a bf16 hub checkpoint loads in bf16). ``attn_implementation``: transformers'
+    kernel name (``sdpa``, ``eager``, ``flash_attention_2``); None leaves transformers' choice."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
     arch = tiny_arch(name)
+    kwargs = {k: v for k, v in (("dtype", dtype), ("attn_implementation", attn_implementation)) if v is not None}
     if arch:
-        model = AutoModelForSequenceClassification.from_config(_tiny_config(arch, tokenizer, causal=False))
+        model = AutoModelForSequenceClassification.from_config(_tiny_config(arch, tokenizer, causal=False), **kwargs)
         missing = [n for n, _ in model.named_parameters()]
     else:
         path = resolve_model_path(name)
@@ -134,7 +140,7 @@ def build_reward_model(name: str, tokenizer: Any, *, revision: str | None = None
                                             num_labels=1)
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path, config=config, revision=revision, trust_remote_code=trust_remote_code,
-            output_loading_info=True, **({"dtype": dtype} if dtype is not None else {}))
+            output_loading_info=True, **kwargs)
         missing = list(info.get("missing_keys", []))
     model.config.pad_token_id = tokenizer.pad_token_id
     head = score_head(model)
@@ -142,6 +148,37 @@ def build_reward_model(name: str, tokenizer: Any, *, revision: str | None = None
     if head_names & set(missing):
         init_head(head, seed)
     return disable_dropout(model)
+
+
+def enable_checkpointing(model: nn.Module) -> nn.Module:
+    """Turn on transformers' non-reentrant activation checkpointing and make it engage in eval mode.
+
+    transformers checkpoints a layer only while that layer module is in training mode, but this project keeps
+    the whole model in eval mode (dropout off, :func:`disable_dropout`). So the checkpointed layer modules
+    themselves, and nothing below them, are flagged as training: their children (attention, dropout) stay in
+    eval mode, and a layer's own forward reads ``training`` only to decide on checkpointing. Any later
+    ``model.eval()`` clears the flags: call :func:`engage_checkpointing` again after it. Modules outside the
+    layers (the score head and its forward hook) run once, outside the recomputation."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return engage_checkpointing(model)
+
+
+def engage_checkpointing(model: nn.Module) -> nn.Module:
+    """Flag every layer that has checkpointing on as training (only that module, not its children); returns
+    the model. Raises when no layer has it on (a model whose layers transformers cannot checkpoint)."""
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True
+              and hasattr(m, "_gradient_checkpointing_func") and not hasattr(m, "config")]
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: no layer supports activation checkpointing")
+    for layer in layers:
+        layer.training = True  # this module only: nn.Module.train() would recurse into attention and dropout
+    return model
+
+
+def checkpointed_layers(model: nn.Module) -> int:
+    """How many layers would checkpoint in the next forward (checkpointing on, flagged as training)."""
+    return sum(1 for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True
+               and m.training and not hasattr(m, "config"))
 
 
 def init_head(head: nn.Linear, seed: int) -> None:
@@ -217,7 +254,10 @@ def forward_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 
     handle = score_head(model).register_forward_hook(head_in_fp32, prepend=True)
     try:
-        logits = (engine or model)(input_ids=input_ids, attention_mask=attention_mask).logits
+        # A reward model never generates: no key/value cache (it would cost memory, and transformers warns when
+        # checkpointed layers drop it).
+        cache = {} if is_encoder(model) else {"use_cache": False}
+        logits = (engine or model)(input_ids=input_ids, attention_mask=attention_mask, **cache).logits
     finally:
         handle.remove()
     hidden = captured["h"]

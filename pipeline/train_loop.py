@@ -149,11 +149,25 @@ def collate(rows: list[dict], pad_token_id: int, device: torch.device) -> dict[s
     return batch
 
 
+def uses_bf16(cfg: PipelineConfig, use_gpu: bool) -> bool:
+    """DeepSpeed's bf16 mode (bf16 weights, activations and gradients; fp32 master weights and Adam state)."""
+    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_gpu)
+
+
 def deepspeed_config(cfg: PipelineConfig, bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed config. Offload (ZeRO-Offload / ZeRO-Infinity to CPU) moves the optimizer partition (and under
+    ZeRO-3 the weights) to pinned CPU memory; DeepSpeed then insists on its own CPU Adam unless told otherwise,
+    which :func:`_optimizer` uses on GPU. On a CPU-only node the partition already lives in CPU memory and the plain
+    torch AdamW steps it (DeepSpeed's CPU Adam would JIT-compile for about 70 s)."""
     t = cfg.train
     zero: dict[str, Any] = {"stage": t.zero_stage}
     if t.zero_stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=True)
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": t.use_gpu}
+    if t.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": t.use_gpu}
+    offloaded = t.offload_optimizer or t.offload_params
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
@@ -163,6 +177,7 @@ def deepspeed_config(cfg: PipelineConfig, bf16: bool) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
+        **({"zero_force_ds_cpu_optimizer": t.use_gpu} if offloaded else {}),
     }
 
 
@@ -183,6 +198,11 @@ def _optimizer(cfg: PipelineConfig, model: torch.nn.Module) -> torch.optim.Optim
     groups = param_groups(model, t.weight_decay)
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
+    if (t.offload_optimizer or t.offload_params) and t.use_gpu:
+        # The offloaded partition lives in CPU memory: DeepSpeed's vectorised CPU Adam steps it (built on first use).
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=t.lr, adamw_mode=True)
     # A plain torch optimizer: DeepSpeed's fused/CPU Adam would JIT-compile for ~70 s on CPU. torch's own
     # fused kernel needs no compile and runs on CPU and CUDA; on CPU torch would otherwise pick its per-tensor
     # loop, 18% of a MiniLM step (benchmarks/README.md).
@@ -209,8 +229,7 @@ def build_engine(cfg: PipelineConfig, plan: LoopPlan, use_gpu: bool) -> tuple[An
 
     skip_shared_memory_comm_build()
 
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_gpu)
-    ds_config = deepspeed_config(cfg, bf16)
+    ds_config = deepspeed_config(cfg, uses_bf16(cfg, use_gpu))
     tok = modeling.load_tokenizer(cfg.model.name_or_path, revision=cfg.model.revision,
                                   trust_remote_code=cfg.model.trust_remote_code, template_date=cfg.data.template_date)
     hf_ds = None
@@ -221,8 +240,14 @@ def build_engine(cfg: PipelineConfig, plan: LoopPlan, use_gpu: bool) -> tuple[An
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds = HfDeepSpeedConfig(ds_config)
+    # fp32 whatever the checkpoint's dtype: under 'fp32' the run trains fp32; under bf16 DeepSpeed casts the
+    # weights to bf16 itself and keeps the fp32 master copies (transformers 5 would otherwise load a bf16 hub
+    # checkpoint in bf16, and an 'fp32' run would train pure bf16 with no fp32 master weights).
     model = modeling.build_reward_model(cfg.model.name_or_path, tok, revision=cfg.model.revision,
-                                        trust_remote_code=cfg.model.trust_remote_code, seed=cfg.model.seed)
+                                        trust_remote_code=cfg.model.trust_remote_code, seed=cfg.model.seed,
+                                        dtype=torch.float32, attn_implementation=cfg.model.attn_implementation)
+    if cfg.train.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     optimizer = _optimizer(cfg, model)
     warmup = int(round(cfg.train.warmup_ratio * plan.max_steps))
     scheduler = get_scheduler(cfg.train.scheduler, optimizer, num_warmup_steps=warmup,
@@ -230,6 +255,8 @@ def build_engine(cfg: PipelineConfig, plan: LoopPlan, use_gpu: bool) -> tuple[An
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     del hf_ds  # alive, it would make any later model construction run ZeRO collectives (a hang)
     engine.eval()  # dropout off in training too (modeling.disable_dropout): eval mode is the rule, not a flag
+    if cfg.train.gradient_checkpointing:
+        modeling.engage_checkpointing(model)  # eval mode would skip it (modeling.enable_checkpointing)
     return engine, model, tok
 
 
