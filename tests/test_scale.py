@@ -41,3 +41,142 @@ def test_fp32_trains_fp32_and_bf16_keeps_fp32_master_weights_from_a_bf16_checkpo
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     masters = engine.optimizer.single_partition_of_fp32_groups  # ZeRO-2's master partitions
     assert masters and {m.dtype for m in masters} == {torch.float32}
+
+
+@pytest.fixture(scope="module")
+def decoders(tmp_path_factory):
+    from pipeline.decoders import make_decoder
+
+    return {f: make_decoder(tmp_path_factory.mktemp(f), f) for f in ("llama", "qwen2", "gemma")}
+
+
+def _pair_batch(tok, vocab_size: int, n_pairs: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Pairs of unequal lengths (right padding, pad = EOS) drawn from the model's vocabulary minus the pad token."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = [i for i in range(vocab_size) if i != tok.pad_token_id]
+    seqs = [[vocab[int(j)] for j in torch.randint(len(vocab), (int(n),), generator=g)]
+            for n in torch.randint(4, 14, (2 * n_pairs,), generator=g)]
+    return modeling.collate_pairs(seqs[:n_pairs], seqs[n_pairs:], tok.pad_token_id)
+
+
+def _loss_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    from pipeline import losses
+
+    model.zero_grad(set_to_none=True)
+    rc, rr, hc, hr = modeling.forward_pairs(model, batch)
+    loss, _ = losses.normbt_loss(rc, rr, hc, hr, mu=0.7, eps=1e-3)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _counting_checkpoints(model) -> list[int]:
+    """Counts calls of each layer's checkpoint function: proof that checkpointing engaged, not just its flag."""
+    calls = [0]
+    for layer in model.modules():
+        inner = getattr(layer, "_gradient_checkpointing_func", None)
+        if inner is not None and not hasattr(layer, "config"):
+            def counted(*args, _inner=inner, **kwargs):
+                calls[0] += 1
+                return _inner(*args, **kwargs)
+            layer._gradient_checkpointing_func = counted
+    return calls
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
+def test_checkpointing_and_attention_kernels_leave_loss_and_gradients_unchanged(family, decoders):
+    from transformers import AutoConfig
+
+    tok = modeling.load_tokenizer(decoders[family])
+    batch = _pair_batch(tok, AutoConfig.from_pretrained(decoders[family]).vocab_size)
+    build = lambda kernel: modeling.build_reward_model(decoders[family], tok, dtype=torch.float32,  # noqa: E731
+                                                       attn_implementation=kernel)
+    loss, grads = _loss_and_grads(build("sdpa"), batch)
+    checkpointed = modeling.enable_checkpointing(build("sdpa"))
+    calls = _counting_checkpoints(checkpointed)
+    assert modeling.checkpointed_layers(checkpointed) == 2 and not checkpointed.model.layers[0].self_attn.training
+    runs = {"sdpa+checkpointing": _loss_and_grads(checkpointed, batch), "eager": _loss_and_grads(build("eager"), batch)}
+    assert calls[0] == 2, "checkpointing never engaged (layers in eval mode skip it)"
+    for name, (other_loss, other_grads) in runs.items():
+        torch.testing.assert_close(other_loss, loss, rtol=1e-5, atol=1e-5, msg=f"{family} {name} loss")
+        assert other_grads.keys() == grads.keys()
+        for key in grads:
+            torch.testing.assert_close(other_grads[key], grads[key], rtol=1e-5, atol=1e-5, msg=f"{family} {name} {key}")
+
+
+@pytest.mark.unit
+def test_checkpointing_engages_in_eval_mode_only_through_the_layer_flags(decoders):
+    tok = modeling.load_tokenizer(decoders["llama"])
+    model = modeling.enable_checkpointing(modeling.build_reward_model(decoders["llama"], tok))
+    assert modeling.checkpointed_layers(model) == 2
+    model.eval()  # what DeepSpeed's engine.eval() does: the flags are gone, so the loop engages them again
+    assert modeling.checkpointed_layers(model) == 0
+    assert modeling.checkpointed_layers(modeling.engage_checkpointing(model)) == 2
+    assert all(not m.training for m in model.modules() if isinstance(m, torch.nn.Dropout))
+
+
+@pytest.mark.unit
+def test_flash_attention_without_a_gpu_or_the_package_fails_preflight_naming_the_key():
+    import importlib.util
+
+    from pipeline.preflight import problems
+
+    on_cpu = load_config(None, ["model.attn_implementation=flash_attention_2"])
+    assert any("flash_attention_2 runs on GPU only" in p for p in problems(on_cpu, ("train",)))
+    if importlib.util.find_spec("flash_attn") is None:
+        on_gpu = load_config(None, ["model.attn_implementation=flash_attention_2", "train.use_gpu=true"])
+        assert any("needs the flash-attn package" in p for p in problems(on_gpu, ("train",)))
+    assert not any("attn_implementation" in p for p in problems(load_config(None, []), ("train",)))
+
+
+def _rank(rank: int, port: int, model: str, runs: dict[str, list[str]], out: str) -> None:
+    """One of 2 gloo ranks (as under torchrun): every run of ``runs`` in turn; rank 0 writes each history."""
+    import json
+    import os
+    from pathlib import Path
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
+    from pipeline.train_loop import train_local
+    from tests.test_zero_stages import _pairs
+
+    tok = modeling.load_tokenizer(model)
+    train, _ = _pairs(tok, "train", 32)
+    validation, _ = _pairs(tok, "validation", 9)
+    for name, overrides in runs.items():
+        history: list[dict] = []
+        report = lambda m, checkpoint_dir=None, final=False, h=history: h.append(  # noqa: E731
+            {k: v for k, v in m.items() if isinstance(v, (int, float)) and not k.startswith(("phase/", "pairs_",
+                                                                                              "tokens_", "data_"))})
+        cfg = load_config(None, [f"model.name_or_path={model}", "train.max_steps=3", "train.micro_batch_size=4",
+                                 "train.log_every=1", "train.lr=1e-4", "loss.name=normbt", *overrides])
+        train_local(cfg, train, validation, report=report)
+        if rank == 0:
+            Path(out, f"{name}.json").write_text(json.dumps(history))
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_checkpointing_and_eager_attention_give_the_plain_loss_curve_under_zero2_and_zero3(decoders, tmp_path):
+    """2 ranks, tiny llama, fp32: the loss/μ curve and the validation metrics of the plain sdpa run, to 1e-5."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    runs = {"plain": ["train.zero_stage=2"],
+            "zero2-checkpointing-eager": ["train.zero_stage=2", "train.gradient_checkpointing=true",
+                                          "model.attn_implementation=eager"],
+            "zero3-checkpointing": ["train.zero_stage=3", "train.gradient_checkpointing=true"]}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_rank, args=(port, decoders["llama"], runs, str(tmp_path)), nprocs=2, start_method="spawn")
+    history = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in runs}
+    plain = history["plain"]
+    assert len([h for h in plain if "loss" in h]) == 3 and "val_accuracy" in plain[-1]
+    for name in ("zero2-checkpointing-eager", "zero3-checkpointing"):
+        assert [sorted(h) for h in history[name]] == [sorted(h) for h in plain]
+        for got, want in zip(history[name], plain, strict=True):
+            for key in want:
+                assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-5), f"{name}: {key}"
