@@ -203,8 +203,9 @@ class TrainConfig:
     offload_optimizer: bool = _f(False, "DeepSpeed ZeRO-Offload: fp32 master weights and Adam state in CPU "
                                  "memory (ZeRO 1-3); on GPU the step runs DeepSpeed's CPU Adam.")
     offload_params: bool = _f(False, "ZeRO-3 only: the 16-bit weights live in CPU memory too (ZeRO-Infinity to CPU).")
-    gpu_memory_gb: float = _f(0.0, "Memory of one GPU (GB, 1e9 bytes) that the memory plan checks against; 0: "
-                              "detected from the local GPU, unknown without one.")
+    gpu_memory_gb: float = _f(0.0, "Memory of one GPU in GiB (2^30 bytes) that the memory plan checks against "
+                              "(run_pipeline.py --plan; the train stage on GPU); 0: detected from the local GPU, "
+                              "unknown without one.")
     micro_batch_size: int = _f(8, "Pairs per worker per forward.")
     grad_accum: int = _f(1, "Gradient accumulation steps.")
     lr: float = _f(1e-4, "Peak learning rate (1e-4 calibrated for the embedded MiniLM default).")

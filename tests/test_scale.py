@@ -180,3 +180,91 @@ def test_checkpointing_and_eager_attention_give_the_plain_loss_curve_under_zero2
         for got, want in zip(history[name], plain, strict=True):
             for key in want:
                 assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-5), f"{name}: {key}"
+
+
+# ------------------------------------------------------------------ the memory plan
+
+
+@pytest.mark.integration  # no Ray, but importing DeepSpeed takes about 10 s on 2 cores
+def test_plan_model_states_equal_deepspeeds_estimators_for_every_zero_stage():
+    """The plan counts parameters on the meta device; DeepSpeed's estimators get the counts of the real model."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs, model_to_params
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    from pipeline.memory_plan import model_shape, model_state_bytes
+
+    tok = modeling.load_tokenizer("tiny:llama")
+    total, largest = model_to_params(modeling.build_reward_model("tiny:llama", tok))
+    shape = model_shape("tiny:llama")
+    assert (shape.parameters, shape.largest_layer_parameters) == (total, largest)
+    ours = lambda stage, n, **kw: model_state_bytes(total, largest, zero_stage=stage, world_size=n,  # noqa: E731
+                                                    bf16=True, **kw)
+    close = lambda a, b: abs(a - b) <= 0.05 * b  # noqa: E731
+    for n in (1, 2, 8):
+        for offload in (False, True):
+            _, theirs = estimate_zero2_model_states_mem_needs(total, num_gpus_per_node=n, cpu_offload=offload)
+            assert close(ours(2, n, offload_optimizer=offload), theirs), f"ZeRO-2 n={n} offload={offload}"
+        for offload, params in ((False, False), (True, False), (True, True)):
+            _, theirs, _ = estimate_zero3_model_states_mem_needs(total, largest, num_gpus_per_node=n,
+                                                                 cpu_offload=offload, cpu_offload_params=params)
+            assert close(ours(3, n, offload_optimizer=offload, offload_params=params), theirs), f"ZeRO-3 n={n}"
+    # ZeRO-0 and ZeRO-1 partition nothing / only the optimizer: on one GPU both are DeepSpeed's ZeRO-2 with one GPU
+    _, single = estimate_zero2_model_states_mem_needs(total, num_gpus_per_node=1, cpu_offload=False)
+    assert close(ours(0, 8), single) and close(ours(1, 1), single)
+    assert ours(2, 8) < ours(1, 8) < ours(0, 8)
+
+
+@pytest.mark.unit
+def test_plan_activations_are_korthikantis_34sbh_plus_5as2b_for_gpt_shapes():
+    from pipeline.memory_plan import ModelShape, activation_bytes
+
+    s, b, h, a, layers = 2048, 8, 1024, 16, 4
+    gpt = ModelShape(source="gpt", model_type="gpt", parameters=1, largest_layer_parameters=1, layers=layers,
+                     hidden_size=h, heads=a, intermediate_size=4 * h, gated_mlp=False)
+    kw = dict(tokens=s, sequences=b, bf16=True)
+    assert activation_bytes(gpt, eager=False, checkpointing=False, **kw) == layers * 34 * s * b * h
+    assert activation_bytes(gpt, eager=True, checkpointing=False, **kw) == layers * (34 * s * b * h + 5 * a * s * s * b)
+    assert activation_bytes(gpt, eager=False, checkpointing=True, **kw) == layers * 2 * s * b * h + 34 * s * b * h
+    assert activation_bytes(gpt, eager=False, checkpointing=False, tokens=s, sequences=b, bf16=False) == \
+        2 * layers * 34 * s * b * h
+
+
+@pytest.mark.unit
+def test_plan_json_has_the_documented_keys_and_the_shape_comes_from_a_config_only_folder(capsys):
+    import json
+
+    import run_pipeline
+
+    rc = run_pipeline.main(["--config", "configs/paper/llama-3.2-3b-skywork.yaml", "--plan", "--json",
+                            "model.name_or_path=configs/models/llama-3.2-3b", "train.gpu_memory_gb=80"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and {"parameters", "model_states_gb", "activations_gb", "total_gb", "fits"} <= out.keys()
+    assert out["parameters"] == pytest.approx(3.21e9, rel=0.01) and out["fits"] is True  # Llama-3.2-3B: 3.21B
+    assert out["total_gb"] == pytest.approx(out["model_states_gb"] + out["activations_gb"])
+
+
+@pytest.mark.unit
+def test_plan_says_when_it_cannot_know_the_gpu_memory_or_the_model(capsys, monkeypatch):
+    import run_pipeline
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run_pipeline.main(["--plan", "model.name_or_path=tiny:llama"]) == 0
+    text = capsys.readouterr().out
+    assert "fit unknown" in text and "set train.gpu_memory_gb" in text
+    assert run_pipeline.main(["--plan", "model.name_or_path=/nonexistent/model"]) == 2
+    assert "cannot read its config" in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_train_stage_refuses_a_run_that_cannot_fit_naming_the_settings_that_would():
+    from types import SimpleNamespace
+
+    from stages.train import train_reward_model
+
+    cfg = load_config("configs/paper/llama-3.2-3b-skywork.yaml",
+                      ["model.name_or_path=configs/models/llama-3.1-8b", "train.gpu_memory_gb=80"])
+    logged: list[str] = []
+    with pytest.raises(RuntimeError, match="cannot fit") as err:
+        train_reward_model(SimpleNamespace(cfg=cfg, upstream={}, log=logged.append))
+    assert "train.gradient_checkpointing=true" in str(err.value)
+    assert any("memory plan" in line for line in logged)
