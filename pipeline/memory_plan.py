@@ -40,9 +40,10 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.config import PipelineConfig, from_flat
+if TYPE_CHECKING:  # the arithmetic and the shape need only torch and transformers (benchmarks/gpu_check.py)
+    from pipeline.config import PipelineConfig
 
 GIB = 2**30
 #: Part of the GPU's memory not planned for: the CUDA context, NCCL and DeepSpeed's communication buckets
@@ -263,6 +264,8 @@ def _options(cfg: PipelineConfig) -> list[dict[str, Any]]:
 
 def suggestions(cfg: PipelineConfig, shape: ModelShape, gpu_gb: float, limit: int = 3) -> list[dict[str, Any]]:
     """Up to ``limit`` sets of overrides (fewest changes first) under which the plan fits ``gpu_gb``."""
+    from pipeline.config import from_flat
+
     found: list[dict[str, Any]] = []
     options = _options(cfg)
     for size in (1, 2, 3):

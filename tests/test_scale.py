@@ -283,3 +283,30 @@ def test_train_stage_refuses_a_run_that_cannot_fit_naming_the_settings_that_woul
         train_reward_model(SimpleNamespace(cfg=cfg, upstream={}, log=logged.append))
     assert "train.gradient_checkpointing=true" in str(err.value)
     assert any("memory plan" in line for line in logged)
+
+
+@pytest.mark.integration  # no Ray, but a fresh process importing transformers: about 15 s on 2 loaded cores
+def test_gpu_check_shape_run_works_on_cpu_with_only_torch_and_transformers(tmp_path):
+    """The GPU check's shape runs import nothing but torch, transformers (which brings PyYAML through
+    huggingface_hub) and this repository: run them on CPU in a process where DeepSpeed, Ray and MLflow cannot be
+    imported."""
+    import json
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2).save_pretrained(tmp_path)
+    code = ("import sys, json; sys.modules.update(deepspeed=None, ray=None, mlflow=None)\n"
+            "from benchmarks.gpu_check import shape_run\n"
+            f"runs = [shape_run({str(tmp_path)!r}, tokens=16, pairs=2, checkpointing=c, device='cpu', steps=2, "
+            "warmup=1, peak_tflops=1.0) for c in (False, True)]\n"
+            "print(json.dumps(runs))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=str(modeling.Path(__file__).resolve().parents[1]))
+    assert out.returncode == 0, out.stderr[-2000:]
+    runs = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [r["checkpointing"] for r in runs] == [False, True] and all(r["tokens_per_s"] > 0 for r in runs)
+    assert runs[1]["plan_activations_gib"] < runs[0]["plan_activations_gib"] and runs[0]["activation_peak_gib"] is None
+    assert runs[0]["dtype"] == "float32" and runs[0]["mfu"] > 0
