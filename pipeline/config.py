@@ -200,6 +200,9 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "Recompute each layer's activations in the backward pass "
                                       "(transformers' non-reentrant checkpointing): about 2·seq·hidden bytes kept "
                                       "per layer and sequence instead of ~34×, for ~1/3 more compute.")
+    packing: bool = _f(False, "Decoders only: a micro-batch's chosen and rejected sequences end to end in one row, "
+                       "no padding (per-sequence position_ids, block-diagonal attention; varlen under "
+                       "flash_attention_2). Off by default: with sdpa/eager the row's attention spans all of it.")
     offload_optimizer: bool = _f(False, "DeepSpeed ZeRO-Offload: fp32 master weights and Adam state in CPU "
                                  "memory (ZeRO 1-3); on GPU the step runs DeepSpeed's CPU Adam.")
     offload_params: bool = _f(False, "ZeRO-3 only: the 16-bit weights live in CPU memory too (ZeRO-Infinity to CPU).")

@@ -237,14 +237,20 @@ def scored_index(ids: Sequence[int], pad_token_id: int | None) -> int:
     return max((i for i, t in enumerate(ids) if t != pad_token_id), default=0)
 
 
-def forward_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-                    engine: Callable[..., Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
+                    engine: Callable[..., Any] | None = None, position_ids: torch.Tensor | None = None,
+                    scored: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 rewards ``[N]`` and score-head inputs ``[N, H]`` (model dtype) for ``N`` sequences in one forward.
 
     ``engine`` runs the forward instead of ``model`` when the model is wrapped (a DeepSpeed engine);
     the hook still sits on the inner model's head. The head's output is replaced by the same linear map in
     fp32 (gradients still reach the head's weights through the cast); the hook runs before any other forward
-    hook, i.e. while ZeRO-3 still holds the head's gathered weights."""
+    hook, i.e. while ZeRO-3 still holds the head's gathered weights.
+
+    Packed (``position_ids`` and ``scored`` from :func:`pack_pairs`, no attention mask): the ``N`` sequences lie
+    in one row; transformers reads the sequence boundaries from where ``position_ids`` restart and masks attention
+    block-diagonally (a varlen kernel under flash-attention). Each sequence's reward and ``h`` are read at its own
+    scored token, ``scored [N]`` (the model's own pooling of the row is ignored)."""
     captured: dict[str, torch.Tensor] = {}
 
     def head_in_fp32(module: nn.Module, args: tuple, _output: torch.Tensor) -> torch.Tensor:
@@ -252,15 +258,29 @@ def forward_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
         bias = None if module.bias is None else module.bias.float()
         return F.linear(args[0].float(), module.weight.float(), bias)
 
-    handle = score_head(model).register_forward_hook(head_in_fp32, prepend=True)
+    def head_output(_module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
+        # Registered last, so it sees the output as every other hook left it: ZeRO-3's hook wraps it in the
+        # function whose backward gathers the head's weights again; read beside that wrapper, a gradient would
+        # reach the partitioned (empty) weights.
+        captured["r"] = output
+
+    head = score_head(model)
+    handles = [head.register_forward_hook(head_in_fp32, prepend=True), head.register_forward_hook(head_output)]
     try:
         # A reward model never generates: no key/value cache (it would cost memory, and transformers warns when
         # checkpointed layers drop it).
-        cache = {} if is_encoder(model) else {"use_cache": False}
-        logits = (engine or model)(input_ids=input_ids, attention_mask=attention_mask, **cache).logits
+        inputs: dict[str, Any] = {"input_ids": input_ids, **({} if is_encoder(model) else {"use_cache": False})}
+        if position_ids is not None:
+            inputs["position_ids"] = position_ids
+        else:
+            inputs["attention_mask"] = attention_mask
+        logits = (engine or model)(**inputs).logits
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     hidden = captured["h"]
+    if scored is not None:
+        return captured["r"][0, scored, 0], hidden[0, scored]
     if hidden.dim() == 3:  # decoder: head applied per position; pick HF's scored position
         pos = scored_positions(input_ids, model.config.pad_token_id)
         hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
@@ -273,7 +293,8 @@ def forward_pairs(model: nn.Module, batch: Mapping[str, torch.Tensor], *, engine
 
     Returns ``(chosen_rewards [B], rejected_rewards [B], chosen_hidden [B, H], rejected_hidden [B, H])``.
     """
-    rewards, hidden = forward_rewards(model, batch["input_ids"], batch["attention_mask"], engine=engine)
+    rewards, hidden = forward_rewards(model, batch["input_ids"], batch.get("attention_mask"), engine=engine,
+                                      position_ids=batch.get("position_ids"), scored=batch.get("scored"))
     half = rewards.shape[0] // 2
     return rewards[:half], rewards[half:], hidden[:half], hidden[half:]
 
@@ -361,6 +382,20 @@ def collate_pairs(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[i
     """Chosen then rejected, padded together, for :func:`forward_pairs`."""
     ids, mask = pad_batch(list(chosen) + list(rejected), pad_token_id)
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def pack_pairs(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]], pad_token_id: int | None
+               ) -> dict[str, torch.Tensor]:
+    """Chosen then rejected, end to end in one row with no padding, for :func:`forward_pairs` (decoders only):
+    ``input_ids [1, T]``, ``position_ids [1, T]`` restarting at 0 for every sequence, and ``scored [N]``, each
+    sequence's scored token in the row (:func:`scored_index`, the same token the padded batch scores)."""
+    sequences = [list(s) for s in (*chosen, *rejected)]
+    starts = [0]
+    for seq in sequences[:-1]:
+        starts.append(starts[-1] + len(seq))
+    return {"input_ids": torch.tensor([t for seq in sequences for t in seq], dtype=torch.long)[None],
+            "position_ids": torch.cat([torch.arange(len(seq)) for seq in sequences])[None],
+            "scored": torch.tensor([start + scored_index(seq, pad_token_id) for start, seq in zip(starts, sequences)])}
 
 
 # ------------------------------------------------------------------ export

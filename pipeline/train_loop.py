@@ -140,9 +140,12 @@ def micro_slices(batch: list[dict], *, micro: int, accum: int, world: int, rank:
     return [batch[j * block + rank * micro: j * block + (rank + 1) * micro] for j in range(accum)]
 
 
-def collate(rows: list[dict], pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Chosen then rejected, padded together (one forward); ``margin [B]`` with NaN where a pair has none."""
-    batch = modeling.collate_pairs([r["chosen_ids"] for r in rows], [r["rejected_ids"] for r in rows], pad_token_id)
+def collate(rows: list[dict], pad_token_id: int, device: torch.device, packing: bool = False
+            ) -> dict[str, torch.Tensor]:
+    """Chosen then rejected, padded together (one forward), or packed in one row without padding
+    (:func:`modeling.pack_pairs`); ``margin [B]`` with NaN where a pair has none."""
+    join = modeling.pack_pairs if packing else modeling.collate_pairs
+    batch = join([r["chosen_ids"] for r in rows], [r["rejected_ids"] for r in rows], pad_token_id)
     margins = [math.nan if r.get("margin") is None else float(r["margin"]) for r in rows]
     batch = {k: v.to(device) for k, v in batch.items()}
     batch["margin"] = torch.tensor(margins, dtype=torch.float32, device=device)
@@ -152,6 +155,15 @@ def collate(rows: list[dict], pad_token_id: int, device: torch.device) -> dict[s
 def uses_bf16(cfg: PipelineConfig, use_gpu: bool) -> bool:
     """DeepSpeed's bf16 mode (bf16 weights, activations and gradients; fp32 master weights and Adam state)."""
     return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_gpu)
+
+
+def padding_fraction(rows: list[dict], *, packing: bool) -> float:
+    """Share of the micro-batch's token slots that are padding: chosen and rejected rows padded to the longest
+    side of any pair, or none when packed."""
+    if packing or not rows:
+        return 0.0
+    lengths = [n for r in rows for n in (r["chosen_len"], r["rejected_len"])]
+    return 1.0 - sum(lengths) / (len(lengths) * max(lengths))
 
 
 def deepspeed_config(cfg: PipelineConfig, bf16: bool) -> dict[str, Any]:
@@ -246,6 +258,10 @@ def build_engine(cfg: PipelineConfig, plan: LoopPlan, use_gpu: bool) -> tuple[An
     model = modeling.build_reward_model(cfg.model.name_or_path, tok, revision=cfg.model.revision,
                                         trust_remote_code=cfg.model.trust_remote_code, seed=cfg.model.seed,
                                         dtype=torch.float32, attn_implementation=cfg.model.attn_implementation)
+    if cfg.train.packing and modeling.is_encoder(model):
+        raise ValueError(f"train.packing applies to decoders only; {cfg.model.name_or_path} is an encoder "
+                         f"({model.config.model_type}: bidirectional attention over absolute positions, which "
+                         f"transformers cannot split by position_ids): set train.packing=false")
     if cfg.train.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     optimizer = _optimizer(cfg, model)
@@ -302,7 +318,8 @@ def _step_distance(cfg, engine, model, micro_batches, pad, device, first_out, co
     outs = [first_out] if first_out is not None else []
     if first_out is None or len(micro_batches) > 1:
         with torch.no_grad():
-            outs = [modeling.forward_pairs(model, collate(mb, pad, device), engine=engine) for mb in micro_batches]
+            outs = [modeling.forward_pairs(model, collate(mb, pad, device, cfg.train.packing), engine=engine)
+                    for mb in micro_batches]
     local = [float(losses.pair_distances(o[2], o[3]).sum()) for o in outs]
     total, count = comm.all_reduce([sum(local), float(sum(len(mb) for mb in micro_batches))])
     return total / count
@@ -329,13 +346,13 @@ def train_one_step(cfg, engine, model, micro_batches, ema, pad, device, step, co
     its backward, and μ is committed only once the step has been taken, so a skipped step leaves μ as it was.
     A skipped step still advances the LR schedule, which stays a function of the step counter.
     ``diagnostics``, when given, receives ``[B, 2]`` = (distance, score-head gradient norm) of micro-batch 0."""
-    first = modeling.forward_pairs(model, collate(micro_batches[0], pad, device), engine=engine)
+    first = modeling.forward_pairs(model, collate(micro_batches[0], pad, device, cfg.train.packing), engine=engine)
     distance = _step_distance(cfg, engine, model, micro_batches, pad, device,
                               first if len(micro_batches) == 1 else None, comm)
     mu = ema.peek(distance) if distance is not None else None
     per_micro = []
     for j, rows in enumerate(micro_batches):
-        batch = collate(rows, pad, device)
+        batch = collate(rows, pad, device, cfg.train.packing)
         out = first if j == 0 else modeling.forward_pairs(model, batch, engine=engine)
         if os.environ.get("NORMBT_NAN_AT_STEP") == str(step):  # test hook for the NaN guard
             out = (out[0] * float("nan"), *out[1:])
@@ -352,7 +369,7 @@ def train_one_step(cfg, engine, model, micro_batches, ema, pad, device, step, co
             diagnostics.append(_gradient_pairs(cfg, out, batch, mu))
         engine.backward(loss)
         engine.step()
-        per_micro.append(metrics)
+        per_micro.append({**metrics, "padding_fraction": padding_fraction(rows, packing=cfg.train.packing)})
     if distance is not None:
         ema.update(distance)
     metrics = _mean_metrics(per_micro, comm)
@@ -384,7 +401,8 @@ def evaluate(cfg, engine, model, rows: list[dict], pad, device, comm: Collective
     lengths = [max(r["chosen_len"], r["rejected_len"]) for r in rows]  # chosen and rejected pad together
     for chunk in eval_batches(len(rows), comm.world, comm.rank, max(1, cfg.train.micro_batch_size * 2), lengths):
         batch_rows = [rows[i] for i in chunk] or rows[:1]
-        rc, rr, hc, hr = modeling.forward_pairs(model, collate(batch_rows, pad, device), engine=engine)
+        rc, rr, hc, hr = modeling.forward_pairs(model, collate(batch_rows, pad, device, cfg.train.packing),
+                                                engine=engine)
         if chunk:
             d = losses.pair_distances(hc, hr)
             local += list(zip(chunk, rc.tolist(), rr.tolist(), d.float().tolist(), strict=True))

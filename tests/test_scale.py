@@ -56,6 +56,13 @@ def test_offload_reaches_deepspeed_with_the_plain_torch_optimizer_on_cpu(bf16_de
     assert engine.zero_offload_param() is not None and engine.zero_offload_optimizer() is not None
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_packing_refuses_an_encoder_naming_the_key():
+    with pytest.raises(ValueError, match="train.packing applies to decoders only"):
+        _engine("embedded:minilm", "fp32", extra=("train.packing=true",))
+
+
 @pytest.fixture(scope="module")
 def decoders(tmp_path_factory):
     from pipeline.decoders import make_decoder
@@ -63,13 +70,21 @@ def decoders(tmp_path_factory):
     return {f: make_decoder(tmp_path_factory.mktemp(f), f) for f in ("llama", "qwen2", "gemma")}
 
 
-def _pair_batch(tok, vocab_size: int, n_pairs: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Pairs of unequal lengths (right padding, pad = EOS) drawn from the model's vocabulary minus the pad token."""
+def _pair_sequences(tok, vocab_size: int, n_pairs: int = 3, seed: int = 0) -> list[list[int]]:
+    """Chosen then rejected sequences of unequal lengths from the model's vocabulary; one ends in EOS (= pad),
+    which scoring skips, as real chat-templated data does."""
     g = torch.Generator().manual_seed(seed)
     vocab = [i for i in range(vocab_size) if i != tok.pad_token_id]
     seqs = [[vocab[int(j)] for j in torch.randint(len(vocab), (int(n),), generator=g)]
             for n in torch.randint(4, 14, (2 * n_pairs,), generator=g)]
-    return modeling.collate_pairs(seqs[:n_pairs], seqs[n_pairs:], tok.pad_token_id)
+    seqs[1].append(tok.pad_token_id)
+    return seqs
+
+
+def _pair_batch(tok, vocab_size: int, n_pairs: int = 3, packed: bool = False) -> dict[str, torch.Tensor]:
+    seqs = _pair_sequences(tok, vocab_size, n_pairs)
+    join = modeling.pack_pairs if packed else modeling.collate_pairs
+    return join(seqs[:n_pairs], seqs[n_pairs:], tok.pad_token_id)
 
 
 def _loss_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -97,18 +112,21 @@ def _counting_checkpoints(model) -> list[int]:
 
 @pytest.mark.unit
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
-def test_checkpointing_and_attention_kernels_leave_loss_and_gradients_unchanged(family, decoders):
+def test_checkpointing_attention_kernels_and_packing_leave_loss_and_gradients_unchanged(family, decoders):
     from transformers import AutoConfig
 
     tok = modeling.load_tokenizer(decoders[family])
-    batch = _pair_batch(tok, AutoConfig.from_pretrained(decoders[family]).vocab_size)
+    vocab = AutoConfig.from_pretrained(decoders[family]).vocab_size
+    batch, packed = _pair_batch(tok, vocab), _pair_batch(tok, vocab, packed=True)
+    assert packed["input_ids"].shape[0] == 1 and int((batch["attention_mask"] == 0).sum()) > 0
     build = lambda kernel: modeling.build_reward_model(decoders[family], tok, dtype=torch.float32,  # noqa: E731
                                                        attn_implementation=kernel)
     loss, grads = _loss_and_grads(build("sdpa"), batch)
     checkpointed = modeling.enable_checkpointing(build("sdpa"))
     calls = _counting_checkpoints(checkpointed)
     assert modeling.checkpointed_layers(checkpointed) == 2 and not checkpointed.model.layers[0].self_attn.training
-    runs = {"sdpa+checkpointing": _loss_and_grads(checkpointed, batch), "eager": _loss_and_grads(build("eager"), batch)}
+    runs = {"sdpa+checkpointing": _loss_and_grads(checkpointed, batch), "eager": _loss_and_grads(build("eager"), batch),
+            "packed sdpa": _loss_and_grads(build("sdpa"), packed), "packed eager": _loss_and_grads(build("eager"), packed)}
     assert calls[0] == 2, "checkpointing never engaged (layers in eval mode skip it)"
     for name, (other_loss, other_grads) in runs.items():
         torch.testing.assert_close(other_loss, loss, rtol=1e-5, atol=1e-5, msg=f"{family} {name} loss")
@@ -170,7 +188,8 @@ def _rank(rank: int, port: int, model: str, runs: dict[str, list[str]], out: str
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
-def test_checkpointing_eager_attention_and_offload_give_the_plain_loss_curve_under_zero2_and_zero3(decoders, tmp_path):
+def test_checkpointing_eager_attention_packing_and_offload_give_the_plain_loss_curve_under_zero2_and_zero3(
+        decoders, tmp_path):
     """2 ranks, tiny llama, fp32: the loss/μ curve and the validation metrics of the plain sdpa run, to 1e-5."""
     import json
     import socket
@@ -180,8 +199,9 @@ def test_checkpointing_eager_attention_and_offload_give_the_plain_loss_curve_und
     runs = {"plain": ["train.zero_stage=2"],
             "zero2-checkpointing-eager": ["train.zero_stage=2", "train.gradient_checkpointing=true",
                                           "model.attn_implementation=eager"],
-            "zero3-checkpointing": ["train.zero_stage=3", "train.gradient_checkpointing=true"],
             "zero2-offload": ["train.zero_stage=2", "train.offload_optimizer=true"],
+            "zero2-packing": ["train.zero_stage=2", "train.packing=true"],
+            "zero3-packing-checkpointing": ["train.zero_stage=3", "train.packing=true", "train.gradient_checkpointing=true"],
             "zero3-offload-all": ["train.zero_stage=3", "train.offload_optimizer=true", "train.offload_params=true"]}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -190,10 +210,12 @@ def test_checkpointing_eager_attention_and_offload_give_the_plain_loss_curve_und
     history = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in runs}
     plain = history["plain"]
     assert len([h for h in plain if "loss" in h]) == 3 and "val_accuracy" in plain[-1]
+    assert all(h["padding_fraction"] > 0 for h in plain if "loss" in h)
+    assert all(h["padding_fraction"] == 0 for h in history["zero2-packing"] if "loss" in h)
     for name in runs.keys() - {"plain"}:
         assert [sorted(h) for h in history[name]] == [sorted(h) for h in plain]
         for got, want in zip(history[name], plain, strict=True):
-            for key in want:
+            for key in want.keys() - {"padding_fraction"}:  # the one thing packing changes
                 assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-5), f"{name}: {key}"
 
 
