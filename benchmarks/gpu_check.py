@@ -18,7 +18,8 @@ ordered the same way, ties in each precision. Everything also goes to the ``--ou
 First, the shapes of real models (needs only torch and transformers, and this repository on ``PYTHONPATH``):
 random decoders built on the GPU from ``configs/models/llama-3.2-1b`` and ``configs/models/gemma-2b`` (their public
 ``config.json``, no weights, no hub), bf16, ``--pairs-per-step`` pairs of ``--tokens`` tokens (2,048; unpadded),
-forward and backward with and without activation checkpointing (:func:`shape_run`). Printed per run: the peak
+forward and backward without and with activation checkpointing, and packed with checkpointing (flash-attention's
+varlen kernel when ``flash-attn`` is installed, else sdpa over the block-diagonal mask) (:func:`shape_run`). Printed per run: the peak
 memory the forward and backward added on top of weights and gradients, against the memory plan's activation figure
 (:mod:`pipeline.memory_plan`), tokens/s and bf16 MFU (6 × parameters × tokens per second over the peak; with
 checkpointing the recomputed forward is not counted, as MFU defines it). The ZeRO runs after it need DeepSpeed;
@@ -48,7 +49,8 @@ SHAPES = {"llama-3.2-1b": REPO / "configs" / "models" / "llama-3.2-1b", "gemma-2
 
 
 def shape_run(folder: str | Path, *, tokens: int, pairs: int, checkpointing: bool, device: str = "cuda",
-              steps: int = 5, warmup: int = 2, attn: str = "sdpa", peak_tflops: float | None = None) -> dict:
+              steps: int = 5, warmup: int = 2, attn: str = "sdpa", peak_tflops: float | None = None,
+              packing: bool = False) -> dict:
     """Forward and backward of a random reward model of ``folder``'s config on ``pairs`` pairs of ``tokens`` tokens
     (one forward of 2 × pairs sequences, as training runs them, NormBT's loss). bf16 on CUDA, fp32 elsewhere.
     ``activation_peak_gib`` is the peak allocated during the timed steps minus what was allocated before them
@@ -70,10 +72,14 @@ def shape_run(folder: str | Path, *, tokens: int, pairs: int, checkpointing: boo
         modeling.enable_checkpointing(model)
     shape = memory_plan.model_shape(str(folder))
     ids = torch.randint(0, config.vocab_size - 1, (2 * pairs, tokens), device=device)
-    mask = torch.ones_like(ids)
+    if packing:  # the same sequences end to end in one row (train.packing)
+        batch = {k: v.to(device) for k, v in modeling.pack_pairs(ids[:pairs].tolist(), ids[pairs:].tolist(),
+                                                                   config.pad_token_id).items()}
+    else:
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     def step() -> None:
-        rc, rr, hc, hr = modeling.forward_pairs(model, {"input_ids": ids, "attention_mask": mask})
+        rc, rr, hc, hr = modeling.forward_pairs(model, batch)
         loss, _ = losses.normbt_loss(rc, rr, hc, hr, mu=1.0, eps=1e-3)
         loss.backward()
 
@@ -94,11 +100,12 @@ def shape_run(folder: str | Path, *, tokens: int, pairs: int, checkpointing: boo
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     planned = memory_plan.activation_bytes(shape, tokens=tokens, sequences=2 * pairs, bf16=dtype == torch.bfloat16,
-                                           eager=attn == "eager", checkpointing=checkpointing) / memory_plan.GIB
+                                           eager=attn == "eager", checkpointing=checkpointing,
+                                           packed=attn if packing else None) / memory_plan.GIB
     measured = (torch.cuda.max_memory_allocated() - base) / memory_plan.GIB if cuda else None
     tokens_per_s = 2 * pairs * tokens / seconds
     return {"model": Path(folder).name, "parameters": shape.parameters, "tokens": tokens, "pairs": pairs,
-            "checkpointing": checkpointing, "attn": attn, "dtype": str(dtype).removeprefix("torch."),
+            "checkpointing": checkpointing, "packing": packing, "attn": attn, "dtype": str(dtype).removeprefix("torch."),
             "step_s_median": seconds, "step_s_spread": max(times) - min(times), "tokens_per_s": tokens_per_s,
             "mfu": 6 * shape.parameters * tokens_per_s / (peak_tflops * 1e12) if peak_tflops else None,
             "activation_peak_gib": measured, "plan_activations_gib": planned,
@@ -108,13 +115,18 @@ def shape_run(folder: str | Path, *, tokens: int, pairs: int, checkpointing: boo
 def _shape_runs(args, peak: float | None) -> list[dict]:
     import torch
 
+    import importlib.util
+
+    # packed: flash-attention's varlen kernel when installed, else sdpa over the block-diagonal mask
+    packed_attn = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
     runs = []
     for name in args.shapes:
-        for checkpointing in (False, True):
+        for checkpointing, packing in ((False, False), (True, False), (True, True)):
             run = shape_run(SHAPES[name], tokens=args.tokens, pairs=args.pairs_per_step, checkpointing=checkpointing,
-                            peak_tflops=peak)
+                            peak_tflops=peak, packing=packing, attn=packed_attn if packing else "sdpa")
             runs.append(run)
-            print(f"{name} checkpointing={checkpointing}: {run['tokens_per_s']:.0f} tokens/s, MFU "
+            print(f"{name} checkpointing={checkpointing} packing={packing} ({run['attn']}): "
+                  f"{run['tokens_per_s']:.0f} tokens/s, MFU "
                   f"{run['mfu'] if run['mfu'] is None else round(run['mfu'], 3)}, activations {run['activation_peak_gib']:.1f} "
                   f"GiB measured vs {run['plan_activations_gib']:.1f} GiB planned", flush=True)
             torch.cuda.empty_cache()

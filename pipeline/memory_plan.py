@@ -31,7 +31,8 @@ masks are counted as in the paper (a conservative figure: dropout is off in this
 checkpointing (full recomputation, their section 4.1) a layer keeps only its ``2·s·b·h`` input, plus one layer's
 full activations while it is recomputed. fp32 doubles every term.
 
-``b`` is two sequences per pair (chosen and rejected run in one forward) times ``train.micro_batch_size``; ``s`` is
+Packing (``train.packing``) puts a micro-batch's sequences in one row: see :func:`activation_bytes` for what
+changes. ``b`` is two sequences per pair (chosen and rejected run in one forward) times ``train.micro_batch_size``; ``s`` is
 ``data.max_length``: a micro-batch pads to its longest sequence, so that is the worst case, which a run meets
 when any pair of a micro-batch reaches the limit.
 """
@@ -85,6 +86,7 @@ class MemoryPlan:
     offload_optimizer: bool
     offload_params: bool
     gradient_checkpointing: bool
+    packing: bool
     attn_implementation: str
     sequence_length: int
     sequences_per_micro_batch: int
@@ -169,14 +171,21 @@ def model_state_bytes(parameters: int, largest_layer: int, *, zero_stage: int, w
 
 
 def activation_bytes(shape: ModelShape, *, tokens: int, sequences: int, bf16: bool, eager: bool,
-                     checkpointing: bool) -> float:
-    """Bytes of activations kept for the backward pass of one micro-batch (the module docstring's formula)."""
+                     checkpointing: bool, packed: str | None = None) -> float:
+    """Bytes of activations kept for the backward pass of one micro-batch (the module docstring's formula).
+
+    ``packed``: the attention kernel of a packed micro-batch (``train.packing``), whose ``b`` sequences form one
+    row of ``b·s`` tokens. The per-token terms stay; the row's attention spans the whole row: eager keeps
+    ``5·a·(b·s)²`` bytes of scores instead of ``5·a·s²·b``, and sdpa and eager hold transformers' block-diagonal
+    mask, ``(b·s)²`` bytes (bool) once per forward; flash-attention's varlen kernel keeps neither."""
     s, b, h, a, f = tokens, sequences, shape.hidden_size, shape.heads, shape.intermediate_size
     mlp = 2 * s * b * h + (8 if shape.gated_mlp else 4) * s * b * f + s * b * h
-    scores = 5 * a * s * s * b if eager else 0
+    row = s * b if packed else s
+    scores = 5 * a * row * row * (1 if packed else b) if eager else 0
     layer = 11 * s * b * h + scores + mlp + 4 * s * b * h
     kept = shape.layers * 2 * s * b * h + layer if checkpointing else shape.layers * layer
-    return kept * (1 if bf16 else 2)
+    mask = (s * b) ** 2 if packed in ("sdpa", "eager") else 0
+    return kept * (1 if bf16 else 2) + mask
 
 
 # ------------------------------------------------------------------ the plan
@@ -206,7 +215,8 @@ def compute(cfg: PipelineConfig, shape: ModelShape, gpu_gb: float | None, gpu_so
                                offload_params=t.offload_params)
     sequences = 2 * t.micro_batch_size
     acts = activation_bytes(shape, tokens=cfg.data.max_length, sequences=sequences, bf16=bf16,
-                            eager=cfg.model.attn_implementation == "eager", checkpointing=t.gradient_checkpointing)
+                            eager=cfg.model.attn_implementation == "eager", checkpointing=t.gradient_checkpointing,
+                            packed=cfg.model.attn_implementation if t.packing else None)
     total = (states + acts) / GIB
     usable = None if gpu_gb is None else gpu_gb * (1 - RESERVE_FRACTION)
     return MemoryPlan(
@@ -214,7 +224,8 @@ def compute(cfg: PipelineConfig, shape: ModelShape, gpu_gb: float | None, gpu_so
         heads=shape.heads, intermediate_size=shape.intermediate_size, gated_mlp=shape.gated_mlp,
         zero_stage=t.zero_stage, world_size=t.num_workers, precision="bf16" if bf16 else "fp32",
         offload_optimizer=t.offload_optimizer, offload_params=t.offload_params,
-        gradient_checkpointing=t.gradient_checkpointing, attn_implementation=cfg.model.attn_implementation,
+        gradient_checkpointing=t.gradient_checkpointing, packing=t.packing,
+        attn_implementation=cfg.model.attn_implementation,
         sequence_length=cfg.data.max_length, sequences_per_micro_batch=sequences, model_states_gb=states / GIB,
         activations_gb=acts / GIB, total_gb=total, gpu_memory_gb=gpu_gb, gpu_memory_source=gpu_source,
         usable_gb=usable, fits=None if usable is None else total <= usable, notes=_notes(cfg, gpu_gb))
@@ -230,6 +241,9 @@ def _notes(cfg: PipelineConfig, gpu_gb: float | None) -> list[str]:
     if cfg.model.attn_implementation == "sdpa":
         notes.append("sdpa counted as a fused kernel (no materialised scores): true for its flash and "
                      "memory-efficient CUDA backends; its math fallback would materialise them")
+    if cfg.train.packing:
+        notes.append("packing: the same tokens at worst (no padding to save when every sequence is max_length); "
+                     "the padding_fraction metric of a padded run says what it saves on real data")
     if cfg.train.offload_params and not cfg.train.offload_optimizer:
         notes.append("train.offload_params without train.offload_optimizer is not in DeepSpeed's estimators: "
                      "counted as without offload")
@@ -306,7 +320,8 @@ def render(p: MemoryPlan) -> str:
         f"{p.heads} heads, MLP {p.intermediate_size}{' (gated)' if p.gated_mlp else ''}",
         f"training: ZeRO-{p.zero_stage} over {p.world_size} GPUs, {p.precision}, offload {offload or 'none'}, "
         f"{p.sequences_per_micro_batch} sequences × {p.sequence_length} tokens per micro-batch, attention "
-        f"{p.attn_implementation}, checkpointing {'on' if p.gradient_checkpointing else 'off'}",
+        f"{p.attn_implementation}, checkpointing {'on' if p.gradient_checkpointing else 'off'}, packing "
+        f"{'on' if p.packing else 'off'}",
         f"per GPU: model states {p.model_states_gb:.1f} GiB + activations {p.activations_gb:.1f} GiB = "
         f"{p.total_gb:.1f} GiB; GPU {gpu}: {verdict}",
     ]

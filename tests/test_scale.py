@@ -323,12 +323,28 @@ def test_gpu_check_shape_run_works_on_cpu_with_only_torch_and_transformers(tmp_p
     code = ("import sys, json; sys.modules.update(deepspeed=None, ray=None, mlflow=None)\n"
             "from benchmarks.gpu_check import shape_run\n"
             f"runs = [shape_run({str(tmp_path)!r}, tokens=16, pairs=2, checkpointing=c, device='cpu', steps=2, "
-            "warmup=1, peak_tflops=1.0) for c in (False, True)]\n"
+            "warmup=1, peak_tflops=1.0, packing=p) for c, p in ((False, False), (True, False), (True, True))]\n"
             "print(json.dumps(runs))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=str(modeling.Path(__file__).resolve().parents[1]))
     assert out.returncode == 0, out.stderr[-2000:]
     runs = json.loads(out.stdout.strip().splitlines()[-1])
-    assert [r["checkpointing"] for r in runs] == [False, True] and all(r["tokens_per_s"] > 0 for r in runs)
+    assert [r["checkpointing"] for r in runs] == [False, True, True] and all(r["tokens_per_s"] > 0 for r in runs)
+    assert runs[2]["packing"] and runs[2]["plan_activations_gib"] > runs[1]["plan_activations_gib"]  # sdpa's mask
     assert runs[1]["plan_activations_gib"] < runs[0]["plan_activations_gib"] and runs[0]["activation_peak_gib"] is None
     assert runs[0]["dtype"] == "float32" and runs[0]["mfu"] > 0
+
+
+@pytest.mark.unit
+def test_plan_packing_costs_the_rows_square_with_eager_and_sdpa_but_not_with_flash_attention():
+    from pipeline.memory_plan import ModelShape, activation_bytes
+
+    s, b, h, a = 512, 8, 256, 4
+    shape = ModelShape(source="x", model_type="llama", parameters=1, largest_layer_parameters=1, layers=2,
+                       hidden_size=h, heads=a, intermediate_size=4 * h, gated_mlp=False)
+    kw = dict(tokens=s, sequences=b, bf16=True, checkpointing=False)
+    padded = activation_bytes(shape, eager=False, **kw)
+    assert activation_bytes(shape, eager=False, packed="flash_attention_2", **kw) == padded
+    assert activation_bytes(shape, eager=False, packed="sdpa", **kw) == padded + (s * b) ** 2
+    eager_packed = activation_bytes(shape, eager=True, packed="eager", **kw)
+    assert eager_packed == 2 * 34 * s * b * h + 2 * 5 * a * (s * b) ** 2 + (s * b) ** 2
