@@ -348,3 +348,38 @@ def test_plan_packing_costs_the_rows_square_with_eager_and_sdpa_but_not_with_fla
     assert activation_bytes(shape, eager=False, packed="sdpa", **kw) == padded + (s * b) ** 2
     eager_packed = activation_bytes(shape, eager=True, packed="eager", **kw)
     assert eager_packed == 2 * 34 * s * b * h + 2 * 5 * a * (s * b) ** 2 + (s * b) ** 2
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_checkpointing_under_zero3_resumes_to_the_uninterrupted_curve(decoders, tmp_path):
+    """One process: a run resumed from its step-2 checkpoint ends where the uninterrupted run ends."""
+    import shutil
+
+    from pipeline.train_loop import train_local
+    from tests.test_zero_stages import _pairs
+
+    tok = modeling.load_tokenizer(decoders["llama"])
+    train, _ = _pairs(tok, "train", 32)
+    validation, _ = _pairs(tok, "validation", 9)
+    cfg = load_config(None, [f"model.name_or_path={decoders['llama']}", "train.zero_stage=3", "train.max_steps=4",
+                             "train.checkpoint_every=2", "train.micro_batch_size=4", "train.num_workers=1",
+                             "train.gradient_checkpointing=true", "train.log_every=1", "train.lr=1e-4"])
+
+    def run(restore: str | None = None) -> list[dict]:
+        history: list[dict] = []
+
+        def report(metrics, checkpoint_dir=None, final=False):
+            history.append(dict(metrics))
+            if checkpoint_dir and metrics.get("step") == 2 and restore is None:
+                shutil.copytree(checkpoint_dir, tmp_path / "step2")
+
+        train_local(cfg, train, validation, report=report, restore_dir=restore, one_process=True)
+        return history
+
+    whole = run()
+    resumed = run(str(tmp_path / "step2"))
+    losses = lambda h: [(x["step"], x["loss"]) for x in h if "loss" in x]  # noqa: E731
+    assert [s for s, _ in losses(resumed)] == [3, 4]
+    assert [x for _, x in losses(resumed)] == pytest.approx([x for _, x in losses(whole)[2:]], rel=1e-6, abs=1e-7)
+    assert resumed[-1]["val_loss"] == pytest.approx(whole[-1]["val_loss"], rel=1e-6)
