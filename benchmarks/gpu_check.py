@@ -113,9 +113,9 @@ def shape_run(folder: str | Path, *, tokens: int, pairs: int, checkpointing: boo
 
 
 def _shape_runs(args, peak: float | None) -> list[dict]:
-    import torch
-
     import importlib.util
+
+    import torch
 
     # packed: flash-attention's varlen kernel when installed, else sdpa over the block-diagonal mask
     packed_attn = "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"

@@ -27,9 +27,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.train_throughput import make_rows  # noqa: E402
-from pipeline import losses, modeling  # noqa: E402
-from pipeline.train_loop import global_batches, micro_slices, padding_fraction  # noqa: E402
+from benchmarks.train_throughput import make_rows
+from pipeline import losses, modeling
+from pipeline.train_loop import global_batches, micro_slices, padding_fraction
 
 
 def micro_batches(rows: list[dict], *, micro: int, world: int, window: int, group: bool) -> list[list[dict]]:
@@ -52,6 +52,10 @@ def step_seconds(model, optimizer, batch: dict) -> float:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return time.perf_counter() - start
+
+
+def _median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    return statistics.median(x / y for x, y in zip(numerators, denominators, strict=True))
 
 
 def main() -> None:
@@ -101,9 +105,8 @@ def main() -> None:
                 seconds[mode].append(step_seconds(*models[mode], inputs[mode][i]))
         # the median of step-by-step ratios: the three steps of a micro-batch run back to back, so a burst of
         # load from elsewhere on the machine hits one step's ratio, not the round's sums
-        ratio = lambda a, b: statistics.median(x / y for x, y in zip(seconds[a], seconds[b]))  # noqa: E731
-        rounds.append({"packed_over_padded_pairs_per_s": ratio("padded", "packed"),
-                       "checkpointed_over_plain_step_time": ratio("checkpointed", "padded"),
+        rounds.append({"packed_over_padded_pairs_per_s": _median_ratio(seconds["padded"], seconds["packed"]),
+                       "checkpointed_over_plain_step_time": _median_ratio(seconds["checkpointed"], seconds["padded"]),
                        "padded_pairs_per_s": args.micro_batch / statistics.median(seconds["padded"])})
         print(f"round {r + 1}: packed/padded pairs/s {rounds[-1]['packed_over_padded_pairs_per_s']:.3f}, "
               f"checkpointed/plain step time {rounds[-1]['checkpointed_over_plain_step_time']:.3f}", flush=True)

@@ -198,12 +198,12 @@ def gpu_memory(cfg: PipelineConfig) -> tuple[float | None, str]:
     try:
         import torch
 
-        if torch.cuda.is_available():
-            props = torch.cuda.get_device_properties(0)
-            return props.total_memory / GIB, f"detected ({props.name})"
-    except Exception:  # noqa: BLE001 - no usable CUDA: memory unknown, said so
-        pass
-    return None, "unknown (no GPU here and train.gpu_memory_gb is 0)"
+        if not torch.cuda.is_available():
+            return None, "unknown (no GPU here and train.gpu_memory_gb is 0)"
+        props = torch.cuda.get_device_properties(0)
+    except Exception as err:  # noqa: BLE001 - no usable CUDA: memory unknown, said so
+        return None, f"unknown (CUDA failed: {type(err).__name__}; set train.gpu_memory_gb)"
+    return props.total_memory / GIB, f"detected ({props.name})"
 
 
 def compute(cfg: PipelineConfig, shape: ModelShape, gpu_gb: float | None, gpu_source: str = "given") -> MemoryPlan:
@@ -233,10 +233,10 @@ def compute(cfg: PipelineConfig, shape: ModelShape, gpu_gb: float | None, gpu_so
 
 def _notes(cfg: PipelineConfig, gpu_gb: float | None) -> list[str]:
     """What the plan does not know or does not count, said rather than guessed."""
-    notes = [f"not counted: CUDA context, communication buckets, fragmentation ({RESERVE_FRACTION:.0%} of the GPU "
-             f"is held back for them); the logits and loss (small for a one-output head)",
-             f"activations assume every sequence is data.max_length={cfg.data.max_length} tokens (a micro-batch "
-             f"pads to its longest); shorter data needs less",
+    notes = [(f"not counted: CUDA context, communication buckets, fragmentation ({RESERVE_FRACTION:.0%} of the "
+              f"GPU is held back for them); the logits and loss (small for a one-output head)"),
+             (f"activations assume every sequence is data.max_length={cfg.data.max_length} tokens (a micro-batch "
+              f"pads to its longest); shorter data needs less"),
              "LoRA: not offered by this pipeline; every parameter trains"]
     if cfg.model.attn_implementation == "sdpa":
         notes.append("sdpa counted as a fused kernel (no materialised scores): true for its flash and "
@@ -316,14 +316,14 @@ def render(p: MemoryPlan) -> str:
     gpu = "unknown" if p.gpu_memory_gb is None else f"{p.gpu_memory_gb:.1f} GiB ({p.gpu_memory_source}), " \
                                                        f"{p.usable_gb:.1f} GiB usable"
     lines = [
-        f"model: {p.model_type}, {p.parameters / 1e9:.3f}B parameters, {p.layers} layers, hidden {p.hidden_size}, "
-        f"{p.heads} heads, MLP {p.intermediate_size}{' (gated)' if p.gated_mlp else ''}",
-        f"training: ZeRO-{p.zero_stage} over {p.world_size} GPUs, {p.precision}, offload {offload or 'none'}, "
-        f"{p.sequences_per_micro_batch} sequences × {p.sequence_length} tokens per micro-batch, attention "
-        f"{p.attn_implementation}, checkpointing {'on' if p.gradient_checkpointing else 'off'}, packing "
-        f"{'on' if p.packing else 'off'}",
-        f"per GPU: model states {p.model_states_gb:.1f} GiB + activations {p.activations_gb:.1f} GiB = "
-        f"{p.total_gb:.1f} GiB; GPU {gpu}: {verdict}",
+        (f"model: {p.model_type}, {p.parameters / 1e9:.3f}B parameters, {p.layers} layers, hidden {p.hidden_size}, "
+         f"{p.heads} heads, MLP {p.intermediate_size}{' (gated)' if p.gated_mlp else ''}"),
+        (f"training: ZeRO-{p.zero_stage} over {p.world_size} GPUs, {p.precision}, offload {offload or 'none'}, "
+         f"{p.sequences_per_micro_batch} sequences × {p.sequence_length} tokens per micro-batch, attention "
+         f"{p.attn_implementation}, checkpointing {'on' if p.gradient_checkpointing else 'off'}, packing "
+         f"{'on' if p.packing else 'off'}"),
+        (f"per GPU: model states {p.model_states_gb:.1f} GiB + activations {p.activations_gb:.1f} GiB = "
+         f"{p.total_gb:.1f} GiB; GPU {gpu}: {verdict}"),
     ]
     lines += [f"  note: {n}" for n in p.notes]
     for s in p.suggestions:

@@ -90,6 +90,6 @@ def attention_problems(cfg: PipelineConfig) -> list[str]:
     if not cfg.train.use_gpu:
         return ["model.attn_implementation=flash_attention_2 runs on GPU only (train.use_gpu=false): use sdpa"]
     if importlib.util.find_spec("flash_attn") is None:
-        return ["model.attn_implementation=flash_attention_2 needs the flash-attn package (pip install flash-attn), "
-                "not importable here; sdpa needs nothing"]
+        return [("model.attn_implementation=flash_attention_2 needs the flash-attn package (pip install "
+                 "flash-attn), not importable here; sdpa needs nothing")]
     return []

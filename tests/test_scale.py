@@ -119,7 +119,7 @@ def test_checkpointing_attention_kernels_and_packing_leave_loss_and_gradients_un
     vocab = AutoConfig.from_pretrained(decoders[family]).vocab_size
     batch, packed = _pair_batch(tok, vocab), _pair_batch(tok, vocab, packed=True)
     assert packed["input_ids"].shape[0] == 1 and int((batch["attention_mask"] == 0).sum()) > 0
-    build = lambda kernel: modeling.build_reward_model(decoders[family], tok, dtype=torch.float32,  # noqa: E731
+    build = lambda kernel: modeling.build_reward_model(decoders[family], tok, dtype=torch.float32,
                                                        attn_implementation=kernel)
     loss, grads = _loss_and_grads(build("sdpa"), batch)
     checkpointed = modeling.enable_checkpointing(build("sdpa"))
@@ -176,7 +176,7 @@ def _rank(rank: int, port: int, model: str, runs: dict[str, list[str]], out: str
     validation, _ = _pairs(tok, "validation", 9)
     for name, overrides in runs.items():
         history: list[dict] = []
-        report = lambda m, checkpoint_dir=None, final=False, h=history: h.append(  # noqa: E731
+        report = lambda m, checkpoint_dir=None, final=False, h=history: h.append(
             {k: v for k, v in m.items() if isinstance(v, (int, float)) and not k.startswith(("phase/", "pairs_",
                                                                                               "tokens_", "data_"))})
         cfg = load_config(None, [f"model.name_or_path={model}", "train.max_steps=3", "train.micro_batch_size=4",
@@ -234,9 +234,9 @@ def test_plan_model_states_equal_deepspeeds_estimators_for_every_zero_stage():
     total, largest = model_to_params(modeling.build_reward_model("tiny:llama", tok))
     shape = model_shape("tiny:llama")
     assert (shape.parameters, shape.largest_layer_parameters) == (total, largest)
-    ours = lambda stage, n, **kw: model_state_bytes(total, largest, zero_stage=stage, world_size=n,  # noqa: E731
+    ours = lambda stage, n, **kw: model_state_bytes(total, largest, zero_stage=stage, world_size=n,
                                                     bf16=True, **kw)
-    close = lambda a, b: abs(a - b) <= 0.05 * b  # noqa: E731
+    close = lambda a, b: abs(a - b) <= 0.05 * b
     for n in (1, 2, 8):
         for offload in (False, True):
             _, theirs = estimate_zero2_model_states_mem_needs(total, num_gpus_per_node=n, cpu_offload=offload)
@@ -258,7 +258,7 @@ def test_plan_activations_are_korthikantis_34sbh_plus_5as2b_for_gpt_shapes():
     s, b, h, a, layers = 2048, 8, 1024, 16, 4
     gpt = ModelShape(source="gpt", model_type="gpt", parameters=1, largest_layer_parameters=1, layers=layers,
                      hidden_size=h, heads=a, intermediate_size=4 * h, gated_mlp=False)
-    kw = dict(tokens=s, sequences=b, bf16=True)
+    kw = {"tokens": s, "sequences": b, "bf16": True}
     assert activation_bytes(gpt, eager=False, checkpointing=False, **kw) == layers * 34 * s * b * h
     assert activation_bytes(gpt, eager=True, checkpointing=False, **kw) == layers * (34 * s * b * h + 5 * a * s * s * b)
     assert activation_bytes(gpt, eager=False, checkpointing=True, **kw) == layers * 2 * s * b * h + 34 * s * b * h
@@ -325,7 +325,7 @@ def test_gpu_check_shape_run_works_on_cpu_with_only_torch_and_transformers(tmp_p
             f"runs = [shape_run({str(tmp_path)!r}, tokens=16, pairs=2, checkpointing=c, device='cpu', steps=2, "
             "warmup=1, peak_tflops=1.0, packing=p) for c, p in ((False, False), (True, False), (True, True))]\n"
             "print(json.dumps(runs))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
                          cwd=str(modeling.Path(__file__).resolve().parents[1]))
     assert out.returncode == 0, out.stderr[-2000:]
     runs = json.loads(out.stdout.strip().splitlines()[-1])
@@ -342,7 +342,7 @@ def test_plan_packing_costs_the_rows_square_with_eager_and_sdpa_but_not_with_fla
     s, b, h, a = 512, 8, 256, 4
     shape = ModelShape(source="x", model_type="llama", parameters=1, largest_layer_parameters=1, layers=2,
                        hidden_size=h, heads=a, intermediate_size=4 * h, gated_mlp=False)
-    kw = dict(tokens=s, sequences=b, bf16=True, checkpointing=False)
+    kw = {"tokens": s, "sequences": b, "bf16": True, "checkpointing": False}
     padded = activation_bytes(shape, eager=False, **kw)
     assert activation_bytes(shape, eager=False, packed="flash_attention_2", **kw) == padded
     assert activation_bytes(shape, eager=False, packed="sdpa", **kw) == padded + (s * b) ** 2
@@ -379,7 +379,7 @@ def test_checkpointing_under_zero3_resumes_to_the_uninterrupted_curve(decoders, 
 
     whole = run()
     resumed = run(str(tmp_path / "step2"))
-    losses = lambda h: [(x["step"], x["loss"]) for x in h if "loss" in x]  # noqa: E731
+    losses = lambda h: [(x["step"], x["loss"]) for x in h if "loss" in x]
     assert [s for s, _ in losses(resumed)] == [3, 4]
     assert [x for _, x in losses(resumed)] == pytest.approx([x for _, x in losses(whole)[2:]], rel=1e-6, abs=1e-7)
     assert resumed[-1]["val_loss"] == pytest.approx(whole[-1]["val_loss"], rel=1e-6)
