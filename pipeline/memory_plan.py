@@ -134,8 +134,12 @@ def model_shape(name: str, *, revision: str | None = None, trust_remote_code: bo
     from transformers import AutoModelForSequenceClassification
 
     config = load_model_config(name, revision=revision, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - any failure means the shape is unknown, said so
+        raise PlanError(f"model.name_or_path={name}: its config does not build a sequence-classification model on "
+                        f"the meta device ({type(err).__name__}: {err})") from None
     parameters = sum(p.numel() for p in model.parameters())  # parameters() yields a shared (tied) weight once
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     text = config.get_text_config()

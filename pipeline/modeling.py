@@ -14,7 +14,10 @@ any backbone that has such a class (Llama, Gemma, Qwen, Mistral, BERT-like encod
   representation ``h``. A forward hook on the head captures ``h`` and recomputes the head in fp32, so
   rewards are fp32 whatever the model's dtype (in bf16 the reward spacing near |r| = 3 is 2^-6, and
   close pairs would tie); for decoders the position is HF's own (rightmost non-pad token), for
-  encoders the head already receives the pooled vector.
+  encoders the head already receives the pooled vector. Packed decoder batches (:func:`pack_pairs`, no padding)
+  read each sequence at its own scored token.
+* :func:`enable_checkpointing` turns on transformers' activation checkpointing so that it engages although the
+  model stays in eval mode.
 * Chat templates are rendered with a fixed date (:data:`TEMPLATE_DATE`, or ``template_date`` in the
   tokenizer's config, set from ``data.template_date``), so a pair tokenises the same on any day
   (Llama 3.x templates otherwise write today's date into the system turn).
