@@ -115,6 +115,8 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", default=None, help="run directory (default: <run.root>/<run.name>)")
     parser.add_argument("--stages", default=None, help="comma-separated subset of stages, in order")
     parser.add_argument("--describe", action="store_true", help="print every config key with its doc and exit")
+    parser.add_argument("--plan", action="store_true", help="print the memory plan per GPU and exit (1 if it cannot fit)")
+    parser.add_argument("--json", action="store_true", help="with --plan: print it as JSON")
     parser.add_argument("overrides", nargs="*", help="section.key=value (value parsed as YAML)")
     args = parser.parse_args(argv)
 
@@ -124,6 +126,8 @@ def run(argv: list[str] | None = None) -> int:
     if args.describe:
         print(describe())
         return 0
+    if args.plan:
+        return plan(args)
     try:
         cfg = load_config(args.config, args.overrides)
         stages = tuple(s.strip() for s in args.stages.split(",") if s.strip()) if args.stages else None
@@ -144,6 +148,22 @@ def run(argv: list[str] | None = None) -> int:
 
         shutdown_if_started()
     return 0
+
+
+def plan(args: argparse.Namespace) -> int:
+    """``--plan``: the memory plan (pipeline/memory_plan.py) of the config, from the model's config alone."""
+    import json
+
+    from pipeline import memory_plan
+    from pipeline.config import ConfigError, load_config
+
+    try:
+        result = memory_plan.plan(load_config(args.config, args.overrides))
+    except (ConfigError, memory_plan.PlanError) as err:
+        print(f"plan: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.to_json(), indent=2) if args.json else memory_plan.render(result))
+    return 1 if result.fits is False else 0
 
 
 if __name__ == "__main__":

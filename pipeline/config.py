@@ -176,6 +176,9 @@ class ModelConfig:
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) for hub ids.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub (off unless you trust the repo).")
     seed: int = _f(0, "Seed for a newly initialised score head and tiny models.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = _f(
+        "sdpa", "Attention kernel: 'sdpa' (torch's fused kernels), 'eager' (materialises the scores: "
+        "seq_len² memory per head) or 'flash_attention_2' (GPU only, needs the flash-attn package).")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -208,7 +211,22 @@ class TrainConfig:
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = _f("PACK", "How workers spread over nodes: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD "
                                  "(Ray's placement-group strategies).")
     zero_stage: int = _f(2, "DeepSpeed ZeRO stage 0-3.")
-    precision: Literal["auto", "fp32", "bf16"] = _f("auto", "'auto' (bf16 on GPU, fp32 on CPU), 'fp32' or 'bf16'.")
+    precision: Literal["auto", "fp32", "bf16"] = _f("auto", "'auto' (bf16 on GPU, fp32 on CPU), 'fp32' or 'bf16'. "
+                                                    "Weights load in fp32 whatever the checkpoint's dtype: 'fp32' "
+                                                    "trains fp32, 'bf16' is DeepSpeed's bf16 with fp32 master "
+                                                    "weights.")
+    gradient_checkpointing: bool = _f(False, "Recompute each layer's activations in the backward pass "
+                                      "(transformers' non-reentrant checkpointing): about 2·seq·hidden bytes kept "
+                                      "per layer and sequence instead of ~34×, for ~1/3 more compute.")
+    packing: bool = _f(False, "Decoders only: a micro-batch's chosen and rejected sequences end to end in one row, "
+                       "no padding (per-sequence position_ids, block-diagonal attention; varlen under "
+                       "flash_attention_2). Off by default: with sdpa/eager the row's attention spans all of it.")
+    offload_optimizer: bool = _f(False, "DeepSpeed ZeRO-Offload: fp32 master weights and Adam state in CPU "
+                                 "memory (ZeRO 1-3); on GPU the step runs DeepSpeed's CPU Adam.")
+    offload_params: bool = _f(False, "ZeRO-3 only: the 16-bit weights live in CPU memory too (ZeRO-Infinity to CPU).")
+    gpu_memory_gb: float = _f(0.0, "Memory of one GPU in GiB (2^30 bytes) that the memory plan checks against "
+                              "(run_pipeline.py --plan; the train stage on GPU); 0: detected from the local GPU, "
+                              "unknown without one.")
     micro_batch_size: int = _f(8, "Pairs per worker per forward.")
     grad_accum: int = _f(1, "Gradient accumulation steps.")
     lr: float = _f(1e-4, "Peak learning rate (1e-4 calibrated for the embedded MiniLM default).")
@@ -489,6 +507,11 @@ def _check(cfg: PipelineConfig) -> None:
         (cfg.train.micro_batch_size >= 1 and cfg.train.grad_accum >= 1,
          "train.micro_batch_size and train.grad_accum must be >= 1"),
         (cfg.train.lr > 0, "train.lr must be > 0"),
+        (not cfg.train.offload_params or cfg.train.zero_stage == 3,
+         "train.offload_params needs train.zero_stage=3 (only ZeRO-3 partitions the weights)"),
+        (not cfg.train.offload_optimizer or cfg.train.zero_stage >= 1,
+         "train.offload_optimizer needs train.zero_stage 1-3 (ZeRO-Offload offloads the optimizer partition)"),
+        (cfg.train.gpu_memory_gb >= 0, "train.gpu_memory_gb must be >= 0 (0: detect)"),
         (cfg.train.nan_policy != "skip" or cfg.train.grad_accum == 1,
          "train.nan_policy=skip needs train.grad_accum=1 (a skipped micro-batch would leave half-accumulated grads)"),
         (cfg.best_of_n.n_max >= 1, "best_of_n.n_max must be >= 1"),

@@ -14,7 +14,8 @@ any backbone that has such a class (Llama, Gemma, Qwen, Mistral, BERT-like encod
   representation ``h``. A forward hook on the head captures ``h`` and recomputes the head in fp32, so
   rewards are fp32 whatever the model's dtype (in bf16 the reward spacing near |r| = 3 is 2^-6, and
   close pairs would tie); for decoders the position is HF's own (rightmost non-pad token), for
-  encoders the head already receives the pooled vector.
+  encoders the head already receives the pooled vector. Packed decoder batches (:func:`pack_pairs`, no padding)
+  read each sequence at its own scored token.
 * Score-head input normalisation (``loss.head_input_norm: layernorm``, the LayerNorm baseline): the model's
   config carries ``score_head_input_norm = "layernorm"`` (saved in ``config.json``, so it travels with the
   exported model) and the head hook applies :func:`pipeline.losses.head_input_layernorm` to the head's input
@@ -22,6 +23,8 @@ any backbone that has such a class (Llama, Gemma, Qwen, Mistral, BERT-like encod
   serving all call :func:`forward_rewards`; the MLflow pyfunc applies the same rule). transformers knows
   nothing of the key: plain ``from_pretrained(...)(...).logits`` of such a model skips the normalisation
   (the weights stay a stock architecture; only this project's scorers read the key).
+* :func:`enable_checkpointing` turns on transformers' activation checkpointing so that it engages although the
+  model stays in eval mode.
 * Chat templates are rendered with a fixed date (:data:`TEMPLATE_DATE`, or ``template_date`` in the
   tokenizer's config, set from ``data.template_date``), so a pair tokenises the same on any day
   (Llama 3.x templates otherwise write today's date into the system turn).
@@ -131,15 +134,21 @@ def _tiny_config(arch: str, tokenizer: Any, *, causal: bool):
 
 
 def build_reward_model(name: str, tokenizer: Any, *, revision: str | None = None, trust_remote_code: bool = False,
-                       seed: int = 0, dtype: torch.dtype | None = None, head_input_norm: str = "none") -> nn.Module:
-    """An ``AutoModelForSequenceClassification`` (num_labels=1) following the contract above; ``head_input_norm``
+                       seed: int = 0, dtype: torch.dtype | None = None,
+                       attn_implementation: str | None = None, head_input_norm: str = "none") -> nn.Module:
+    """An ``AutoModelForSequenceClassification`` (num_labels=1) following the contract above.
+
+    ``dtype``: the weights' dtype whatever the checkpoint's (None: transformers' default, which in transformers 5
+    is the checkpoint's own dtype, so a bf16 hub checkpoint loads in bf16). ``attn_implementation``: transformers'
+    kernel name (``sdpa``, ``eager``, ``flash_attention_2``); None leaves transformers' choice. ``head_input_norm``
     ``"layernorm"`` records the head-input normalisation in its config (saved with it)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
     arch = tiny_arch(name)
+    kwargs = {k: v for k, v in (("dtype", dtype), ("attn_implementation", attn_implementation)) if v is not None}
     if arch:
-        model = AutoModelForSequenceClassification.from_config(_tiny_config(arch, tokenizer, causal=False))
+        model = AutoModelForSequenceClassification.from_config(_tiny_config(arch, tokenizer, causal=False), **kwargs)
         missing = [n for n, _ in model.named_parameters()]
     else:
         path = resolve_model_path(name)
@@ -147,7 +156,7 @@ def build_reward_model(name: str, tokenizer: Any, *, revision: str | None = None
                                             num_labels=1)
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path, config=config, revision=revision, trust_remote_code=trust_remote_code,
-            output_loading_info=True, **({"dtype": dtype} if dtype is not None else {}))
+            output_loading_info=True, **kwargs)
         missing = list(info.get("missing_keys", []))
     model.config.pad_token_id = tokenizer.pad_token_id
     if head_input_norm not in ("none", "layernorm"):
@@ -159,6 +168,37 @@ def build_reward_model(name: str, tokenizer: Any, *, revision: str | None = None
     if head_names & set(missing):
         init_head(head, seed)
     return disable_dropout(model)
+
+
+def enable_checkpointing(model: nn.Module) -> nn.Module:
+    """Turn on transformers' non-reentrant activation checkpointing and make it engage in eval mode.
+
+    transformers checkpoints a layer only while that layer module is in training mode, but this project keeps
+    the whole model in eval mode (dropout off, :func:`disable_dropout`). So the checkpointed layer modules
+    themselves, and nothing below them, are flagged as training: their children (attention, dropout) stay in
+    eval mode, and a layer's own forward reads ``training`` only to decide on checkpointing. Any later
+    ``model.eval()`` clears the flags: call :func:`engage_checkpointing` again after it. Modules outside the
+    layers (the score head and its forward hook) run once, outside the recomputation."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return engage_checkpointing(model)
+
+
+def engage_checkpointing(model: nn.Module) -> nn.Module:
+    """Flag every layer that has checkpointing on as training (only that module, not its children); returns
+    the model. Raises when no layer has it on (a model whose layers transformers cannot checkpoint)."""
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True
+              and hasattr(m, "_gradient_checkpointing_func") and not hasattr(m, "config")]
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: no layer supports activation checkpointing")
+    for layer in layers:
+        layer.training = True  # this module only: nn.Module.train() would recurse into attention and dropout
+    return model
+
+
+def checkpointed_layers(model: nn.Module) -> int:
+    """How many layers would checkpoint in the next forward (checkpointing on, flagged as training)."""
+    return sum(1 for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True
+               and m.training and not hasattr(m, "config"))
 
 
 def init_head(head: nn.Linear, seed: int) -> None:
@@ -217,9 +257,9 @@ def scored_index(ids: Sequence[int], pad_token_id: int | None) -> int:
     return max((i for i, t in enumerate(ids) if t != pad_token_id), default=0)
 
 
-def forward_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-                    engine: Callable[..., Any] | None = None, pooled: bool = False
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
+                    engine: Callable[..., Any] | None = None, position_ids: torch.Tensor | None = None,
+                    scored: torch.Tensor | None = None, pooled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 rewards ``[N]`` and score-head inputs ``[N, H]`` for ``N`` sequences in one forward.
 
     ``engine`` runs the forward instead of ``model`` when the model is wrapped (a DeepSpeed engine);
@@ -228,7 +268,12 @@ def forward_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     hook, i.e. while ZeRO-3 still holds the head's gathered weights. With the config's
     :data:`HEAD_INPUT_NORM` the head reads (and this returns) its LayerNorm-ed input, in fp32; otherwise the
     input in the model's dtype. ``pooled``: return instead the last hidden states mean-pooled over the real
-    tokens (:func:`pipeline.losses.mean_pooled`; NormBT's mean-pooled-distance ablation)."""
+    tokens (:func:`pipeline.losses.mean_pooled`; NormBT's mean-pooled-distance ablation).
+
+    Packed (``position_ids`` and ``scored`` from :func:`pack_pairs`, no attention mask): the ``N`` sequences lie
+    in one row; transformers reads the sequence boundaries from where ``position_ids`` restart and masks attention
+    block-diagonally (a varlen kernel under flash-attention). Each sequence's reward and ``h`` are read at its own
+    scored token, ``scored [N]`` (the model's own pooling of the row is ignored)."""
     from pipeline.losses import head_input_layernorm, mean_pooled
 
     captured: dict[str, torch.Tensor] = {}
@@ -239,15 +284,35 @@ def forward_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
         bias = None if module.bias is None else module.bias.float()
         return F.linear(captured["h"].float(), module.weight.float(), bias)
 
-    handle = score_head(model).register_forward_hook(head_in_fp32, prepend=True)
+    def head_output(_module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
+        # Registered last, so it sees the output as every other hook left it: ZeRO-3's hook wraps it in the
+        # function whose backward gathers the head's weights again; read beside that wrapper, a gradient would
+        # reach the partitioned (empty) weights.
+        captured["r"] = output
+
+    head = score_head(model)
+    handles = [head.register_forward_hook(head_in_fp32, prepend=True), head.register_forward_hook(head_output)]
     try:
-        out = (engine or model)(input_ids=input_ids, attention_mask=attention_mask,
-                                **({"output_hidden_states": True} if pooled else {}))
+        # A reward model never generates: no key/value cache (it would cost memory, and transformers warns when
+        # checkpointed layers drop it).
+        inputs: dict[str, Any] = {"input_ids": input_ids, **({} if is_encoder(model) else {"use_cache": False})}
+        if position_ids is not None:
+            inputs["position_ids"] = position_ids
+        else:
+            inputs["attention_mask"] = attention_mask
+        if pooled:
+            inputs["output_hidden_states"] = True
+        out = (engine or model)(**inputs)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     if pooled:
+        if scored is not None:
+            raise ValueError("mean-pooled distances (loss.representation: mean_pooled) do not support train.packing")
         return out.logits[:, 0], mean_pooled(out.hidden_states[-1], attention_mask)
     hidden = captured["h"]
+    if scored is not None:
+        return captured["r"][0, scored, 0], hidden[0, scored]
     if hidden.dim() == 3:  # decoder: head applied per position; pick HF's scored position
         pos = scored_positions(input_ids, model.config.pad_token_id)
         hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
@@ -261,7 +326,8 @@ def forward_pairs(model: nn.Module, batch: Mapping[str, torch.Tensor], *, engine
     Returns ``(chosen_rewards [B], rejected_rewards [B], chosen_hidden [B, H], rejected_hidden [B, H])``; the
     hidden states are the head's input, or with ``pooled`` the mean-pooled last layer (:func:`forward_rewards`).
     """
-    rewards, hidden = forward_rewards(model, batch["input_ids"], batch["attention_mask"], engine=engine,
+    rewards, hidden = forward_rewards(model, batch["input_ids"], batch.get("attention_mask"), engine=engine,
+                                      position_ids=batch.get("position_ids"), scored=batch.get("scored"),
                                       pooled=pooled)
     half = rewards.shape[0] // 2
     return rewards[:half], rewards[half:], hidden[:half], hidden[half:]
@@ -417,6 +483,20 @@ def collate_pairs(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[i
     """Chosen then rejected, padded together, for :func:`forward_pairs`."""
     ids, mask = pad_batch(list(chosen) + list(rejected), pad_token_id)
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def pack_pairs(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]], pad_token_id: int | None
+               ) -> dict[str, torch.Tensor]:
+    """Chosen then rejected, end to end in one row with no padding, for :func:`forward_pairs` (decoders only):
+    ``input_ids [1, T]``, ``position_ids [1, T]`` restarting at 0 for every sequence, and ``scored [N]``, each
+    sequence's scored token in the row (:func:`scored_index`, the same token the padded batch scores)."""
+    sequences = [list(s) for s in (*chosen, *rejected)]
+    starts = [0]
+    for seq in sequences[:-1]:
+        starts.append(starts[-1] + len(seq))
+    return {"input_ids": torch.tensor([t for seq in sequences for t in seq], dtype=torch.long)[None],
+            "position_ids": torch.cat([torch.arange(len(seq)) for seq in sequences])[None],
+            "scored": torch.tensor([start + scored_index(seq, pad_token_id) for start, seq in zip(starts, sequences)])}
 
 
 # ------------------------------------------------------------------ export

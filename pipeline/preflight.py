@@ -70,9 +70,26 @@ def problems(cfg: PipelineConfig, stages: tuple[str, ...]) -> list[str]:
             found.append(f"train.num_workers × train.cpus_per_worker = {need:g} CPUs, but the local Ray cluster has "
                          f"{cpus} and Ray Data needs at least 0.5 beside the workers; lower one of them or set "
                          f"ray.num_cpus")
+    if trains:
+        found.extend(attention_problems(cfg))
     if cfg.train.use_gpu and trains:
         import torch
 
         if not torch.cuda.is_available() and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
             found.append("train.use_gpu=true but this machine has no CUDA device and no Ray cluster is configured")
     return found
+
+
+def attention_problems(cfg: PipelineConfig) -> list[str]:
+    """``flash_attention_2`` runs only on CUDA with the ``flash-attn`` package importable; without either, the
+    first forward on a worker would fail after the cluster, the data and the engine had started."""
+    if cfg.model.attn_implementation != "flash_attention_2":
+        return []
+    import importlib.util
+
+    if not cfg.train.use_gpu:
+        return ["model.attn_implementation=flash_attention_2 runs on GPU only (train.use_gpu=false): use sdpa"]
+    if importlib.util.find_spec("flash_attn") is None:
+        return [("model.attn_implementation=flash_attention_2 needs the flash-attn package (pip install "
+                 "flash-attn), not importable here; sdpa needs nothing")]
+    return []

@@ -140,20 +140,46 @@ def micro_slices(batch: list[dict], *, micro: int, accum: int, world: int, rank:
     return [batch[j * block + rank * micro: j * block + (rank + 1) * micro] for j in range(accum)]
 
 
-def collate(rows: list[dict], pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Chosen then rejected, padded together (one forward); ``margin [B]`` with NaN where a pair has none."""
-    batch = modeling.collate_pairs([r["chosen_ids"] for r in rows], [r["rejected_ids"] for r in rows], pad_token_id)
+def collate(rows: list[dict], pad_token_id: int, device: torch.device, packing: bool = False
+            ) -> dict[str, torch.Tensor]:
+    """Chosen then rejected, padded together (one forward), or packed in one row without padding
+    (:func:`modeling.pack_pairs`); ``margin [B]`` with NaN where a pair has none."""
+    join = modeling.pack_pairs if packing else modeling.collate_pairs
+    batch = join([r["chosen_ids"] for r in rows], [r["rejected_ids"] for r in rows], pad_token_id)
     margins = [math.nan if r.get("margin") is None else float(r["margin"]) for r in rows]
     batch = {k: v.to(device) for k, v in batch.items()}
     batch["margin"] = torch.tensor(margins, dtype=torch.float32, device=device)
     return batch
 
 
+def uses_bf16(cfg: PipelineConfig, use_gpu: bool) -> bool:
+    """DeepSpeed's bf16 mode (bf16 weights, activations and gradients; fp32 master weights and Adam state)."""
+    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_gpu)
+
+
+def padding_fraction(rows: list[dict], *, packing: bool) -> float:
+    """Share of the micro-batch's token slots that are padding: chosen and rejected rows padded to the longest
+    side of any pair, or none when packed."""
+    if packing or not rows:
+        return 0.0
+    lengths = [n for r in rows for n in (r["chosen_len"], r["rejected_len"])]
+    return 1.0 - sum(lengths) / (len(lengths) * max(lengths))
+
+
 def deepspeed_config(cfg: PipelineConfig, bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed config. Offload (ZeRO-Offload / ZeRO-Infinity to CPU) moves the optimizer partition (and under
+    ZeRO-3 the weights) to pinned CPU memory; DeepSpeed then insists on its own CPU Adam unless told otherwise,
+    which :func:`_optimizer` uses on GPU. On a CPU-only node the partition already lives in CPU memory and the plain
+    torch AdamW steps it (DeepSpeed's CPU Adam would JIT-compile for about 70 s)."""
     t = cfg.train
     zero: dict[str, Any] = {"stage": t.zero_stage}
     if t.zero_stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=True)
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": t.use_gpu}
+    if t.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": t.use_gpu}
+    offloaded = t.offload_optimizer or t.offload_params
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
@@ -163,6 +189,7 @@ def deepspeed_config(cfg: PipelineConfig, bf16: bool) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
+        **({"zero_force_ds_cpu_optimizer": t.use_gpu} if offloaded else {}),
     }
 
 
@@ -183,6 +210,11 @@ def _optimizer(cfg: PipelineConfig, model: torch.nn.Module) -> torch.optim.Optim
     groups = param_groups(model, t.weight_decay)
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
+    if (t.offload_optimizer or t.offload_params) and t.use_gpu:
+        # The offloaded partition lives in CPU memory: DeepSpeed's vectorised CPU Adam steps it (built on first use).
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=t.lr, adamw_mode=True)
     # A plain torch optimizer: DeepSpeed's fused/CPU Adam would JIT-compile for ~70 s on CPU. torch's own
     # fused kernel needs no compile and runs on CPU and CUDA; on CPU torch would otherwise pick its per-tensor
     # loop, 18% of a MiniLM step (benchmarks/README.md).
@@ -209,8 +241,7 @@ def build_engine(cfg: PipelineConfig, plan: LoopPlan, use_gpu: bool) -> tuple[An
 
     skip_shared_memory_comm_build()
 
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_gpu)
-    ds_config = deepspeed_config(cfg, bf16)
+    ds_config = deepspeed_config(cfg, uses_bf16(cfg, use_gpu))
     tok = modeling.load_tokenizer(cfg.model.name_or_path, revision=cfg.model.revision,
                                   trust_remote_code=cfg.model.trust_remote_code, template_date=cfg.data.template_date)
     hf_ds = None
@@ -222,6 +253,12 @@ def build_engine(cfg: PipelineConfig, plan: LoopPlan, use_gpu: bool) -> tuple[An
 
         hf_ds = HfDeepSpeedConfig(ds_config)
     model = reward_model_for(cfg, tok)
+    if cfg.train.packing and modeling.is_encoder(model):
+        raise ValueError(f"train.packing applies to decoders only; {cfg.model.name_or_path} is an encoder "
+                         f"({model.config.model_type}: bidirectional attention over absolute positions, which "
+                         f"transformers cannot split by position_ids): set train.packing=false")
+    if cfg.train.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     optimizer = _optimizer(cfg, model)
     warmup = int(round(cfg.train.warmup_ratio * plan.max_steps))
     scheduler = get_scheduler(cfg.train.scheduler, optimizer, num_warmup_steps=warmup,
@@ -229,14 +266,21 @@ def build_engine(cfg: PipelineConfig, plan: LoopPlan, use_gpu: bool) -> tuple[An
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     del hf_ds  # alive, it would make any later model construction run ZeRO collectives (a hang)
     engine.eval()  # dropout off in training too (modeling.disable_dropout): eval mode is the rule, not a flag
+    if cfg.train.gradient_checkpointing:
+        modeling.engage_checkpointing(model)  # eval mode would skip it (modeling.enable_checkpointing)
     return engine, model, tok
 
 
 def reward_model_for(cfg: PipelineConfig, tok: Any) -> torch.nn.Module:
     """The model a run trains: the configured backbone with its score head, and the head-input LayerNorm when
-    ``loss.head_input_norm`` asks for it (recorded in the model's config, so the export scores the same way)."""
+    ``loss.head_input_norm`` asks for it (recorded in the model's config, so the export scores the same way).
+
+    fp32 whatever the checkpoint's dtype: under 'fp32' the run trains fp32; under bf16 DeepSpeed casts the
+    weights to bf16 itself and keeps the fp32 master copies (transformers 5 would otherwise load a bf16 hub
+    checkpoint in bf16, and an 'fp32' run would train pure bf16 with no fp32 master weights)."""
     return modeling.build_reward_model(cfg.model.name_or_path, tok, revision=cfg.model.revision,
                                        trust_remote_code=cfg.model.trust_remote_code, seed=cfg.model.seed,
+                                       dtype=torch.float32, attn_implementation=cfg.model.attn_implementation,
                                        head_input_norm=cfg.loss.head_input_norm)
 
 
@@ -299,8 +343,8 @@ def _step_distance(cfg, engine, model, micro_batches, pad, device, first_out, co
     outs = [first_out] if first_out is not None else []
     if first_out is None or len(micro_batches) > 1:
         with torch.no_grad():
-            outs = [modeling.forward_pairs(model, collate(mb, pad, device), engine=engine, pooled=pooled(cfg))
-                    for mb in micro_batches]
+            outs = [modeling.forward_pairs(model, collate(mb, pad, device, cfg.train.packing), engine=engine,
+                                           pooled=pooled(cfg)) for mb in micro_batches]
     local = [float(losses.pair_distances(o[2], o[3], kind=cfg.loss.distance).sum()) for o in outs]
     total, count = comm.all_reduce([sum(local), float(sum(len(mb) for mb in micro_batches))])
     return total / count
@@ -327,13 +371,14 @@ def train_one_step(cfg, engine, model, micro_batches, ema, pad, device, step, co
     its backward, and μ is committed only once the step has been taken, so a skipped step leaves μ as it was.
     A skipped step still advances the LR schedule, which stays a function of the step counter.
     ``diagnostics``, when given, receives ``[B, 2]`` = (distance, score-head gradient norm) of micro-batch 0."""
-    first = modeling.forward_pairs(model, collate(micro_batches[0], pad, device), engine=engine, pooled=pooled(cfg))
+    first = modeling.forward_pairs(model, collate(micro_batches[0], pad, device, cfg.train.packing), engine=engine,
+                                   pooled=pooled(cfg))
     distance = _step_distance(cfg, engine, model, micro_batches, pad, device,
                               first if len(micro_batches) == 1 else None, comm)
     mu = ema.peek(distance) if distance is not None else None
     per_micro = []
     for j, rows in enumerate(micro_batches):
-        batch = collate(rows, pad, device)
+        batch = collate(rows, pad, device, cfg.train.packing)
         out = first if j == 0 else modeling.forward_pairs(model, batch, engine=engine, pooled=pooled(cfg))
         if os.environ.get("NORMBT_NAN_AT_STEP") == str(step):  # test hook for the NaN guard
             out = (out[0] * float("nan"), *out[1:])
@@ -350,7 +395,7 @@ def train_one_step(cfg, engine, model, micro_batches, ema, pad, device, step, co
             diagnostics.append(_gradient_pairs(cfg, out, batch, mu))
         engine.backward(loss)
         engine.step()
-        per_micro.append(metrics)
+        per_micro.append({**metrics, "padding_fraction": padding_fraction(rows, packing=cfg.train.packing)})
     if distance is not None:
         ema.update(distance)
     metrics = _mean_metrics(per_micro, comm)
@@ -382,8 +427,8 @@ def evaluate(cfg, engine, model, rows: list[dict], pad, device, comm: Collective
     lengths = [max(r["chosen_len"], r["rejected_len"]) for r in rows]  # chosen and rejected pad together
     for chunk in eval_batches(len(rows), comm.world, comm.rank, max(1, cfg.train.micro_batch_size * 2), lengths):
         batch_rows = [rows[i] for i in chunk] or rows[:1]
-        rc, rr, hc, hr = modeling.forward_pairs(model, collate(batch_rows, pad, device), engine=engine,
-                                                pooled=pooled(cfg))
+        rc, rr, hc, hr = modeling.forward_pairs(model, collate(batch_rows, pad, device, cfg.train.packing),
+                                                engine=engine, pooled=pooled(cfg))
         if chunk:
             d = losses.pair_distances(hc, hr, kind=cfg.loss.distance)
             local += list(zip(chunk, rc.tolist(), rr.tolist(), d.float().tolist(), strict=True))

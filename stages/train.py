@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import PipelineConfig, flatten, from_flat
+from pipeline.memory_plan import refuse_if_unfit
 from pipeline.ray_train import build_trainer, storage_of
 from pipeline.train_loop import GRADIENT_PAIRS, VALIDATION_REWARDS
 from pipeline.stage import StageContext, StageResult
@@ -41,6 +42,8 @@ def train_reward_model(ctx: StageContext) -> StageResult:
     from pipeline.raycluster import ensure_ray
 
     cfg = effective_config(ctx)
+    if cfg.train.use_gpu:  # before any worker starts: a run that cannot fit fails now, saying what would fit
+        refuse_if_unfit(cfg, log=ctx.log)
     ensure_ray(cfg)
     data = ctx.upstream["data"]
     if "datasets" in data.outputs:  # the data this model trains on, in the run's Dataset column and lineage
