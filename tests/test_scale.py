@@ -188,9 +188,12 @@ def _rank(rank: int, port: int, model: str, runs: dict[str, list[str]], out: str
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
 def test_checkpointing_eager_attention_packing_and_offload_give_the_plain_loss_curve_under_zero2_and_zero3(
-        decoders, tmp_path):
-    """2 ranks, tiny llama, fp32: the loss/μ curve and the validation metrics of the plain sdpa run, to 1e-5."""
+        decoders, tmp_path, family):
+    """2 ranks, fp32: the loss/μ curve and the validation metrics of the plain sdpa run, to 1e-5. Every setting on
+    tiny llama; on qwen2 and gemma the kernel, checkpointing and packing under ZeRO-2 and ZeRO-3 (offload is the
+    optimizer's business, not the architecture's)."""
     import json
     import socket
 
@@ -203,10 +206,12 @@ def test_checkpointing_eager_attention_packing_and_offload_give_the_plain_loss_c
             "zero2-packing": ["train.zero_stage=2", "train.packing=true"],
             "zero3-packing-checkpointing": ["train.zero_stage=3", "train.packing=true", "train.gradient_checkpointing=true"],
             "zero3-offload-all": ["train.zero_stage=3", "train.offload_optimizer=true", "train.offload_params=true"]}
+    if family != "llama":
+        runs = {k: v for k, v in runs.items() if "offload" not in k}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_rank, args=(port, decoders["llama"], runs, str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_rank, args=(port, decoders[family], runs, str(tmp_path)), nprocs=2, start_method="spawn")
     history = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in runs}
     plain = history["plain"]
     assert len([h for h in plain if "loss" in h]) == 3 and "val_accuracy" in plain[-1]
