@@ -115,6 +115,7 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", default=None, help="run directory (default: <run.root>/<run.name>)")
     parser.add_argument("--stages", default=None, help="comma-separated subset of stages, in order")
     parser.add_argument("--describe", action="store_true", help="print every config key with its doc and exit")
+    parser.add_argument("--verbose", action="store_true", help="Ray Train's own log lines too (run.log_level=INFO)")
     parser.add_argument("--plan", action="store_true", help="print the memory plan per GPU and exit (1 if it cannot fit)")
     parser.add_argument("--json", action="store_true", help="with --plan: print it as JSON")
     parser.add_argument("overrides", nargs="*", help="section.key=value (value parsed as YAML)")
@@ -129,7 +130,7 @@ def run(argv: list[str] | None = None) -> int:
     if args.plan:
         return plan(args)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, [*args.overrides, *(["run.log_level=INFO"] if args.verbose else [])])
         stages = tuple(s.strip() for s in args.stages.split(",") if s.strip()) if args.stages else None
         run_pipeline(cfg, run_dir=args.run_dir, stages=stages)
     except ConfigError as err:

@@ -95,7 +95,9 @@ def build_trainer(cfg: PipelineConfig, data: Any, *, name: str, storage_path: st
             worker_runtime_env={"env_vars": {k: os.environ[k] for k in _TEST_HOOKS if k in os.environ}},
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures,
                                                    controller_failure_limit=controller_failure_limit),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(1, cfg.train.keep_checkpoints))),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(1, cfg.train.keep_checkpoints)),
+            # Ray Train's INFO lines ("Reporting training result ...: TrainingReport(...)") only with run.log_level
+            logging_config=ray.train.LoggingConfig(log_level=cfg.run.log_level)),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[],
                                             execution_options=ExecutionOptions(preserve_order=True)),
