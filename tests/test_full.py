@@ -152,9 +152,13 @@ def check_the_endpoint(tracking_uri, tmp_path, name):
             assert status == expected, (body, raw, reply)
         assert _post(f"{url}/get_reward", {"query": texts})[0] == 401, "no token, no reward"
         assert _post(f"{url}/get_reward", {"query": texts}, token="s3cret")[1]["rewards"] == got["rewards"]
+        import urllib.error
         import urllib.request
 
-        with urllib.request.urlopen(f"{url}/metadata") as reply:
+        with pytest.raises(urllib.error.HTTPError, match="401"):  # it names the model's source and run
+            urllib.request.urlopen(f"{url}/metadata")
+        request = urllib.request.Request(f"{url}/metadata", headers={"Authorization": "Bearer s3cret"})
+        with urllib.request.urlopen(request) as reply:
             metadata = json.loads(reply.read())
         assert metadata["registered_model"] == name and metadata["alias"] == "champion"
     finally:
