@@ -70,6 +70,10 @@ def problems(cfg: PipelineConfig, stages: tuple[str, ...]) -> list[str]:
             found.append(f"train.num_workers × train.cpus_per_worker = {need:g} CPUs, but the local Ray cluster has "
                          f"{cpus} and Ray Data needs at least 0.5 beside the workers; lower one of them or set "
                          f"ray.num_cpus")
+    if trains:
+        from pipeline.lora import qlora_problem
+
+        found.extend(p for p in [qlora_problem(cfg.lora)] if p)
     if cfg.train.use_gpu and trains:
         import torch
 
