@@ -221,3 +221,42 @@ def test_qlora_without_cuda_is_a_clear_error_before_anything_starts(monkeypatch)
     assert any("lora.load_in_4bit=true (QLoRA) needs a CUDA GPU" in p for p in found), found
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         lora.load_kwargs(cfg.lora)  # the training worker's own check, before the backbone loads
+
+
+@pytest.mark.unit
+def test_the_version_description_says_lora_and_how_much_trained():
+    from stages.register import lora_line
+
+    used = {"lora.r": "8", "lora.alpha": "16.0", "lora.target_modules": "()", "lora.export": "merged",
+            "lora.load_in_4bit": "False"}
+    line = lora_line(used, {"params/trainable": 169345, "params/total": 22882946})
+    assert line == ("- LoRA: r 8, alpha 16.0, targets the architecture's default, export merged; 169,345 of "
+                    "22,882,946 parameters trained (0.74%)")
+    assert lora_line({"lora.r": "0"}, {"params/trainable": 10, "params/total": 10}).startswith("- full fine-tuning")
+
+
+def test_the_registry_logs_an_adapter_export_merged(backbones, tmp_path):
+    """An adapter export reaches the registry as a plain transformers folder that scores like the adapter."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForSequenceClassification
+
+    from stages.register import registrable_folder
+
+    model, tok, cfg = _lora_model(backbones["gemma"], **{"lora.export": "adapter"})
+    _train(model, tok)
+    folder = lora.save_export(model, tok, tmp_path / "adapter", cfg.lora, state=None, extra_config={})
+    ctx = SimpleNamespace(out_dir=tmp_path / "register", log=lambda message: None)
+    merged = registrable_folder(ctx, folder)
+    assert merged != folder and not lora.is_adapter_export(merged)
+    plain = AutoModelForSequenceClassification.from_pretrained(str(merged)).eval()
+    torch.testing.assert_close(_rewards(plain, tok), _rewards(model, tok), rtol=1e-5, atol=1e-5)
+    assert registrable_folder(ctx, merged) == merged
+
+
+@pytest.mark.unit
+def test_lora_keys_are_searchable_like_any_other():
+    cfg = from_flat({"tune.search_space": {"lora.r": {"choice": [4, 8]}, "lora.alpha": {"uniform": [8, 32]}},
+                     "tune.trial_overrides": {"lora.r": 4}})
+    assert set(cfg.tune.search_space) == {"lora.r", "lora.alpha"}
+    assert from_flat({"lora.r": 8, "lora.alpha": 24.0}, base=cfg).lora.alpha == 24.0
