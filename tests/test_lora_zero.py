@@ -80,3 +80,38 @@ def test_lora_zero2_and_zero3_agree_and_every_export_scores_like_training(model,
         trained = pd.read_parquet(folder / "validation_rewards.parquet")
         expected = trained[["reward_chosen", "reward_rejected"]].to_numpy().T.reshape(-1)
         torch.testing.assert_close(rewards, torch.tensor(expected), rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_lora_run_restored_from_a_checkpoint_ends_at_the_uninterrupted_weights(tmp_path, capsys):
+    """What a killed worker's replacement does (Ray Train hands it the last checkpoint): DeepSpeed's checkpoint of
+    a LoRA model (adapters, trained head, optimizer state, μ, RNG) restores the run exactly. One process, no Ray."""
+    from safetensors.torch import load_file
+
+    from pipeline import modeling
+    from pipeline.config import load_config
+    from pipeline.decoders import make_decoder
+    from pipeline.train_loop import train_local
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    name = make_decoder(tmp_path / "base", "llama")
+    tok = modeling.load_tokenizer(name)
+    train, _ = _pairs(tok, "train", 32)
+    validation, _ = _pairs(tok, "validation", N_VALIDATION)
+    cfg = load_config(None, [f"model.name_or_path={name}", "train.max_steps=4", "train.checkpoint_every=2",
+                             "train.micro_batch_size=4", "train.num_workers=1", "train.lr=1e-3", "lora.r=4"])
+
+    def run(out: Path, restore: str | None = None) -> dict[str, torch.Tensor]:
+        def report(metrics, checkpoint_dir=None, final=False):
+            if checkpoint_dir and metrics.get("step") == 2 and not final:
+                shutil.copytree(checkpoint_dir, out / "step2")
+            if final:
+                shutil.copytree(Path(checkpoint_dir) / "model", out / "model")
+        train_local(cfg, train, validation, report=report, restore_dir=restore, one_process=True)
+        return load_file(str(out / "model" / "model.safetensors"))
+
+    straight = run(tmp_path / "straight")
+    resumed = run(tmp_path / "resumed", restore=str(tmp_path / "straight" / "step2"))
+    assert "resumed from the checkpoint at step 2" in capsys.readouterr().out
+    assert straight.keys() == resumed.keys() and not any("lora" in k for k in straight)
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-7, msg=key)
