@@ -260,3 +260,13 @@ def test_lora_keys_are_searchable_like_any_other():
                      "tune.trial_overrides": {"lora.r": 4}})
     assert set(cfg.tune.search_space) == {"lora.r", "lora.alpha"}
     assert from_flat({"lora.r": 8, "lora.alpha": 24.0}, base=cfg).lora.alpha == 24.0
+
+
+@pytest.mark.parametrize("name", ["tiny:bert", "tiny:llama"])
+def test_all_linear_adapts_the_backbone_and_leaves_the_head_whole(name):
+    tok = M.load_tokenizer(name)
+    model = lora.apply_lora(M.build_reward_model(name, tok, seed=1),
+                            from_flat({"lora.r": 4, "lora.target_modules": ["all-linear"]}).lora)
+    assert M.score_head(model) is lora.trained_head(model)
+    assert not any(".modules_to_save.default.lora_" in n for n, _ in model.named_parameters())
+    assert lora.run_metrics(from_flat({"lora.r": 4}).lora, model)["lora/adapted_modules"] >= 12
