@@ -121,8 +121,8 @@ def main() -> None:
                   f"{res['peak_bytes'] / 2**20:7.1f} MiB  optimizer state {res['optimizer_state_bytes'] / 2**20:7.2f} "
                   f"MiB  trainable {res['trainable']:,} / {res['total']:,}  ({time.time() - started:.0f} s)",
                   flush=True)
-        for key in ratios:
-            ratios[key].append(results["lora"][key] / max(results["full"][key], 1e-12))
+        for key, values in ratios.items():
+            values.append(results["lora"][key] / max(results["full"][key], 1e-12))
     print(f"\nLoRA (r={args.r}) / full on {args.model}, {args.rounds} rounds (median [min, max]):")
     for key, values in ratios.items():
         print(f"  {key:22s} {statistics.median(values):.3f} [{min(values):.3f}, {max(values):.3f}]")

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import losses, lora, modeling as M
+from pipeline import lora, losses
+from pipeline import modeling as M
 from pipeline.config import ConfigError, from_flat, load_config
 from pipeline.train_loop import param_groups
 
