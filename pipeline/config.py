@@ -204,6 +204,22 @@ class LossConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """Low-rank adapters (PEFT) on a frozen backbone; the score head trains in full (pipeline/lora.py)."""
+
+    r: int = _f(0, "LoRA rank (0: off, every weight trains).")
+    alpha: float = _f(16.0, "LoRA scale numerator: the update is (alpha / r) B A.")
+    dropout: float = _f(0.0, "LoRA dropout: only 0 (the pipeline trains in eval mode with every dropout off, so "
+                        "runs resume and compare across ZeRO stages exactly).")
+    target_modules: tuple[str, ...] = _f((), "Module names adapted: () = the architecture's default (attention "
+                                         "and MLP projections; BERT: query/key/value/dense), or ['all-linear'].")
+    export: Literal["merged", "adapter"] = _f("merged", "'merged': LoRA folded into the weights, a plain "
+                                              "transformers folder; 'adapter': the adapter and the score head for "
+                                              "peft.AutoPeftModelForSequenceClassification.")
+    load_in_4bit: bool = _f(False, "QLoRA: the frozen backbone in 4-bit NF4 through bitsandbytes (CUDA only).")
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     num_workers: int = _f(2, "Ray Train workers (data-parallel ranks).")
     cpus_per_worker: float = _f(0.5, "CPUs each worker reserves (keep room for Ray Data on small machines).")
@@ -481,6 +497,7 @@ class PipelineConfig:
     data: DataConfig = _f(DataConfig(), "Data stage.")
     model: ModelConfig = _f(ModelConfig(), "Backbone.")
     loss: LossConfig = _f(LossConfig(), "Loss.")
+    lora: LoraConfig = _f(LoraConfig(), "LoRA / QLoRA (off unless lora.r > 0).")
     train: TrainConfig = _f(TrainConfig(), "Train stage.")
     tune: TuneConfig = _f(TuneConfig(), "Tune stage.")
     rewardbench: RewardBenchConfig = _f(RewardBenchConfig(), "RewardBench stage.")
@@ -517,6 +534,11 @@ def _check(cfg: PipelineConfig) -> None:
         (cfg.train.gpu_memory_gb >= 0, "train.gpu_memory_gb must be >= 0 (0: detect)"),
         (cfg.train.nan_policy != "skip" or cfg.train.grad_accum == 1,
          "train.nan_policy=skip needs train.grad_accum=1 (a skipped micro-batch would leave half-accumulated grads)"),
+        (cfg.lora.r >= 0 and cfg.lora.alpha > 0, "lora.r must be >= 0 and lora.alpha > 0"),
+        (cfg.lora.dropout == 0.0, "lora.dropout: only 0 is supported (training runs in eval mode, every dropout off)"),
+        (cfg.lora.r > 0 or not cfg.lora.load_in_4bit, "lora.load_in_4bit (QLoRA) needs lora.r > 0"),
+        (cfg.lora.r == 0 or cfg.lora.export == "merged" or not cfg.model.name_or_path.startswith("tiny:"),
+         "lora.export=adapter needs a backbone that can be loaded again (a hub id or folder), not tiny:*"),
         (cfg.best_of_n.n_max >= 1, "best_of_n.n_max must be >= 1"),
         (cfg.serve.num_replicas >= 1 and cfg.serve.max_texts_per_request >= 1 and cfg.serve.max_batch_tokens >= 1,
          "serve.num_replicas, serve.max_texts_per_request and serve.max_batch_tokens must be >= 1"),

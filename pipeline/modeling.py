@@ -135,13 +135,15 @@ def _tiny_config(arch: str, tokenizer: Any, *, causal: bool):
 
 def build_reward_model(name: str, tokenizer: Any, *, revision: str | None = None, trust_remote_code: bool = False,
                        seed: int = 0, dtype: torch.dtype | None = None,
-                       attn_implementation: str | None = None, head_input_norm: str = "none") -> nn.Module:
+                       attn_implementation: str | None = None, head_input_norm: str = "none",
+                       load_kwargs: Mapping[str, Any] | None = None) -> nn.Module:
     """An ``AutoModelForSequenceClassification`` (num_labels=1) following the contract above.
 
     ``dtype``: the weights' dtype whatever the checkpoint's (None: transformers' default, which in transformers 5
     is the checkpoint's own dtype, so a bf16 hub checkpoint loads in bf16). ``attn_implementation``: transformers'
     kernel name (``sdpa``, ``eager``, ``flash_attention_2``); None leaves transformers' choice. ``head_input_norm``
-    ``"layernorm"`` records the head-input normalisation in its config (saved with it)."""
+    ``"layernorm"`` records the head-input normalisation in its config (saved with it). ``load_kwargs``: extra
+    ``from_pretrained`` arguments (QLoRA's quantisation config), taking precedence over ``dtype``."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
@@ -156,7 +158,7 @@ def build_reward_model(name: str, tokenizer: Any, *, revision: str | None = None
                                             num_labels=1)
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path, config=config, revision=revision, trust_remote_code=trust_remote_code,
-            output_loading_info=True, **kwargs)
+            output_loading_info=True, **{**kwargs, **(load_kwargs or {})})
         missing = list(info.get("missing_keys", []))
     model.config.pad_token_id = tokenizer.pad_token_id
     if head_input_norm not in ("none", "layernorm"):
@@ -524,10 +526,17 @@ def save_reward_model(model: nn.Module, tokenizer: Any, folder: str | Path, *,
 
 
 def load_exported(folder: str | Path, dtype: torch.dtype | None = None):
-    """``(model, tokenizer)`` from an exported folder with plain transformers (eval mode)."""
+    """``(model, tokenizer)`` from an exported folder with plain transformers (eval mode); a LoRA adapter export
+    (``lora.export=adapter``) is loaded through PEFT and merged (:func:`pipeline.lora.load_adapter_export`)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    model = AutoModelForSequenceClassification.from_pretrained(str(folder), **({"dtype": dtype} if dtype else {}))
+    from pipeline import lora
+
+    if lora.is_adapter_export(folder):
+        model = lora.load_adapter_export(folder)
+        model = model.to(dtype) if dtype else model
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(str(folder), **({"dtype": dtype} if dtype else {}))
     tok = AutoTokenizer.from_pretrained(str(folder))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token

@@ -72,6 +72,9 @@ def problems(cfg: PipelineConfig, stages: tuple[str, ...]) -> list[str]:
                          f"ray.num_cpus")
     if trains:
         found.extend(attention_problems(cfg))
+        from pipeline.lora import qlora_problem
+
+        found.extend(p for p in [qlora_problem(cfg.lora)] if p)
     if cfg.train.use_gpu and trains:
         import torch
 

@@ -50,7 +50,7 @@ class StageSpec:
 
 _DATA = ("data", "model.name_or_path", "model.revision", "model.trust_remote_code", "loss.use_margin",
          "rewardbench.benchmarks")
-_TRAIN = ("model", "loss", "train", "ray.storage_path")
+_TRAIN = ("model", "loss", "lora", "train", "ray.storage_path")
 _SCORING = ("rewardbench.max_length", "rewardbench.truncation_side", "rewardbench.batch_size")
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in (
@@ -65,7 +65,7 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec(name="best_of_n", entry="stages.best_of_n:run_best_of_n", reads=("best_of_n", "train.use_gpu"),
               uses=("train",)),
     StageSpec(name="register", entry="stages.register:register_model",
-              reads=("tracking", *_SCORING, "model.name_or_path", "loss.name", "train.lr", "data.sources",
+              reads=("tracking", *_SCORING, "model.name_or_path", "loss.name", "lora", "train.lr", "data.sources",
                      "rewardbench.score_metric"),
               needs=("train",), uses=("data", "tune", "rewardbench", "best_of_n")),
 )}

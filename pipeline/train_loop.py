@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from pipeline import losses, modeling, tracking
+from pipeline import lora, losses, modeling, tracking
 from pipeline.config import PipelineConfig, from_flat
 from pipeline.distributed import Collectives, compute_device
 
@@ -273,15 +273,17 @@ def build_engine(cfg: PipelineConfig, plan: LoopPlan, use_gpu: bool) -> tuple[An
 
 def reward_model_for(cfg: PipelineConfig, tok: Any) -> torch.nn.Module:
     """The model a run trains: the configured backbone with its score head, and the head-input LayerNorm when
-    ``loss.head_input_norm`` asks for it (recorded in the model's config, so the export scores the same way).
+    ``loss.head_input_norm`` asks for it (recorded in the model's config, so the export scores the same way);
+    LoRA adapters on it when ``lora.r`` > 0 (:mod:`pipeline.lora`).
 
     fp32 whatever the checkpoint's dtype: under 'fp32' the run trains fp32; under bf16 DeepSpeed casts the
     weights to bf16 itself and keeps the fp32 master copies (transformers 5 would otherwise load a bf16 hub
     checkpoint in bf16, and an 'fp32' run would train pure bf16 with no fp32 master weights)."""
-    return modeling.build_reward_model(cfg.model.name_or_path, tok, revision=cfg.model.revision,
-                                       trust_remote_code=cfg.model.trust_remote_code, seed=cfg.model.seed,
-                                       dtype=torch.float32, attn_implementation=cfg.model.attn_implementation,
-                                       head_input_norm=cfg.loss.head_input_norm)
+    model = modeling.build_reward_model(cfg.model.name_or_path, tok, revision=cfg.model.revision,
+                                        trust_remote_code=cfg.model.trust_remote_code, seed=cfg.model.seed,
+                                        dtype=torch.float32, attn_implementation=cfg.model.attn_implementation,
+                                        head_input_norm=cfg.loss.head_input_norm, load_kwargs=lora.load_kwargs(cfg.lora))
+    return lora.apply_lora(model, cfg.lora)  # unchanged when lora.r is 0
 
 
 def _fault_injection(step: int) -> None:
@@ -525,6 +527,7 @@ def run_loop(cfg: PipelineConfig, plan: LoopPlan, *, train_windows: Callable[[in
     marks["steps_done"] = time.time()
     final, table = evaluate(cfg, engine, model, validation_rows(), tok.pad_token_id, device, comm)
     final["step"] = step
+    final.update(lora.run_metrics(cfg.lora, model))  # r, alpha, trainable/total parameters (also without LoRA)
     final["data_wait_fraction"] = wait_s / max(wait_s + busy_s, 1e-9)
     final.update(_phases(marks, time.time(), steps_s=busy_s, wait_s=wait_s, eval_s=eval_s))
     final["phase/end_unix"] = time.time()  # when the final validation ended: consecutive runs' wall times
@@ -576,7 +579,7 @@ def _checkpoint(engine, step, consumed, ema, metrics, report, export=None) -> No
         model, tok, final, cfg, table, gradient_pairs = export
         state = engine._zero3_consolidated_16bit_state_dict() if cfg.train.zero_stage == 3 else None
         if engine.global_rank == 0:
-            modeling.save_reward_model(model, tok, Path(folder) / "model", state_dict=state, extra_config={
+            lora.save_export(model, tok, Path(folder) / "model", cfg.lora, state=state, extra_config={
                 "reward_mean": final.get("val_reward_mean"), "reward_std": final.get("val_reward_std")})
             write_validation_rewards(table, Path(folder) / VALIDATION_REWARDS)
             np.savetxt(Path(folder) / GRADIENT_PAIRS, gradient_pairs, delimiter=",", header="distance,grad_norm",

@@ -71,7 +71,7 @@ def register_model(ctx: StageContext) -> StageResult:
     metric, score = select_score(ctx.upstream, cfg.rewardbench.score_metric)
     ctx.log(f"  register: score {metric} = {_show(score)}")
     if cfg.tracking.enabled and ctx.tracker.active:
-        record = log_and_register(ctx, model_dir, metric, score)
+        record = log_and_register(ctx, registrable_folder(ctx, model_dir), metric, score)
         ctx.log(f"  register: {record['uri']} aliases {record['aliases']} ({record['decision']}: "
                 f"{record['decision_reason']})")
     else:
@@ -157,6 +157,36 @@ def input_example() -> pd.DataFrame:
                          "response": ["6 times 7 is 42.", "Red is a primary colour."]})
 
 
+def registrable_folder(ctx: StageContext, model_dir: Path) -> Path:
+    """The folder the registry logs: the export itself, or for a LoRA adapter export (``lora.export=adapter``) the
+    adapter merged into its base model beside it (``model_merged/``), so the registered model, its pyfunc and
+    serving need neither PEFT nor the base model's path."""
+    from pipeline import lora, modeling
+
+    if not lora.is_adapter_export(model_dir):
+        return model_dir
+    merged = ctx.out_dir / "model_merged"
+    tok = modeling.load_tokenizer(str(model_dir))
+    modeling.save_reward_model(lora.load_adapter_export(model_dir), tok, merged)
+    ctx.log(f"  register: LoRA adapter export merged into {merged} for the registry")
+    return merged
+
+
+def lora_line(used: Mapping[str, Any], final: Mapping[str, Any]) -> str:
+    """The version description's line on how many parameters trained: LoRA's r, alpha, targets, or full."""
+    counts = ""
+    if "params/trainable" in final and "params/total" in final:
+        trainable, total = int(final["params/trainable"]), int(final["params/total"])
+        counts = f"; {trainable:,} of {total:,} parameters trained ({100 * trainable / max(total, 1):.2f}%)"
+    if int(used.get("lora.r", 0) or 0) > 0:
+        targets = used.get("lora.target_modules") or "()"
+        targets = "the architecture's default" if targets in ("()", "[]") else targets
+        return (f"- LoRA: r {used['lora.r']}, alpha {used.get('lora.alpha')}, targets {targets}, export "
+                f"{used.get('lora.export', 'merged')}{', 4-bit backbone (QLoRA)' if used.get('lora.load_in_4bit') == 'True' else ''}"
+                f"{counts}")
+    return f"- full fine-tuning (no LoRA){counts}"
+
+
 def scorer_options(ctx: StageContext, model_dir: Path) -> dict[str, Any]:
     """The pyfunc's ``model_config``: RewardBench's truncation, capped for encoders at their position limit."""
     from transformers import AutoConfig
@@ -225,6 +255,7 @@ def version_description(ctx: StageContext, model_dir: Path, metric: str, score: 
     lines = [f"Reward model trained with **{loss}** ({values}), lr {used.get('train.lr', ctx.cfg.train.lr)}, "
              f"{final.get('step', '?')} steps.",
              f"- backbone: `{ctx.cfg.model.name_or_path}`",
+             lora_line(used, final),
              f"- data: {', '.join(s.label for s in ctx.cfg.data.sources)}"]
     data = ctx.upstream.get("data")
     if data is not None and "stats" in data.outputs:
