@@ -496,23 +496,27 @@ def _progress(step: int, total: int, m: dict, start: float, seen: int) -> None:
 
 
 def _checkpoint(engine, step, consumed, ema, metrics, report, export=None) -> None:
-    """Every rank saves (a rank-0-only DeepSpeed save hangs) into its own folder, then reports it."""
+    """Every rank saves (a rank-0-only DeepSpeed save hangs) into its own folder, then reports it. The folder
+    goes whatever ends this: ``report`` copies it to storage, and Tune ends a stopped trial by raising
+    ``SystemExit`` from inside that report; a failed save leaves a half checkpoint there too."""
     folder = tempfile.mkdtemp(prefix="normbt-ckpt-")
-    started = time.time()
-    client = {"step": step, "consumed": consumed, "ema": ema.state_dict(), "torch_rng": torch.get_rng_state()}
-    engine.save_checkpoint(folder, tag=CKPT_TAG, client_state=client)
-    if export is not None:
-        model, tok, final, cfg, table, gradient_pairs = export
-        state = engine._zero3_consolidated_16bit_state_dict() if cfg.train.zero_stage == 3 else None
-        if engine.global_rank == 0:
-            modeling.save_reward_model(model, tok, Path(folder) / "model", state_dict=state, extra_config={
-                "reward_mean": final.get("val_reward_mean"), "reward_std": final.get("val_reward_std")})
-            write_validation_rewards(table, Path(folder) / VALIDATION_REWARDS)
-            np.savetxt(Path(folder) / GRADIENT_PAIRS, gradient_pairs, delimiter=",", header="distance,grad_norm",
-                       comments="")
-        metrics = {**metrics, "phase/checkpoint_s": time.time() - started}
-    report(metrics, checkpoint_dir=folder, final=export is not None)
-    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        started = time.time()
+        client = {"step": step, "consumed": consumed, "ema": ema.state_dict(), "torch_rng": torch.get_rng_state()}
+        engine.save_checkpoint(folder, tag=CKPT_TAG, client_state=client)
+        if export is not None:
+            model, tok, final, cfg, table, gradient_pairs = export
+            state = engine._zero3_consolidated_16bit_state_dict() if cfg.train.zero_stage == 3 else None
+            if engine.global_rank == 0:
+                modeling.save_reward_model(model, tok, Path(folder) / "model", state_dict=state, extra_config={
+                    "reward_mean": final.get("val_reward_mean"), "reward_std": final.get("val_reward_std")})
+                write_validation_rewards(table, Path(folder) / VALIDATION_REWARDS)
+                np.savetxt(Path(folder) / GRADIENT_PAIRS, gradient_pairs, delimiter=",",
+                           header="distance,grad_norm", comments="")
+            metrics = {**metrics, "phase/checkpoint_s": time.time() - started}
+        report(metrics, checkpoint_dir=folder, final=export is not None)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def plan_steps(cfg: PipelineConfig, n_train: int) -> tuple[int, int]:
