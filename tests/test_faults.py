@@ -41,3 +41,61 @@ def test_no_checkpoint_stays_in_temporary_storage_whatever_ends_the_trial(tmp_pa
     with pytest.raises(SystemExit if report_ends_it else OSError):
         train_loop._checkpoint(engine, 4, 4, losses.DistanceEMA(0.9), {"loss": 1.0}, _stopped_by_tune)
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ integration: a stopped in-process trial
+
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+TEARDOWN_S = 5.0  # a stopped trial's MLflow call this slow: over Tune's 2 s wait before it reuses the actor
+
+
+class SlowToFinish:
+    """A stage tracker whose trial runs take ``TEARDOWN_S`` to close as KILLED, as a remote MLflow call can."""
+
+    uri = run_id = None
+
+    def child(self, name: str, tags: dict | None = None) -> "SlowToFinish":
+        return SlowToFinish()
+
+    def log_params(self, params: dict) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if status == "KILLED":
+            import time
+
+            time.sleep(TEARDOWN_S)
+
+
+@pytest.fixture(scope="module")
+def data_manifest(ray_session, tmp_path_factory):
+    from pipeline import runner
+    from pipeline.config import load_config
+
+    cfg = load_config(SMOKE, [f"run.root={tmp_path_factory.mktemp('faults-data')}", "tracking.enabled=false"])
+    return runner.run_pipeline(cfg, stages=("data",), log=lambda _: None)["data"]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)  # passes in ~40 s; before the fix Tune aborted trial 2, then hung
+def test_a_slow_teardown_of_a_stopped_trial_never_fails_the_next_one(tmp_path, data_manifest, ray_session):
+    """Two in-process trials in one reused Tune actor; the first is stopped at its step-2 report, which carries a
+    checkpoint, and its teardown takes 5 s; the second trial must still run (Tune would abort it when the
+    first one's thread outlives the wait)."""
+    from ray import tune
+
+    from pipeline.config import load_config
+    from stages.tune import TrialSetup, _absolute, make_trainable, trial_resources
+
+    cfg = load_config(SMOKE, ["tracking.enabled=false", "train.max_steps=4", "train.checkpoint_every=2"])
+    setup = TrialSetup(cfg=cfg, data=_absolute(data_manifest), storage_path=str(tmp_path / "trials"),
+                       tracker=SlowToFinish(), mode="search", digest="test", launcher="in_process")
+    tuner = tune.Tuner(
+        tune.with_resources(make_trainable(setup), trial_resources(cfg, "in_process")),
+        param_space={"train.lr": tune.grid_search([3e-4, 1e-4])},
+        tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=1),
+        run_config=tune.RunConfig(name="stopped", storage_path=str(tmp_path), stop={"step": 2},
+                                  failure_config=tune.FailureConfig(max_failures=0)))
+    grid = tuner.fit()
+    assert [str(r.error) if r.error else None for r in grid] == [None, None]
+    assert sorted(r.metrics["step"] for r in grid) == [2, 2]
