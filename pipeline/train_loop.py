@@ -519,6 +519,33 @@ def _checkpoint(engine, step, consumed, ema, metrics, report, export=None) -> No
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def checkpoint_problem(folder: str | Path) -> str | None:
+    """Why the checkpoint in ``folder`` cannot be resumed from, or None when it reads back. Cheap: a torch file
+    (a zip archive) must have its central directory at its end, which a truncated copy lacks, and a safetensors
+    file a header and the size it declares; nothing is loaded."""
+    import struct
+    import zipfile
+
+    folder = Path(folder)
+    if not any((folder / CKPT_TAG).glob("*model_states.pt")):
+        return f"no DeepSpeed model states in {folder / CKPT_TAG}"
+    for path in sorted(folder.rglob("*")):
+        try:
+            if path.suffix == ".pt":
+                with zipfile.ZipFile(path):
+                    pass
+            elif path.suffix == ".safetensors":
+                with open(path, "rb") as f:
+                    size = struct.unpack("<Q", f.read(8))[0]
+                    header = json.loads(f.read(size))
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+                if path.stat().st_size < 8 + size + end:
+                    return f"{path} is truncated ({path.stat().st_size} of {8 + size + end} bytes)"
+        except (OSError, ValueError, struct.error, zipfile.BadZipFile) as err:
+            return f"{path} is unreadable ({type(err).__name__}: {err})"
+    return None
+
+
 def plan_steps(cfg: PipelineConfig, n_train: int) -> tuple[int, int]:
     """``(max_steps, steps_per_epoch)`` from the train row count (drop-last global batches)."""
     t = cfg.train

@@ -4,6 +4,7 @@ pipelines) are in ``tests/test_fault_processes.py``."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -41,6 +42,46 @@ def test_no_checkpoint_stays_in_temporary_storage_whatever_ends_the_trial(tmp_pa
     with pytest.raises(SystemExit if report_ends_it else OSError):
         train_loop._checkpoint(engine, 4, 4, losses.DistanceEMA(0.9), {"loss": 1.0}, _stopped_by_tune)
     assert list(tmp_path.iterdir()) == []
+
+
+def _deepspeed_like(folder: Path) -> Path:
+    SavingEngine().save_checkpoint(str(folder), train_loop.CKPT_TAG, {"step": 2})
+    torch.save({"optim": torch.ones(2000)}, folder / train_loop.CKPT_TAG / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    return folder
+
+
+@pytest.mark.unit
+def test_a_truncated_checkpoint_file_is_named_before_anything_loads_it(tmp_path):
+    from safetensors.torch import save_file
+
+    folder = _deepspeed_like(tmp_path / "ckpt-a")
+    save_file({"w": torch.zeros(500)}, str(folder / "model.safetensors"))
+    assert train_loop.checkpoint_problem(folder) is None
+    optim = folder / train_loop.CKPT_TAG / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    os.truncate(optim, optim.stat().st_size // 2)
+    assert train_loop.checkpoint_problem(folder).startswith(f"{optim} is unreadable")
+
+    folder = _deepspeed_like(tmp_path / "ckpt-b")
+    save_file({"w": torch.zeros(500)}, str(folder / "model.safetensors"))
+    os.truncate(folder / "model.safetensors", 1000)
+    assert train_loop.checkpoint_problem(folder).startswith(f"{folder / 'model.safetensors'} is truncated")
+    assert "no DeepSpeed model states" in train_loop.checkpoint_problem(tmp_path)
+
+
+@pytest.mark.unit
+def test_only_checkpoints_ray_registered_stay(tmp_path):
+    import json
+
+    from pipeline.ray_train import SNAPSHOT, remove_unregistered_checkpoints
+
+    names = ["checkpoint_2026-12-02_10-00-00.000000", "checkpoint_2026-12-02_10-00-05.000000"]
+    for name in [*names, "checkpoint_2026-12-02_10-00-09.000000"]:
+        _deepspeed_like(tmp_path / name)
+    (tmp_path / SNAPSHOT).write_text(json.dumps({"checkpoint_report_indices": [3, 5], "checkpoint_results": [
+        {"checkpoint_dir_name": n, "metrics": {}} for n in names]}))
+    removed = remove_unregistered_checkpoints(tmp_path)
+    assert removed == [tmp_path / "checkpoint_2026-12-02_10-00-09.000000"]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_*") if p.is_dir()) == names
 
 
 # ------------------------------------------------------------------ integration: a stopped in-process trial
