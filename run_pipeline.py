@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -57,7 +58,30 @@ def serve(argv: list[str]) -> int:
         shutdown_if_started()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what Slurm, systemd and Kubernetes send first), raised where Ctrl-C would be: the same path
+    out (Tune and Ray Train stop, the stage stays unfinished, Ray is shut down), then exit 143 (128 + 15)."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the shutdown short
+    raise Terminated()
+
+
 def run(argv: list[str] | None = None) -> int:
+    """The pipeline, with SIGTERM handled as Ctrl-C while it runs (the previous handler is put back after)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        return _run(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _run(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file (default: configs/default.yaml)")
     parser.add_argument("--run-dir", default=None, help="run directory (default: <run.root>/<run.name>)")
@@ -84,9 +108,13 @@ def run(argv: list[str] | None = None) -> int:
         print(f"error: {err}\nfix the cause and rerun `{resume}`: finished stages are skipped and the failed "
               f"one resumes (run dir: {run_dir_of(cfg, args.run_dir)})", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        # Tune turns a signal into an early return and the stage raises its own KeyboardInterrupt: the type of
+        # ``err`` does not say which signal came, the handler does.
+        terminated = isinstance(err, Terminated) or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        print(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}: rerun the same command to resume",
+              file=sys.stderr)
+        return 143 if terminated else 130
     finally:
         from pipeline.raycluster import shutdown_if_started
 
