@@ -108,6 +108,15 @@ def _run(argv: list[str] | None) -> int:
         print(f"error: {err}\nfix the cause and rerun `{resume}`: finished stages are skipped and the failed "
               f"one resumes (run dir: {run_dir_of(cfg, args.run_dir)})", file=sys.stderr)
         return 1
+    except OSError as err:  # a full disk outside a stage (config.yaml, a manifest): said as plainly
+        from pipeline.runner import disk_full
+
+        full = disk_full(err, run_dir_of(cfg, args.run_dir))
+        if full is None:
+            raise
+        print(f"error: {full}\nfree space and rerun the same command: finished stages are skipped",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt as err:
         # Tune turns a signal into an early return and the stage raises its own KeyboardInterrupt: the type of
         # ``err`` does not say which signal came, the handler does.

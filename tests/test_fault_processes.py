@@ -138,3 +138,69 @@ def test_sigterm_stops_training_like_ctrl_c_leaves_no_ray_process_and_the_rerun_
     out = rerun(run_dir)
     assert "resumed from the checkpoint at step" in out and "step 1/24" not in out, out[-3000:]
     assert_same_weights(run_dir, straight)
+
+
+@pytest.mark.timeout(900)
+def test_a_full_disk_under_the_run_directory_is_named_and_the_rerun_completes_after_space_is_freed(straight,
+                                                                                                   tmp_path):
+    """The run directory on a 45 MiB filesystem of its own (tmpfs): the data stage fits, the second training
+    checkpoint (about 32 MiB each) does not. The run fails naming the device and the run directory, the train
+    stage is not marked done; once the filesystem is grown (space freed), the same command completes, to the
+    uninterrupted run's weights."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=45M", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here (needs root): {mounted.stderr.strip()}")
+    try:
+        run_dir = disk / "run"
+        full = subprocess.run(command(run_dir), cwd=REPO, env=environment(), capture_output=True, text=True,
+                              timeout=600)
+        err = full.stderr
+        assert full.returncode == 1, (full.stdout + err)[-3000:]
+        # The run's own last words (Ray's worker logs may still arrive after them)
+        said = err.rpartition("error: stage 'train' failed: ")[2].partition("fix the cause and rerun")[0]
+        assert said.startswith("no space left on device ") and str(run_dir) in said and "MiB free" in said, err[-3000:]
+        assert "Traceback" not in said, said
+        assert (run_dir / "data" / "manifest.json").is_file() and not (run_dir / "train" / "manifest.json").exists()
+
+        grown = subprocess.run(["mount", "-o", "remount,size=400M", str(disk)], capture_output=True, text=True)
+        assert grown.returncode == 0, grown.stderr
+        rerun(run_dir)
+        assert (run_dir / "train" / "manifest.json").is_file()
+        assert_same_weights(run_dir, straight)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+@pytest.mark.timeout(900)
+def test_two_pipelines_at_once_on_one_machine_share_the_default_mlflow_store_and_both_finish(tmp_path):
+    """Two ``run_pipeline.py`` started together (different run directories under one ``run.root``, so one
+    MLflow SQLite store created by whichever comes first, each its own local Ray): both finish, each with its
+    own MLflow run and a trained model."""
+    from mlflow import MlflowClient
+
+    root = tmp_path / "root"
+    args = ["--config", "configs/smoke.yaml", "--stages", "data,train", "train.max_steps=4", f"run.root={root}"]
+    logs = [tmp_path / f"{name}.log" for name in ("a", "b")]
+    drivers = []
+    for name, log_path in zip(("a", "b"), logs):
+        with open(log_path, "wb") as log:
+            drivers.append(subprocess.Popen([sys.executable, "run_pipeline.py", *args, f"run.name={name}"],
+                                            cwd=REPO, env=environment(), stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True))
+    try:
+        codes = [driver.wait(timeout=800) for driver in drivers]
+    finally:
+        for driver in drivers:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+    for code, log_path in zip(codes, logs):
+        assert code == 0, f"{log_path.name}: exit {code}\n{log_path.read_text(errors='replace')[-3000:]}"
+    for name in ("a", "b"):
+        assert (root / name / "train" / "model" / "model.safetensors").is_file()
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("normbt")  # tracking.experiment_name
+    runs = client.search_runs([experiment.experiment_id], filter_string="attributes.run_name IN ('a', 'b')")
+    assert sorted(r.info.run_name for r in runs) == ["a", "b"] and {r.info.status for r in runs} == {"FINISHED"}

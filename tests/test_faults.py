@@ -84,6 +84,24 @@ def test_only_checkpoints_ray_registered_stay(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("checkpoint_*") if p.is_dir()) == names
 
 
+@pytest.mark.unit
+def test_a_full_disk_is_said_naming_the_file_or_the_run_directory(tmp_path):
+    from pipeline.runner import disk_full
+
+    try:
+        try:
+            raise OSError(28, "No space left on device", str(tmp_path / "train" / "metrics.json"))
+        except OSError as err:
+            raise RuntimeError("export failed") from err
+    except RuntimeError as err:
+        said = disk_full(err, tmp_path)
+    assert said.startswith(f"no space left on device writing {tmp_path / 'train' / 'metrics.json'}")
+    ray_text = RuntimeError("training failed: OSError: [Errno 28] Error writing bytes to file. Detail: [errno 28] "
+                            "No space left on device (File \"/elsewhere/ray/storage.py\", line 3)")
+    assert disk_full(ray_text, tmp_path).startswith(f"no space left on device under the run directory {tmp_path} (")
+    assert disk_full(RuntimeError("training failed: CUDA out of memory"), tmp_path) is None
+
+
 # ------------------------------------------------------------------ integration: a stopped in-process trial
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
