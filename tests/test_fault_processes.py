@@ -49,7 +49,7 @@ def assert_same_weights(run_dir: Path, reference: Path) -> None:
 
 
 def ray_processes(ray_tmp: str) -> list[tuple[int, str]]:
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=False).stdout
     return [(int(pid), args) for pid, _, args in (line.strip().partition(" ") for line in out.splitlines())
             if ray_tmp in args]
 
@@ -59,13 +59,15 @@ def straight(tmp_path_factory) -> Path:
     """The uninterrupted run. Its folder is named ``run`` like every faulted one: the Ray Train run name
     carries the run folder's name, so a copy under that name resumes from its checkpoints."""
     run_dir = tmp_path_factory.mktemp("straight") / "run"
-    done = subprocess.run(command(run_dir), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command(run_dir), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600,
+                          check=False)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     return run_dir
 
 
 def rerun(run_dir: Path) -> str:
-    done = subprocess.run(command(run_dir), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command(run_dir), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600,
+                          check=False)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]
     assert "data: up to date, skipped" in out
@@ -150,13 +152,13 @@ def test_a_full_disk_under_the_run_directory_is_named_and_the_rerun_completes_af
     disk = tmp_path / "disk"
     disk.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=45M", "tmpfs", str(disk)], capture_output=True,
-                             text=True)
+                             text=True, check=False)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small filesystem here (needs root): {mounted.stderr.strip()}")
     try:
         run_dir = disk / "run"
         full = subprocess.run(command(run_dir), cwd=REPO, env=environment(), capture_output=True, text=True,
-                              timeout=600)
+                              timeout=600, check=False)
         err = full.stderr
         assert full.returncode == 1, (full.stdout + err)[-3000:]
         # The run's own last words (Ray's worker logs may still arrive after them)
@@ -165,13 +167,14 @@ def test_a_full_disk_under_the_run_directory_is_named_and_the_rerun_completes_af
         assert "Traceback" not in said, said
         assert (run_dir / "data" / "manifest.json").is_file() and not (run_dir / "train" / "manifest.json").exists()
 
-        grown = subprocess.run(["mount", "-o", "remount,size=400M", str(disk)], capture_output=True, text=True)
+        grown = subprocess.run(["mount", "-o", "remount,size=400M", str(disk)], capture_output=True, text=True,
+                               check=False)
         assert grown.returncode == 0, grown.stderr
         rerun(run_dir)
         assert (run_dir / "train" / "manifest.json").is_file()
         assert_same_weights(run_dir, straight)
     finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True, check=False)
 
 
 @pytest.mark.timeout(900)
@@ -202,5 +205,5 @@ def test_two_pipelines_at_once_on_one_machine_share_the_default_mlflow_store_and
         assert (root / name / "train" / "model" / "model.safetensors").is_file()
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("normbt")  # tracking.experiment_name
-    runs = client.search_runs([experiment.experiment_id], filter_string="attributes.run_name IN ('a', 'b')")
+    runs = [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name in ("a", "b")]
     assert sorted(r.info.run_name for r in runs) == ["a", "b"] and {r.info.status for r in runs} == {"FINISHED"}

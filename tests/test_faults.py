@@ -113,7 +113,7 @@ class SlowToFinish:
 
     uri = run_id = None
 
-    def child(self, name: str, tags: dict | None = None) -> "SlowToFinish":
+    def child(self, name: str, tags: dict | None = None) -> SlowToFinish:
         return SlowToFinish()
 
     def log_params(self, params: dict) -> None:
