@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -45,11 +46,10 @@ def serve(argv: list[str]) -> int:
     from pipeline.config import ConfigError, load_config
     from pipeline.raycluster import shutdown_if_started
 
-    terminated = _sigterm_as_interrupt()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         cfg = load_config(args.config, args.overrides)
         url = serving.start(cfg, model=args.model, host=args.host, port=args.port)
-        terminated = _sigterm_as_interrupt()  # again: ray.init installs a SIGTERM handler of its own (sys.exit)
         print(f"serving at {url}: POST /get_reward, POST /v1/score/evaluation, POST /score, GET /health, "
               f"GET /metadata (Ctrl-C stops)", flush=True)
         while True:
@@ -57,11 +57,14 @@ def serve(argv: list[str]) -> int:
     except (ConfigError, FileNotFoundError, serving.ServeRunningElsewhere) as err:
         print(f"serve: {err}", file=sys.stderr)
         return 2
+    except Terminated:
+        return 143
     except KeyboardInterrupt:
-        return 143 if terminated else 0
+        return 0
     finally:
         serving.stop()
         shutdown_if_started()
+        signal.signal(signal.SIGTERM, previous)
 
 
 def score(argv: list[str]) -> int:
@@ -94,22 +97,30 @@ def score(argv: list[str]) -> int:
     return 0
 
 
-def _sigterm_as_interrupt() -> list[bool]:
-    """SIGTERM (what Slurm, systemd and Kubernetes send first) handled as Ctrl-C: the same clean-up runs. The
-    returned list holds True once SIGTERM came, for the exit status 143 (128 + 15) schedulers expect."""
-    import signal
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what Slurm, systemd and Kubernetes send first), raised where Ctrl-C would be: the same path
+    out (Tune and Ray Train stop, the stage stays unfinished, Ray is shut down), then exit 143 (128 + 15)."""
 
-    terminated: list[bool] = []
 
-    def interrupt(_signum: int, _frame: object) -> None:
-        terminated.append(True)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
-    return terminated
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the shutdown short
+    raise Terminated()
 
 
 def run(argv: list[str] | None = None) -> int:
+    """The pipeline, with SIGTERM handled as Ctrl-C while it runs (the previous handler is put back after)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        return _run(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _run(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file (default: configs/default.yaml)")
     parser.add_argument("--run-dir", default=None, help="run directory (default: <run.root>/<run.name>)")
@@ -141,9 +152,22 @@ def run(argv: list[str] | None = None) -> int:
         print(f"error: {err}\nfix the cause and rerun `{resume}`: finished stages are skipped and the failed "
               f"one resumes (run dir: {run_dir_of(cfg, args.run_dir)})", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume", file=sys.stderr)
-        return 130
+    except OSError as err:  # a full disk outside a stage (config.yaml, a manifest): said as plainly
+        from pipeline.runner import disk_full
+
+        full = disk_full(err, run_dir_of(cfg, args.run_dir))
+        if full is None:
+            raise
+        print(f"error: {full}\nfree space and rerun the same command: finished stages are skipped",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as err:
+        # Tune turns a signal into an early return and the stage raises its own KeyboardInterrupt: the type of
+        # ``err`` does not say which signal came, the handler does.
+        terminated = isinstance(err, Terminated) or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        print(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}: rerun the same command to resume",
+              file=sys.stderr)
+        return 143 if terminated else 130
     finally:
         from pipeline.raycluster import shutdown_if_started
 

@@ -13,9 +13,10 @@ from typing import Any, Iterator
 
 from pipeline import tracking
 from pipeline.config import PipelineConfig
-from pipeline.train_loop import TRAIN_COLUMNS, LoopPlan, plan_steps, rows_from_columns, run_loop
+from pipeline.train_loop import TRAIN_COLUMNS, LoopPlan, checkpoint_problem, plan_steps, rows_from_columns, run_loop
 
 _TEST_HOOKS = ("NORMBT_FAIL_AT_STEP", "NORMBT_NAN_AT_STEP")  # fault injection, read by the worker
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the checkpoints it registered, in a run folder
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -45,7 +46,7 @@ def train_loop_per_worker(config: dict) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(reported_metrics(metrics, final), checkpoint=checkpoint)
 
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = resume_checkpoint(ray.train.get_checkpoint(), say=print if plan.rank == 0 else lambda _: None)
     logger = tracking.for_rank(plan.rank, config.get("tracking_uri"), config.get("run_id"))
     if checkpoint is None:
         run_loop(cfg, plan, train_windows=train_windows, validation_rows=validation_rows, report=report,
@@ -54,6 +55,66 @@ def train_loop_per_worker(config: dict) -> None:
     with checkpoint.as_directory() as folder:
         run_loop(cfg, plan, train_windows=train_windows, validation_rows=validation_rows, report=report,
                  restore_dir=folder, use_gpu=cfg.train.use_gpu, logger=logger)
+
+
+def registered_checkpoints(run_folder: str, filesystem: Any) -> list[str]:
+    """Folder names of the checkpoints Ray Train registered in ``run_folder``, newest report first (none
+    without a snapshot). Only a registered checkpoint is complete: Ray registers it after every rank's
+    ``report`` returned."""
+    import json
+
+    path = f"{run_folder}/{SNAPSHOT}"
+    if filesystem.get_file_info(path).type.name == "NotFound":
+        return []
+    with filesystem.open_input_stream(path) as f:
+        state = json.loads(f.read().decode("utf-8"))
+    ranked = sorted(zip(state["checkpoint_report_indices"], state["checkpoint_results"]), key=lambda p: -p[0])
+    return [result["checkpoint_dir_name"] for _, result in ranked]
+
+
+def resume_checkpoint(latest: Any, say: Any = print) -> Any:
+    """The checkpoint to resume from: Ray's latest when it reads back, else the newest earlier registered one
+    that does, else None (the run starts afresh); each one passed over is named with the reason. Every rank
+    decides alike (same files, same order), so all load the same one."""
+    import ray.train
+
+    if latest is None:
+        return None
+    run_folder, _, latest_name = latest.path.rstrip("/").rpartition("/")
+    names = registered_checkpoints(run_folder, latest.filesystem)
+    names = [latest_name] + [n for n in names if n != latest_name]
+    for name in names:
+        candidate = latest if name == latest_name else ray.train.Checkpoint(f"{run_folder}/{name}", latest.filesystem)
+        with candidate.as_directory() as folder:
+            problem = checkpoint_problem(folder)
+        if problem is None:
+            if candidate is not latest:
+                say(f"resuming from the earlier checkpoint {candidate.path}")
+            return candidate
+        say(f"checkpoint {candidate.path} cannot be resumed from: {problem}")
+    say("no readable checkpoint: training starts afresh")
+    return None
+
+
+def remove_unregistered_checkpoints(run_folder: Path) -> list[Path]:
+    """Delete the ``checkpoint_*`` folders of a local run folder that Ray Train never registered (written when
+    a signal or failure came before the report returned): never resumed from, and never deleted by Ray."""
+    import shutil
+
+    run_folder = Path(run_folder)
+    if not (run_folder / SNAPSHOT).is_file():
+        return []
+    registered = set(registered_checkpoints(str(run_folder), _local_filesystem()))
+    stale = [p for p in sorted(run_folder.glob("checkpoint_*")) if p.is_dir() and p.name not in registered]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def _local_filesystem() -> Any:
+    import pyarrow.fs
+
+    return pyarrow.fs.LocalFileSystem()
 
 
 def reported_metrics(metrics: dict, final: bool) -> dict:

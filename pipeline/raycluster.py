@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from pipeline.config import PipelineConfig
@@ -48,13 +49,31 @@ def ensure_ray(cfg: PipelineConfig) -> Any:
             os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
             # address="local": a new cluster for this run. Without it ray.init joins the last cluster started on
             # this machine (/tmp/ray/ray_current_cluster), even one that has since been stopped (a hang).
-            ray.init(address="local", num_cpus=cfg.ray.num_cpus, runtime_env=runtime_env, include_dashboard=True,
-                     log_to_driver=True, configure_logging=True, logging_level="WARNING")
+            with _sigterm_handler_kept():
+                ray.init(address="local", num_cpus=cfg.ray.num_cpus, runtime_env=runtime_env,
+                         include_dashboard=True, log_to_driver=True, configure_logging=True, logging_level="WARNING")
         _STARTED = True
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     return ray
+
+
+@contextmanager
+def _sigterm_handler_kept() -> Iterator[None]:
+    """Starting a local cluster, ``ray.init`` replaces the process's SIGTERM handler with one that kills Ray's
+    processes and exits 1 in the middle of whatever runs. A handler the caller installed (``run_pipeline.py``:
+    SIGTERM stops like Ctrl-C, then Ray is shut down) is put back; without one, Ray's stays."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and callable(previous):
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _token_auth_like_the_head(address: str) -> str:

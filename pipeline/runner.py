@@ -8,6 +8,7 @@ checkpoint).
 from __future__ import annotations
 
 import importlib
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -98,6 +99,43 @@ def summary(cfg: PipelineConfig, run_dir: Path, manifests: Mapping[str, Manifest
     return "\n".join(lines)
 
 
+def disk_full(err: BaseException, run_dir: Path) -> str | None:
+    """A full disk in ``err`` or what caused it, in words naming the path and the space left under the run
+    directory; None for any other failure. Ray hands a worker's error over as text, so its message counts too."""
+    import errno
+    import shutil
+
+    seen: BaseException | None = err
+    found = None
+    while seen is not None and found is None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            found = seen.filename or run_dir
+        elif "No space left on device" in str(seen):  # Ray's copy to storage names no file: the run dir's
+            under = (w.strip("'\",:()") for w in str(seen).split())
+            found = next((w for w in under if w.startswith(str(Path(run_dir).resolve()))), run_dir)
+        seen = seen.__cause__ or seen.__context__
+    if found is None:
+        return None
+    try:
+        free = f"{shutil.disk_usage(run_dir).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    if Path(found) == Path(run_dir):
+        return f"no space left on device under the run directory {run_dir} ({free})"
+    return f"no space left on device writing {found} (run directory {run_dir}: {free})"
+
+
+def _save_traceback(path: Path) -> str:
+    """Write the current traceback to ``path``; on a full disk it may not fit: then it is printed instead."""
+    text = traceback.format_exc()
+    try:
+        path.write_text(text)
+        return str(path)
+    except OSError as err:
+        print(text, file=sys.stderr)
+        return f"printed above ({path} could not be written: {err.strerror})"
+
+
 def _run_stage(cfg: PipelineConfig, spec: StageSpec, run_dir: Path, parent: tracking.RunLogger, tag: str,
                log: Callable[[str], None]) -> Manifest:
     upstream = _upstream(spec, run_dir)
@@ -116,9 +154,13 @@ def _run_stage(cfg: PipelineConfig, spec: StageSpec, run_dir: Path, parent: trac
             result = entry(StageContext(cfg=cfg, run_dir=run_dir, out_dir=out_dir, upstream=upstream,
                                         tracker=tracker, log=log))
         except Exception as err:
-            (out_dir / "error.log").write_text(traceback.format_exc())
+            where = _save_traceback(out_dir / "error.log")
+            full = disk_full(err, run_dir)
+            if full:
+                raise PipelineError(f"stage {spec.name!r} failed: {full}; the stage is not marked done: free "
+                                    f"space there and rerun\n  full traceback: {where}") from err
             raise PipelineError(f"stage {spec.name!r} failed: {type(err).__name__}: {err}\n"
-                                f"  full traceback: {out_dir / 'error.log'}") from err
+                                f"  full traceback: {where}") from err
         tracker.log_metrics({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
                             step=result.metrics_step)
     manifest = Manifest(stage=spec.name, hash=digest, outputs=result.outputs, mlflow_run_id=tracker.run_id,

@@ -167,7 +167,11 @@ def start_pipeline_run(cfg: PipelineConfig, run_dir: Path) -> RunLogger:
     from mlflow import MlflowClient
 
     uri = resolve_tracking_uri(cfg)
-    client = MlflowClient(tracking_uri=uri)
+    with _first_use_lock(uri):
+        return _start_pipeline_run(cfg, run_dir, uri, MlflowClient(tracking_uri=uri), mlflow.active_run())
+
+
+def _start_pipeline_run(cfg: PipelineConfig, run_dir: Path, uri: str, client: Any, outer: Any) -> RunLogger:
     state_file = Path(run_dir) / "run.json"
     if state_file.is_file():
         run_id = json.loads(state_file.read_text()).get("mlflow_run_id")
@@ -180,7 +184,6 @@ def start_pipeline_run(cfg: PipelineConfig, run_dir: Path) -> RunLogger:
         # MLflow 3's UI opens an experiment in its GenAI (traces) view unless told it is model development
         client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, "custom_model_development")
     tags = {"pipeline.run_dir": str(run_dir)}
-    outer = mlflow.active_run()
     if outer is not None:
         tags[PARENT_TAG] = outer.info.run_id
     run = client.create_run(exp_id, run_name=cfg.run.name, tags=tags)
@@ -189,6 +192,24 @@ def start_pipeline_run(cfg: PipelineConfig, run_dir: Path) -> RunLogger:
     state_file.parent.mkdir(parents=True, exist_ok=True)
     state_file.write_text(json.dumps({"mlflow_run_id": run.info.run_id, "tracking_uri": redact(uri)}))
     return logger
+
+
+@contextmanager
+def _first_use_lock(uri: str) -> Iterator[None]:
+    """Pipelines started together on one machine share the default SQLite store: the first MLflow call of
+    each creates or migrates its tables (alembic), and two at once fail ("Online migration expected to match
+    one row"); two may also both find no experiment and both create it. A lock file beside the database
+    makes them take turns for that first use; a server or any other store needs none."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    lock_path = Path(uri.removeprefix("sqlite:///")).with_suffix(".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def _run_exists(client: Any, run_id: str) -> bool:

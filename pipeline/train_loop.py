@@ -570,23 +570,54 @@ def _progress(step: int, total: int, m: dict, start: float, seen: int) -> None:
 
 
 def _checkpoint(engine, step, consumed, ema, metrics, report, export=None) -> None:
-    """Every rank saves (a rank-0-only DeepSpeed save hangs) into its own folder, then reports it."""
+    """Every rank saves (a rank-0-only DeepSpeed save hangs) into its own folder, then reports it. The folder
+    goes whatever ends this: ``report`` copies it to storage, and Tune ends a stopped trial by raising
+    ``SystemExit`` from inside that report; a failed save leaves a half checkpoint there too."""
     folder = tempfile.mkdtemp(prefix="normbt-ckpt-")
-    started = time.time()
-    client = {"step": step, "consumed": consumed, "ema": ema.state_dict(), "torch_rng": torch.get_rng_state()}
-    engine.save_checkpoint(folder, tag=CKPT_TAG, client_state=client)
-    if export is not None:
-        model, tok, final, cfg, table, gradient_pairs = export
-        state = engine._zero3_consolidated_16bit_state_dict() if cfg.train.zero_stage == 3 else None
-        if engine.global_rank == 0:
-            lora.save_export(model, tok, Path(folder) / "model", cfg.lora, state=state, extra_config={
-                "reward_mean": final.get("val_reward_mean"), "reward_std": final.get("val_reward_std")})
-            write_validation_rewards(table, Path(folder) / VALIDATION_REWARDS)
-            np.savetxt(Path(folder) / GRADIENT_PAIRS, gradient_pairs, delimiter=",", header="distance,grad_norm",
-                       comments="")
-        metrics = {**metrics, "phase/checkpoint_s": time.time() - started}
-    report(metrics, checkpoint_dir=folder, final=export is not None)
-    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        started = time.time()
+        client = {"step": step, "consumed": consumed, "ema": ema.state_dict(), "torch_rng": torch.get_rng_state()}
+        engine.save_checkpoint(folder, tag=CKPT_TAG, client_state=client)
+        if export is not None:
+            model, tok, final, cfg, table, gradient_pairs = export
+            state = engine._zero3_consolidated_16bit_state_dict() if cfg.train.zero_stage == 3 else None
+            if engine.global_rank == 0:
+                lora.save_export(model, tok, Path(folder) / "model", cfg.lora, state=state, extra_config={
+                    "reward_mean": final.get("val_reward_mean"), "reward_std": final.get("val_reward_std")})
+                write_validation_rewards(table, Path(folder) / VALIDATION_REWARDS)
+                np.savetxt(Path(folder) / GRADIENT_PAIRS, gradient_pairs, delimiter=",",
+                           header="distance,grad_norm", comments="")
+            metrics = {**metrics, "phase/checkpoint_s": time.time() - started}
+        report(metrics, checkpoint_dir=folder, final=export is not None)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def checkpoint_problem(folder: str | Path) -> str | None:
+    """Why the checkpoint in ``folder`` cannot be resumed from, or None when it reads back. Cheap: a torch file
+    (a zip archive) must have its central directory at its end, which a truncated copy lacks, and a safetensors
+    file a header and the size it declares; nothing is loaded."""
+    import struct
+    import zipfile
+
+    folder = Path(folder)
+    if not any((folder / CKPT_TAG).glob("*model_states.pt")):
+        return f"no DeepSpeed model states in {folder / CKPT_TAG}"
+    for path in sorted(folder.rglob("*")):
+        try:
+            if path.suffix == ".pt":
+                with zipfile.ZipFile(path):
+                    pass
+            elif path.suffix == ".safetensors":
+                with open(path, "rb") as f:
+                    size = struct.unpack("<Q", f.read(8))[0]
+                    header = json.loads(f.read(size))
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+                if path.stat().st_size < 8 + size + end:
+                    return f"{path} is truncated ({path.stat().st_size} of {8 + size + end} bytes)"
+        except (OSError, ValueError, struct.error, zipfile.BadZipFile) as err:
+            return f"{path} is unreadable ({type(err).__name__}: {err})"
+    return None
 
 
 def plan_steps(cfg: PipelineConfig, n_train: int) -> tuple[int, int]:

@@ -24,7 +24,7 @@ from typing import Any
 
 from pipeline.config import PipelineConfig, flatten, from_flat
 from pipeline.memory_plan import refuse_if_unfit
-from pipeline.ray_train import build_trainer, storage_of
+from pipeline.ray_train import build_trainer, remove_unregistered_checkpoints, storage_of
 from pipeline.train_loop import GRADIENT_PAIRS, VALIDATION_REWARDS
 from pipeline.stage import StageContext, StageResult
 
@@ -50,6 +50,9 @@ def train_reward_model(ctx: StageContext) -> StageResult:
         ctx.tracker.log_datasets(json.loads(Path(data.output("datasets")).read_text()))
     storage = storage_of(cfg, ctx.run_dir)
     name = _run_name(ctx, storage)
+    if "://" not in storage:
+        for stale in remove_unregistered_checkpoints(Path(storage) / name):
+            ctx.log(f"  train: removed {stale}, a checkpoint written but never registered by Ray Train")
     trainer = build_trainer(cfg, ctx.upstream["data"], name=name, storage_path=storage,
                             tracking_uri=ctx.tracker.uri, run_id=ctx.tracker.run_id)
     try:

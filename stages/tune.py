@@ -148,6 +148,10 @@ CHECKPOINT_KEY = "checkpoint_path"  # added to the Tune result by TuneReportCall
 EXPERIMENT = "tune"
 TRIALS_FOLDER = "tune_trials"
 STRICT_METRIC_ENV = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
+# Before Tune reuses an actor it waits this long for the stopped trial's thread to end (Ray's default: 2 s),
+# then aborts the *next* trial. A stopped trial's teardown (closing its MLflow run on a remote server, leaving
+# DeepSpeed) can take longer; a thread that never ends still errors the next trial, after this bound.
+STOPPED_TRIAL_WAIT_ENV, STOPPED_TRIAL_WAIT_S = "TUNE_FUNCTION_THREAD_TIMEOUT_S", 300
 
 
 # ============================================================================ pure helpers (no Ray)
@@ -327,6 +331,9 @@ def _fit_trainer(cfg: PipelineConfig, setup: TrialSetup, trial_id: str, logger: 
 
 def make_trainable(setup: TrialSetup) -> Callable[[dict], None]:
     def normbt_trial(params: dict) -> None:  # the name Tune registers; the same on restore
+        # Read in this actor when Tune reuses it for the next trial; an actor's environment comes from the
+        # cluster's start, not from the driver, so it is set here, in the process that reads it.
+        os.environ.setdefault(STOPPED_TRIAL_WAIT_ENV, str(STOPPED_TRIAL_WAIT_S))
         run_trial(params, setup)
 
     return normbt_trial
