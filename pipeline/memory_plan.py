@@ -16,6 +16,12 @@ mixed precision a parameter costs 2 bytes of weights, 2 of gradients and 16 of o
 * ZeRO-3: ``4·largest_layer + 18/N`` (the largest module's own parameters, gathered in 16-bit with their
   gradients); optimizer offloaded: ``4·largest_layer + 2/N``; weights offloaded too: ``4·largest_layer``.
 
+With LoRA (``lora.r`` > 0) only the adapters and the score head train: every weight (adapters included) still
+costs its 16-bit bytes, partitioned under ZeRO-3, while gradients and optimizer state cost their bytes for the
+trainable parameters alone, partitioned as above (gradients from ZeRO-2 on, optimizer state from ZeRO-1 on). The
+adapters are counted from the model's shape: ``r·(in + out)`` per adapted linear layer, the layers
+:func:`pipeline.lora.targets` picks. DeepSpeed has no estimator for this: it is this module's extension of them.
+
 In fp32 (no mixed precision) the same structure holds with 4-byte weights and gradients and a 12-byte optimizer
 (DeepSpeed's ZeRO 1-3 keep an fp32 copy of the partition beside Adam's two moments; ZeRO-0 has no copy: 8): the
 estimators assume 16-bit weights, so these fp32 figures are this module's extension of them.
@@ -44,7 +50,9 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the arithmetic and the shape need only torch and transformers (benchmarks/gpu_check.py)
-    from pipeline.config import PipelineConfig
+    from torch import nn
+
+    from pipeline.config import LoraConfig, PipelineConfig
 
 GIB = 2**30
 #: Part of the GPU's memory not planned for: the CUDA context, NCCL and DeepSpeed's communication buckets
@@ -69,11 +77,14 @@ class ModelShape:
     heads: int
     intermediate_size: int
     gated_mlp: bool
+    lora_parameters: int = 0  # the adapters' parameters (lora.r > 0)
+    head_parameters: int = 0  # the score head's, which trains in full under LoRA
 
 
 @dataclass(frozen=True, kw_only=True)
 class MemoryPlan:
     parameters: int
+    trainable_parameters: int
     model_type: str
     layers: int
     hidden_size: int
@@ -126,7 +137,8 @@ def load_model_config(name: str, *, revision: str | None = None, trust_remote_co
                         f"folder holding its config.json (configs/models/ has some)") from None
 
 
-def model_shape(name: str, *, revision: str | None = None, trust_remote_code: bool = False) -> ModelShape:
+def model_shape(name: str, *, revision: str | None = None, trust_remote_code: bool = False,
+                lora: LoraConfig | None = None) -> ModelShape:
     """The reward model's parameter counts (score head included, tied weights once) and layer shape, from a model
     built on the meta device. ``largest_layer_parameters`` is DeepSpeed's: the most parameters one module holds
     itself (``deepspeed.runtime.zero.stage3.model_to_params``), usually the embedding."""
@@ -145,21 +157,46 @@ def model_shape(name: str, *, revision: str | None = None, trust_remote_code: bo
     text = config.get_text_config()
     hidden = int(text.hidden_size)
     names = [n for n, _ in model.named_modules()]
+    adapters, head = lora_parameter_count(model, lora) if lora is not None and lora.r > 0 else (0, 0)
     return ModelShape(source=name, model_type=str(getattr(config, "model_type", "?")), parameters=int(parameters),
                       largest_layer_parameters=int(largest), layers=int(text.num_hidden_layers), hidden_size=hidden,
                       heads=int(text.num_attention_heads),
                       intermediate_size=int(getattr(text, "intermediate_size", None) or 4 * hidden),
-                      gated_mlp=any(n.endswith(("gate_proj", "gate_up_proj", "w1")) for n in names))
+                      gated_mlp=any(n.endswith(("gate_proj", "gate_up_proj", "w1")) for n in names),
+                      lora_parameters=adapters, head_parameters=head)
+
+
+def lora_parameter_count(model: nn.Module, lora: LoraConfig) -> tuple[int, int]:
+    """``(adapter parameters, score-head parameters)`` of LoRA on ``model`` (meta device is fine): ``r·(in + out)``
+    for each linear layer PEFT adapts (its name's last part among the targets; ``all-linear``: every linear layer
+    but the score head)."""
+    from torch import nn
+
+    from pipeline import lora as lora_lib
+    from pipeline import modeling
+
+    head = modeling.score_head(model)
+    wanted = lora_lib.targets(lora, model)
+    adapted = [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head
+               and (wanted == "all-linear" or name.rsplit(".", 1)[-1] in wanted)]
+    return (sum(lora.r * (m.in_features + m.out_features) for m in adapted),
+            sum(p.numel() for p in head.parameters()))
 
 
 # ------------------------------------------------------------------ arithmetic
 
 
 def model_state_bytes(parameters: int, largest_layer: int, *, zero_stage: int, world_size: int, bf16: bool,
-                      offload_optimizer: bool = False, offload_params: bool = False) -> float:
-    """Bytes of weights, gradients and optimizer state on one GPU (the module docstring's table)."""
+                      offload_optimizer: bool = False, offload_params: bool = False,
+                      trainable: int | None = None) -> float:
+    """Bytes of weights, gradients and optimizer state on one GPU (the module docstring's table); ``trainable``:
+    the parameters that train when fewer than all do (LoRA)."""
     p, n = parameters, world_size
     weight, grad, optim = (2, 2, 16) if bf16 else (4, 4, 12)
+    if trainable is not None and trainable < p:
+        return _frozen_backbone_bytes(p, trainable, largest_layer, zero_stage=zero_stage, n=n, weight=weight,
+                                      grad=grad, optim=optim if bf16 or zero_stage else 8,
+                                      offload_optimizer=offload_optimizer, offload_params=offload_params)
     if zero_stage == 0:
         return p * (weight + grad + (optim if bf16 else 8))
     if zero_stage == 1:
@@ -172,6 +209,16 @@ def model_state_bytes(parameters: int, largest_layer: int, *, zero_stage: int, w
     if offload_optimizer:
         return gathered + p * weight / n
     return gathered + p * (grad + optim) / n
+
+
+def _frozen_backbone_bytes(p: int, t: int, largest_layer: int, *, zero_stage: int, n: int, weight: int, grad: int,
+                           optim: float, offload_optimizer: bool, offload_params: bool) -> float:
+    """LoRA's model states (the module docstring): every weight, gradients and optimizer state of ``t``."""
+    weights = 0 if offload_params and zero_stage == 3 else p * weight / (n if zero_stage == 3 else 1)
+    gathered = 2 * weight * largest_layer if zero_stage == 3 else 0
+    grads = t * grad / (n if zero_stage >= 2 else 1)
+    optimizer = 0 if offload_optimizer else t * optim / (n if zero_stage >= 1 else 1)
+    return weights + gathered + grads + optimizer
 
 
 def activation_bytes(shape: ModelShape, *, tokens: int, sequences: int, bf16: bool, eager: bool,
@@ -214,9 +261,13 @@ def compute(cfg: PipelineConfig, shape: ModelShape, gpu_gb: float | None, gpu_so
     """The plan of ``cfg`` for a model of ``shape`` on GPUs of ``gpu_gb`` GiB (None: unknown)."""
     t = cfg.train
     bf16 = t.precision == "bf16" or (t.precision == "auto" and t.use_gpu)
-    states = model_state_bytes(shape.parameters, shape.largest_layer_parameters, zero_stage=t.zero_stage,
+    lora_on = cfg.lora.r > 0
+    # PEFT keeps the frozen original head beside its trained copy (modules_to_save)
+    parameters = shape.parameters + (shape.lora_parameters + shape.head_parameters if lora_on else 0)
+    trainable = shape.lora_parameters + shape.head_parameters if lora_on else parameters
+    states = model_state_bytes(parameters, shape.largest_layer_parameters, zero_stage=t.zero_stage,
                                world_size=t.num_workers, bf16=bf16, offload_optimizer=t.offload_optimizer,
-                               offload_params=t.offload_params)
+                               offload_params=t.offload_params, trainable=trainable)
     sequences = 2 * t.micro_batch_size
     acts = activation_bytes(shape, tokens=cfg.data.max_length, sequences=sequences, bf16=bf16,
                             eager=cfg.model.attn_implementation == "eager", checkpointing=t.gradient_checkpointing,
@@ -224,7 +275,7 @@ def compute(cfg: PipelineConfig, shape: ModelShape, gpu_gb: float | None, gpu_so
     total = (states + acts) / GIB
     usable = None if gpu_gb is None else gpu_gb * (1 - RESERVE_FRACTION)
     return MemoryPlan(
-        parameters=shape.parameters, model_type=shape.model_type, layers=shape.layers, hidden_size=shape.hidden_size,
+        parameters=parameters, trainable_parameters=trainable, model_type=shape.model_type, layers=shape.layers, hidden_size=shape.hidden_size,
         heads=shape.heads, intermediate_size=shape.intermediate_size, gated_mlp=shape.gated_mlp,
         zero_stage=t.zero_stage, world_size=t.num_workers, precision="bf16" if bf16 else "fp32",
         offload_optimizer=t.offload_optimizer, offload_params=t.offload_params,
@@ -241,7 +292,8 @@ def _notes(cfg: PipelineConfig, gpu_gb: float | None) -> list[str]:
               f"GPU is held back for them); the logits and loss (small for a one-output head)"),
              (f"activations assume every sequence is data.max_length={cfg.data.max_length} tokens (a micro-batch "
               f"pads to its longest); shorter data needs less"),
-             "LoRA: not offered by this pipeline; every parameter trains"]
+             ("LoRA: only the adapters and the score head train; their gradients and optimizer state are counted, "
+              "every weight still is" if cfg.lora.r > 0 else "LoRA off (lora.r = 0): every parameter trains")]
     if cfg.model.attn_implementation == "sdpa":
         notes.append("sdpa counted as a fused kernel (no materialised scores): true for its flash and "
                      "memory-efficient CUDA backends; its math fallback would materialise them")
@@ -305,7 +357,7 @@ def suggestions(cfg: PipelineConfig, shape: ModelShape, gpu_gb: float, limit: in
 def plan(cfg: PipelineConfig, *, shape: ModelShape | None = None, with_suggestions: bool = True) -> MemoryPlan:
     """The plan of ``cfg``: shape from the model's config, GPU memory from the config or the local GPU."""
     shape = shape or model_shape(cfg.model.name_or_path, revision=cfg.model.revision,
-                                 trust_remote_code=cfg.model.trust_remote_code)
+                                 trust_remote_code=cfg.model.trust_remote_code, lora=cfg.lora)
     gpu_gb, source = gpu_memory(cfg)
     result = compute(cfg, shape, gpu_gb, source)
     if with_suggestions and result.fits is False:
@@ -320,7 +372,8 @@ def render(p: MemoryPlan) -> str:
     gpu = "unknown" if p.gpu_memory_gb is None else f"{p.gpu_memory_gb:.1f} GiB ({p.gpu_memory_source}), " \
                                                        f"{p.usable_gb:.1f} GiB usable"
     lines = [
-        (f"model: {p.model_type}, {p.parameters / 1e9:.3f}B parameters, {p.layers} layers, hidden {p.hidden_size}, "
+        (f"model: {p.model_type}, {p.parameters / 1e9:.3f}B parameters"
+         f"{'' if p.trainable_parameters == p.parameters else f' ({p.trainable_parameters / 1e6:.1f}M trainable: LoRA)'}, {p.layers} layers, hidden {p.hidden_size}, "
          f"{p.heads} heads, MLP {p.intermediate_size}{' (gated)' if p.gated_mlp else ''}"),
         (f"training: ZeRO-{p.zero_stage} over {p.world_size} GPUs, {p.precision}, offload {offload or 'none'}, "
          f"{p.sequences_per_micro_batch} sequences × {p.sequence_length} tokens per micro-batch, attention "

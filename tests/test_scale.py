@@ -388,3 +388,26 @@ def test_checkpointing_under_zero3_resumes_to_the_uninterrupted_curve(decoders, 
     assert [s for s, _ in losses(resumed)] == [3, 4]
     assert [x for _, x in losses(resumed)] == pytest.approx([x for _, x in losses(whole)[2:]], rel=1e-6, abs=1e-7)
     assert resumed[-1]["val_loss"] == pytest.approx(whole[-1]["val_loss"], rel=1e-6)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name", ["tiny:llama", "embedded:minilm"])
+def test_plan_counts_lora_trainable_parameters_as_peft_trains_them(name):
+    """The plan's adapters + head (from the meta-device shape) are what PEFT really trains, and only they carry
+    gradients and optimizer state: ZeRO-2 bf16 on 8 GPUs = every weight's 2 bytes + 18 bytes per trainable / 8."""
+    from pipeline import lora, memory_plan, modeling
+
+    cfg = load_config(None, [f"model.name_or_path={name}", "lora.r=8", "train.zero_stage=2", "train.num_workers=8",
+                             "train.precision=bf16"])
+    tok = modeling.load_tokenizer(name)
+    trained = lora.apply_lora(modeling.build_reward_model(name, tok), cfg.lora)
+    counts = lora.parameter_counts(trained)
+    shape = memory_plan.model_shape(name, lora=cfg.lora)
+    plan = memory_plan.compute(cfg, shape, None)
+    assert plan.trainable_parameters == counts["params/trainable"] and plan.parameters == counts["params/total"]
+    expected = 2 * plan.parameters + 18 * plan.trainable_parameters / 8
+    assert plan.model_states_gb * memory_plan.GIB == pytest.approx(expected)
+    full = memory_plan.compute(load_config(None, [f"model.name_or_path={name}", "train.zero_stage=2",
+                                                  "train.num_workers=8", "train.precision=bf16"]), shape, None)
+    assert full.trainable_parameters == full.parameters == shape.parameters
+    assert plan.model_states_gb < full.model_states_gb
