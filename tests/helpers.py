@@ -29,3 +29,18 @@ class PlainEngine:
 
     def get_lr(self) -> list[float]:
         return [group["lr"] for group in self.optimizer.param_groups]
+
+
+def serve_port() -> int:
+    """The port to serve on in the suite's one Ray session: Serve's, once a test has started it (its proxy keeps
+    its address until Ray stops, and ``serving.start`` refuses another), else a free one."""
+    import socket
+
+    from pipeline import serving
+
+    running = serving.serve_http_address()
+    if running is not None:
+        return running[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

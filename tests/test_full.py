@@ -107,17 +107,14 @@ def _post(url, body=None, raw=None, token=None):
 def check_the_endpoint(tracking_uri, tmp_path, name):
     """The champion behind Ray Serve on loopback: both routes, parity with plain transformers and the pyfunc, bad
     input answered with a 4xx while the replica keeps serving, a bearer token, then shut down."""
-    import socket
-
     import mlflow
     import torch
 
     from pipeline import modeling, serving
     from pipeline.config import load_config
+    from tests.helpers import serve_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = serve_port()
     cfg = load_config(REPO / "configs" / "smoke.yaml", [f"tracking.tracking_uri={tracking_uri}", f"serve.port={port}",
                                                         "serve.token_env=NORMBT_TEST_SERVE_TOKEN"])
     import os

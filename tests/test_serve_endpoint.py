@@ -19,6 +19,7 @@ import pytest
 from pipeline import serving
 from pipeline.config import load_config
 from tests import chat_styles
+from tests.helpers import serve_port
 from tests.test_rl_handoff import rollout
 
 pytestmark = pytest.mark.integration
@@ -36,7 +37,7 @@ def free_port() -> int:
 def deployed(ray_session, tmp_path_factory):
     """A ChatML-style reward model behind Ray Serve with a bearer token and a queue of 2: ``(url, cfg, service)``."""
     folder = chat_styles.reward_model_folder("chatml", tmp_path_factory.mktemp("served") / "rm", seed=5)
-    port = free_port()
+    port = serve_port()
     cfg = load_config(REPO / "configs" / "smoke.yaml", [f"serve.model={folder}", f"serve.port={port}",
                                                         f"serve.token_env={TOKEN_ENV}", "serve.max_queued_requests=2",
                                                         "serve.max_batch_tokens=1024"])
