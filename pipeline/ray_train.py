@@ -19,11 +19,23 @@ _TEST_HOOKS = ("NORMBT_FAIL_AT_STEP", "NORMBT_NAN_AT_STEP")  # fault injection, 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the checkpoints it registered, in a run folder
 
 
+def _train_log_level(level: str) -> None:
+    """Ray Train's worker logs each report with its metrics at INFO ("Reporting training result 8:
+    TrainingReport(...)") through a logger named by its module's file path, outside the ``ray.train`` loggers its
+    LoggingConfig filters: set that logger's level (``run.log_level``; INFO with ``--verbose``)."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(level)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker: everything comes from ``config`` (no module globals)."""
     import ray.train
 
     cfg: PipelineConfig = config["cfg"]
+    _train_log_level(cfg.run.log_level)
     ctx = ray.train.get_context()
     plan = LoopPlan(max_steps=config["max_steps"], steps_per_epoch=config["steps_per_epoch"],
                     world_size=ctx.get_world_size(), rank=ctx.get_world_rank())
