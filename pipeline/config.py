@@ -471,6 +471,8 @@ class TrackingConfig:
     experiment_name: str = _f("normbt", "MLflow experiment.")
     registered_model_name: str = _f("normbt-reward-model", "Registry name of the final model.")
     enabled: bool = _f(True, "Track with MLflow at all.")
+    wait_s: float = _f(300.0, "How long creating an MLflow run waits for an unreachable server before the pipeline stops "
+                       "(logging calls never wait: they are kept in the run directory and sent later).")
 
 
 @dataclass(frozen=True, kw_only=True)

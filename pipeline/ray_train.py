@@ -59,7 +59,7 @@ def train_loop_per_worker(config: dict) -> None:
         ray.train.report(reported_metrics(metrics, final), checkpoint=checkpoint)
 
     checkpoint = resume_checkpoint(ray.train.get_checkpoint(), say=print if plan.rank == 0 else lambda _: None)
-    logger = tracking.for_rank(plan.rank, config.get("tracking_uri"), config.get("run_id"))
+    logger = tracking.for_rank(plan.rank, config.get("tracking_uri"), config.get("run_id"), config.get("tracking_spool"))
     if checkpoint is None:
         run_loop(cfg, plan, train_windows=train_windows, validation_rows=validation_rows, report=report,
                  restore_dir=None, use_gpu=cfg.train.use_gpu, logger=logger)
@@ -137,7 +137,8 @@ def reported_metrics(metrics: dict, final: bool) -> dict:
 
 
 def build_trainer(cfg: PipelineConfig, data: Any, *, name: str, storage_path: str,
-                  tracking_uri: str | None, run_id: str | None, callbacks: list | None = None,
+                  tracking_uri: str | None, run_id: str | None, tracking_spool: str | None = None,
+                  callbacks: list | None = None,
                   in_memory: bool = False, controller_failure_limit: int = -1) -> Any:
     """The ``TorchTrainer`` for one training run (the train stage, and each Tune trial).
 
@@ -158,7 +159,7 @@ def build_trainer(cfg: PipelineConfig, data: Any, *, name: str, storage_path: st
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "max_steps": max_steps, "steps_per_epoch": steps_per_epoch,
-                           "tracking_uri": tracking_uri, "run_id": run_id},
+                           "tracking_uri": tracking_uri, "run_id": run_id, "tracking_spool": tracking_spool},
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                                resources_per_worker=resources,

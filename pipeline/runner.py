@@ -67,7 +67,10 @@ def run_pipeline(cfg: PipelineConfig, *, run_dir: str | Path | None = None, stag
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     log(f"plan: {' -> '.join(names)}   (run dir: {run_dir})")
-    parent = tracking.start_pipeline_run(cfg, run_dir)
+    try:
+        parent = tracking.start_pipeline_run(cfg, run_dir)
+    except tracking.TrackingUnavailable as err:
+        raise PipelineError(str(err)) from None
     manifests: dict[str, Manifest] = {}
     try:
         for i, name in enumerate(names, 1):
@@ -91,6 +94,9 @@ def summary(cfg: PipelineConfig, run_dir: Path, manifests: Mapping[str, Manifest
     lines.append(f"  run dir: {run_dir.resolve()}")
     if parent.active:
         lines.append(f"  MLflow run: {parent.run_id} at {tracking.redact(parent.uri)}")
+        if parent.pending():
+            lines.append(f"  MLflow: {parent.pending()} logging call(s) could not be sent (server unreachable); they are "
+                         f"kept in {parent.spool} and sent by the next run of this command")
         if parent.uri.startswith("sqlite:"):
             lines.append(f"  open the UI: mlflow ui --backend-store-uri {parent.uri}")
     report = manifests.get("register")
@@ -149,7 +155,11 @@ def _run_stage(cfg: PipelineConfig, spec: StageSpec, run_dir: Path, parent: trac
     out_dir.mkdir(parents=True, exist_ok=True)
     log(f"{tag} {spec.name}: running ...")
     started = now()
-    with tracking.stage_run(parent, spec.name, digest) as tracker:
+    try:
+        tracker = parent.child(spec.name, tags={"pipeline.stage": spec.name, "pipeline.hash": digest})
+    except tracking.TrackingUnavailable as err:
+        raise PipelineError(f"stage {spec.name!r} could not start: {err}") from None
+    with tracking.ended(tracker):
         try:
             result = entry(StageContext(cfg=cfg, run_dir=run_dir, out_dir=out_dir, upstream=upstream,
                                         tracker=tracker, log=log))

@@ -307,9 +307,11 @@ def _log_report(ctx: StageContext, paths: Sequence[Path]) -> None:
     from pipeline.tracking import PARENT_TAG, RunLogger
 
     loggers = [ctx.tracker]
-    parent_id = ctx.tracker.client.get_run(ctx.tracker.run_id).data.tags.get(PARENT_TAG)
+    # the runner's stage loggers know their parent; asking the server would fail the stage in an outage, after the
+    # model is registered (a rerun would register it again)
+    parent_id = ctx.tracker.parent_id or ctx.tracker.client.get_run(ctx.tracker.run_id).data.tags.get(PARENT_TAG)
     if parent_id:
-        loggers.append(RunLogger(ctx.tracker.uri, parent_id))
+        loggers.append(RunLogger(ctx.tracker.uri, parent_id, ctx.tracker.spool))
     for logger in loggers:
         for path in paths:
             if Path(path).is_dir():

@@ -54,7 +54,7 @@ def train_reward_model(ctx: StageContext) -> StageResult:
         for stale in remove_unregistered_checkpoints(Path(storage) / name):
             ctx.log(f"  train: removed {stale}, a checkpoint written but never registered by Ray Train")
     trainer = build_trainer(cfg, ctx.upstream["data"], name=name, storage_path=storage,
-                            tracking_uri=ctx.tracker.uri, run_id=ctx.tracker.run_id)
+                            tracking_uri=ctx.tracker.uri, run_id=ctx.tracker.run_id, tracking_spool=ctx.tracker.spool)
     try:
         result = trainer.fit()
     except Exception as err:  # Ray wraps worker errors; surface the worker's own message

@@ -294,7 +294,7 @@ def _train_in_this_process(cfg: PipelineConfig, data: Manifest, logger: tracking
     checkpoint = ray.tune.get_checkpoint()  # a resumed experiment's unfinished trial continues from it
     with checkpoint.as_directory() if checkpoint else nullcontext() as folder:
         train_local(one_process_config(cfg), SplitRows(data.output("train")), read_rows(data.output("validation")),
-                    report=report, restore_dir=folder, logger=tracking.for_rank(0, logger.uri, logger.run_id),
+                    report=report, restore_dir=folder, logger=tracking.for_rank(0, logger.uri, logger.run_id, logger.spool),
                     started=started, one_process=True)
 
 
@@ -318,7 +318,8 @@ def _fit_trainer(cfg: PipelineConfig, setup: TrialSetup, trial_id: str, logger: 
     # on a 2-core node (0.9 CPU left next to this trial and its workers; see the module docstring). A worker
     # group that cannot start (placement group never freed) is a controller failure: bounded.
     trainer = build_trainer(cfg, setup.data, name=f"trial-{trial_id}", storage_path=setup.storage_path,
-                            tracking_uri=logger.uri, run_id=logger.run_id, callbacks=[TuneReportCallback()],
+                            tracking_uri=logger.uri, run_id=logger.run_id, tracking_spool=logger.spool,
+                            callbacks=[TuneReportCallback()],
                             in_memory=True, controller_failure_limit=setup.controller_failure_limit)
     try:
         result = trainer.fit()
@@ -733,7 +734,8 @@ def _score_trial(ctx: StageContext, r: dict[str, Any], benches: list[Any], gradi
     from pipeline.benchmarks import score_benchmark
 
     scorer_ctx = dataclasses.replace(ctx, out_dir=ctx.out_dir / "scores" / _safe(f"{r['loss']}-seed{r['seed']}"),
-                                     tracker=tracking.RunLogger(ctx.tracker.uri, r["mlflow_run_id"] or None))
+                                     tracker=tracking.RunLogger(ctx.tracker.uri, r["mlflow_run_id"] or None,
+                                                                ctx.tracker.spool))
     scored = {}
     with Checkpoint(path=r["checkpoint"]).as_directory() as folder:
         for bench in benches:

@@ -116,38 +116,62 @@ def _healthy(url: str) -> bool:
         return False
 
 
+class MlflowServer:
+    """A loopback ``mlflow server`` (REST tracking + registry + proxied artifacts) that can be stopped and started
+    again on the same port with the same store, as a server that goes away and comes back: its SQLite store and
+    artifacts in ``folder``, its own process group (its workers stop with it), its log shown if it fails to come up."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.url = f"http://127.0.0.1:{_free_port()}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> MlflowServer:
+        port = self.url.rsplit(":", 1)[1]
+        log_path = self.folder / "server.log"
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", port, "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{self.folder / 'srv.db'}",
+               "--artifacts-destination", str(self.folder / "art"), "--serve-artifacts"]
+        # No background job runner (7 huey consumers): it doubles the start-up time on 2 cores and is not needed.
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.folder, env=env,
+                                         start_new_session=True)
+        deadline = time.time() + HEALTH_TIMEOUT_S
+        while not _healthy(self.url):
+            if self.proc.poll() is not None:
+                code = self.proc.returncode
+                self.stop()
+                pytest.fail(f"mlflow server exited with {code}:\n{log_path.read_text()[-3000:]}")
+            if time.time() > deadline:
+                self.stop()
+                pytest.fail(f"mlflow server not healthy after {HEALTH_TIMEOUT_S:.0f}s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+            self.proc = None
+
+
 @pytest.fixture
-def mlflow_server(tmp_path, monkeypatch):
-    """``http://127.0.0.1:<port>`` of a fresh ``mlflow server`` (REST tracking + registry + proxied artifacts):
-    loopback only, a free port, its SQLite store and artifacts in tmp_path, always terminated (process group)
-    at teardown; its log is shown if it fails to come up."""
+def restartable_mlflow_server(tmp_path, monkeypatch):
+    """A started :class:`MlflowServer` in tmp_path (cwd there, no MLflow env vars), always stopped at teardown."""
     monkeypatch.chdir(tmp_path)
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
         monkeypatch.delenv(key, raising=False)
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = tmp_path / "server.log"
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
-           "--artifacts-destination", str(tmp_path / "art"), "--serve-artifacts"]
-    # No background job runner (7 huey consumers): it doubles the start-up time on 2 cores and is not needed.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with open(log_path, "wb") as log:
-        # Own process group: the server's worker processes are stopped with it.
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env,
-                                start_new_session=True)
+    server = MlflowServer(tmp_path)
     try:
-        deadline = time.time() + HEALTH_TIMEOUT_S
-        while not _healthy(url):
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            if time.time() > deadline:
-                pytest.fail(f"mlflow server not healthy after {HEALTH_TIMEOUT_S:.0f}s:\n"
-                            f"{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
+        yield server.start()
     finally:
-        _stop(proc)
+        server.stop()
+
+
+@pytest.fixture
+def mlflow_server(restartable_mlflow_server):
+    """``http://127.0.0.1:<port>`` of a fresh :class:`MlflowServer` in tmp_path, always stopped at teardown."""
+    return restartable_mlflow_server.url
 
 
 def _stop(proc: subprocess.Popen) -> None:
