@@ -502,6 +502,46 @@ def _env(name: str, value: str) -> Iterator[None]:
             os.environ[name] = old
 
 
+@contextmanager
+def _sigterm_stops_tune_first() -> Iterator[None]:
+    """SIGTERM while Tune's loop runs stops it as Ctrl-C does (Tune's own SIGINT handler): Tune ends its trials
+    and saves the experiment state, with each trial's latest checkpoint, before ``fit`` returns; only then does
+    the caller's SIGTERM handler run (``run_pipeline.py``: raises ``Terminated``). Raised inside Tune's loop,
+    that exception skipped the save: the state on disk was up to 10 s old and the rerun restarted the
+    interrupted trial from step 0. Outside Tune's loop (its SIGINT handler not installed) the caller's handler
+    runs at once, as before. Tune leaves its SIGINT handler installed after ``fit``: the one before is put back,
+    so Ctrl-C in a later stage is not swallowed."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signal handlers are the main thread's
+        yield
+        return
+    previous, before_int = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    pending: list[Any] = []
+
+    def stop_tune_first(signum: int, frame: Any) -> None:
+        tune_stop = signal.getsignal(signal.SIGINT)
+        if callable(tune_stop) and tune_stop is not before_int:  # Tune's loop runs (its handler is in)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the save short
+            pending.append(frame)
+            tune_stop(signal.SIGINT, frame)
+        else:
+            signal.signal(signal.SIGTERM, previous)
+            previous(signum, frame)
+
+    if callable(previous):  # the caller's own handler (not the default or ignored one) is deferred
+        signal.signal(signal.SIGTERM, stop_tune_first)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before_int)
+        if pending or signal.getsignal(signal.SIGTERM) is stop_tune_first:
+            signal.signal(signal.SIGTERM, previous)
+        if pending:
+            previous(signal.SIGTERM, pending[0])
+
+
 def _fit(ctx: StageContext, setup: TrialSetup, *, param_space: dict, num_samples: int, scheduler: Any,
          search_alg: Any, concurrency: int, storage: str, expected: int, name: str = EXPERIMENT
          ) -> list[dict[str, Any]]:
@@ -531,7 +571,8 @@ def _fit(ctx: StageContext, setup: TrialSetup, *, param_space: dict, num_samples
                                       failure_config=tune.FailureConfig(max_failures=0)))
     before = job_placement_groups()
     try:
-        with _env(STRICT_METRIC_ENV, "1"):  # reports between evaluations carry no val_accuracy (module docstring)
+        # reports between evaluations carry no val_accuracy (module docstring)
+        with _env(STRICT_METRIC_ENV, "1"), _sigterm_stops_tune_first():
             grid = tuner.fit()
     finally:  # whatever stopped trials left behind goes, so later stages in this job get their CPUs back
         after = job_placement_groups() if before is not None else None

@@ -204,6 +204,7 @@ TWO_NODES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # 2 min on 2 cores
 def test_two_nodes_one_worker_each_survive_losing_a_node(tmp_path):
     script = tmp_path / "two_nodes.py"
     script.write_text(TWO_NODES)

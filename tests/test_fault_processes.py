@@ -1,11 +1,13 @@
 """Faults injected into the real entry point, ``run_pipeline.py`` on the smoke config (data + 24 train steps,
-a checkpoint every 2): SIGTERM mid-training, a truncated checkpoint next to one that never got registered.
+a checkpoint every 2): SIGTERM mid-training, a truncated checkpoint next to one that never got registered;
+SIGTERM mid-search (data + tune, two trials of 60 steps, a checkpoint every 5).
 One uninterrupted run (module fixture) gives the reference weights: two uninterrupted runs are bit-identical on
 CPU, so any difference after a fault is the fault's."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,14 +19,16 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # 2-4 min each on 2 cores: pytest -m slow
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--config", "configs/smoke.yaml", "--stages", "data,train", "train.max_steps=24", "train.checkpoint_every=2",
         "tracking.enabled=false"]
+TUNE_ARGS = ["--config", "configs/smoke.yaml", "--stages", "data,tune", "tune.num_samples=2", "tracking.enabled=false",
+             "tune.trial_overrides={train.max_steps: 60, train.checkpoint_every: 5, train.eval_every: 30}"]
 
 
-def command(run_dir: Path) -> list[str]:
-    return [sys.executable, "run_pipeline.py", "--run-dir", str(run_dir), *ARGS]
+def command(run_dir: Path, args: list[str] = ARGS) -> list[str]:
+    return [sys.executable, "run_pipeline.py", "--run-dir", str(run_dir), *args]
 
 
 def environment(ray_tmp: str | None = None) -> dict[str, str]:
@@ -65,8 +69,8 @@ def straight(tmp_path_factory) -> Path:
     return run_dir
 
 
-def rerun(run_dir: Path) -> str:
-    done = subprocess.run(command(run_dir), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600,
+def rerun(run_dir: Path, args: list[str] = ARGS) -> str:
+    done = subprocess.run(command(run_dir, args), cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600,
                           check=False)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]
@@ -140,6 +144,57 @@ def test_sigterm_stops_training_like_ctrl_c_leaves_no_ray_process_and_the_rerun_
     out = rerun(run_dir)
     assert "resumed from the checkpoint at step" in out and "step 1/24" not in out, out[-3000:]
     assert_same_weights(run_dir, straight)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sigterm_during_the_search_exits_143_leaves_no_ray_process_and_the_rerun_completes(tmp_path):
+    """SIGTERM to the driver while the first trial runs, after its step-10 checkpoint reached Tune: exit 143
+    within 60 s, no process of the Ray it started left, the tune stage unfinished; the same command restores the
+    Tune experiment, the interrupted trial continues from that checkpoint (not from step 0) and both trials end."""
+    import pandas as pd
+
+    run_dir = tmp_path / "run"
+    ray_tmp = tempfile.mkdtemp(prefix="rt27-", dir="/tmp")  # short: Ray's socket paths live under it
+    log_path = tmp_path / "terminated.log"
+    try:
+        with open(log_path, "wb") as log:
+            driver = subprocess.Popen(command(run_dir, TUNE_ARGS), cwd=REPO, env=environment(ray_tmp), stdout=log,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+            deadline = time.time() + 600
+            while "step 12/60" not in log_path.read_text(errors="replace"):  # the step-10 checkpoint is reported
+                assert driver.poll() is None, log_path.read_text()[-3000:]
+                assert time.time() < deadline, "the first trial did not reach step 12"
+                time.sleep(0.1)
+            driver.send_signal(signal.SIGTERM)
+            sent = time.time()
+            code = driver.wait(timeout=120)
+            took = time.time() - sent
+        text = log_path.read_text(errors="replace")
+        assert code in (143, -signal.SIGTERM) and took < 60, f"exit {code} after {took:.0f} s:\n{text[-3000:]}"
+        assert "terminated (SIGTERM): rerun the same command to resume" in text, text[-3000:]
+        assert not (run_dir / "tune" / "manifest.json").exists(), "the search finished before the signal came"
+        deadline = time.time() + 10  # processes told to stop may take a moment to go
+        while ray_processes(ray_tmp) and time.time() < deadline:
+            time.sleep(0.5)
+        left = ray_processes(ray_tmp)
+        assert not left, "Ray processes left behind:\n" + "\n".join(f"{pid} {args[:160]}" for pid, args in left)
+    finally:
+        for pid, _ in ray_processes(ray_tmp):  # never by name: only what this run started
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    out = rerun(run_dir, TUNE_ARGS)
+    assert "tune: resuming the interrupted experiment" in out, out[-3000:]
+    resumed = [int(s) for s in re.findall(r"resumed from the checkpoint at step (\d+)", out)]
+    assert resumed and resumed[0] >= 10, f"resumed from {resumed}, not the step-10 checkpoint:\n{out[-3000:]}"
+    assert (run_dir / "tune" / "manifest.json").is_file()
+    trials = pd.read_csv(run_dir / "tune" / "trials.csv").sort_values("trial_id")
+    assert len(trials) == 2 and set(trials["status"]) <= {"COMPLETED", "STOPPED"}  # ASHA may stop the second
+    assert (trials["status"].iloc[0], trials["step"].iloc[0]) == ("COMPLETED", 60)  # the interrupted one
 
 
 @pytest.mark.timeout(900)

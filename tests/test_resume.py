@@ -39,6 +39,7 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "train" / "model" / "model.safetensors"))
 
 
+@pytest.mark.slow  # 4-5 min on 2 cores; tests/test_train_stage.py's killed-worker resume runs by default
 def test_driver_killed_after_a_checkpoint_reruns_to_the_uninterrupted_weights(tmp_path):
     straight = tmp_path / "straight"
     done = subprocess.run(_command(straight), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)

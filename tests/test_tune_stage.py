@@ -252,12 +252,14 @@ def test_search_trials_train_one_after_another_in_one_reused_process(tmp_path, d
 
 @pytest.mark.integration
 @pytest.mark.timeout(1200)
-def test_compare_reports_means_and_paired_intervals(tmp_path, data_manifest, ray_session):
-    """Also the Ray Train launcher (what trials on several GPUs use): every trial a TorchTrainer."""
+@pytest.mark.parametrize("launcher", ["in_process", pytest.param("ray_train", marks=pytest.mark.slow)])
+def test_compare_reports_means_and_paired_intervals(tmp_path, data_manifest, ray_session, launcher):
+    """Both trial launchers: trials in Tune's own process (the CPU default), and every trial a TorchTrainer (what
+    trials on several GPUs use; 9 min on 2 cores, so in the slow tier)."""
     bench = json.dumps([{"name": "synthetic", "synthetic": {"n_test": 32}}])
     cfg, manifest = _run_tune(tmp_path, data_manifest, [
         "tune.mode=compare", "tune.seeds=2", f"rewardbench.benchmarks={bench}", "rewardbench.max_length=128",
-        "rewardbench.batch_size=64", "tune.trial_launcher=ray_train", "tune.compare_lr_grid=[1e-4, 3e-4]"])
+        "rewardbench.batch_size=64", f"tune.trial_launcher={launcher}", "tune.compare_lr_grid=[1e-4, 3e-4]"])
     assert set(manifest.outputs) == {"compare_table", "compare_plot", "best_config", "trials", "gradient_plot",
                                      "paired_stats", "shared_bins", "length_controls", "shared_bin_edges",
                                      "lr_search"}
