@@ -19,6 +19,16 @@ _TEST_HOOKS = ("NORMBT_FAIL_AT_STEP", "NORMBT_NAN_AT_STEP")  # fault injection, 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the checkpoints it registered, in a run folder
 
 
+def _worker_env() -> dict[str, str]:
+    """Environment of the train workers: the fault-injection hooks when set, and Ray Train's print patch off.
+    The patch sends each ``print`` of a worker to the root logger too, and a Ray worker's stdout is a wrapped
+    stream, so the patch also prints it: every progress line reached the terminal twice (measured on the smoke
+    config). Without it a print goes once, through Ray's worker log to the driver. A value set by the user wins."""
+    env = {k: os.environ[k] for k in _TEST_HOOKS if k in os.environ}
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    return env
+
+
 def _train_log_level(level: str) -> None:
     """Ray Train's worker logs each report with its metrics at INFO ("Reporting training result 8:
     TrainingReport(...)") through a logger named by its module's file path, outside the ``ray.train`` loggers its
@@ -166,7 +176,7 @@ def build_trainer(cfg: PipelineConfig, data: Any, *, name: str, storage_path: st
                                                placement_strategy=cfg.train.placement_strategy),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, callbacks=callbacks,
-            worker_runtime_env={"env_vars": {k: os.environ[k] for k in _TEST_HOOKS if k in os.environ}},
+            worker_runtime_env={"env_vars": _worker_env()},
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures,
                                                    controller_failure_limit=controller_failure_limit),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(1, cfg.train.keep_checkpoints)),

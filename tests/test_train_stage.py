@@ -243,3 +243,24 @@ def test_a_lock_left_by_a_process_killed_while_compiling_does_not_hang_the_next_
         pytest.fail(f"training waited on the stale lock for 150 s:\n{(err.stderr or b'')[-2000:]!r}")
     assert done.returncode == 0 and "trained" in done.stdout, done.stderr[-3000:]
     assert (extensions / "deepspeed_shm_comm" / "lock").exists()  # left alone: not ours to delete
+
+
+def test_the_terminal_shows_each_progress_line_once_and_no_per_report_dump(tmp_path):
+    """What a user reads while training (the real entry point, the default log level): each worker's progress line
+    once (Ray Train's print patch printed every one twice), none of Ray Train's per-report metric dumps."""
+    import re
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_TRAIN_ENABLE_PRINT_PATCH", None)
+    done = subprocess.run([sys.executable, "run_pipeline.py", "--config", "configs/smoke.yaml", "--stages", "data,train",
+                           "--run-dir", str(tmp_path / "run"), "train.max_steps=4", "tracking.enabled=false"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    lines = re.findall(r"RayTrainWorker pid=(\d+)\)\S*\s+step (\d+)/4 ", out)
+    assert sorted({step for _, step in lines}) == ["1", "2", "3", "4"], out[-3000:]
+    assert len(lines) == len(set(lines)), f"progress lines repeated:\n{out[-3000:]}"
+    assert "Reporting training result" not in out
