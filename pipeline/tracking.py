@@ -14,7 +14,7 @@ artifacts, datasets, a run's end) made while the server cannot be reached (its `
 ``HEALTH_TIMEOUT_S``, or the call fails to get through) is appended to a spool file in the run directory
 (``tracking_spool.jsonl``) and sent, in order and with its own timestamps, by the next call that gets through, by
 the next stage, or by the next run of the same command; the runs it reaches get ``tracking.outage`` and
-``tracking.spooled_calls`` tags saying so. After a failure the server is left alone for 10 s, doubling up to 5 min. Creating a run (the pipeline's, a stage's,
+``tracking.spooled_calls`` tags saying so. After a failure the server is left alone for 10 s, doubling up to 1 min. Creating a run (the pipeline's, a stage's,
 a trial's) cannot be deferred: it waits up to ``tracking.wait_s`` for the server, then stops with
 :class:`TrackingUnavailable`, leaving finished stages done for the rerun.
 """
@@ -42,7 +42,7 @@ SPOOL_NAME = "tracking_spool.jsonl"
 # After a server was found unreachable, calls go straight to the spool for this long, doubling with each failure
 # in a row up to MAX_RETRY_AFTER_S: a training step must not wait on a server that was down a moment ago.
 RETRY_AFTER_S = 10.0
-MAX_RETRY_AFTER_S = 300.0
+MAX_RETRY_AFTER_S = 60.0
 HEALTH_TIMEOUT_S = 5.0
 # MLflow's REST client retries a refused connection 7 times over about 4 minutes (for rate limits), and its retry
 # settings are process environment, which cannot be changed per call while other threads run. So a server is

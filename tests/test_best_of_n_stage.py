@@ -208,12 +208,9 @@ def _prompts(mapping: dict):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    from pipeline import raycluster
-
-    ray = raycluster.ensure_ray(load_config(SMOKE))
-    yield ray
-    ray.shutdown()
+def ray_cluster(ray_session):
+    """The suite's one Ray session (shutting it down here left later modules' fixtures without Ray)."""
+    return ray_session
 
 
 @pytest.fixture(scope="module")

@@ -111,7 +111,7 @@ TEARDOWN_S = 5.0  # a stopped trial's MLflow call this slow: over Tune's 2 s wai
 class SlowToFinish:
     """A stage tracker whose trial runs take ``TEARDOWN_S`` to close as KILLED, as a remote MLflow call can."""
 
-    uri = run_id = None
+    uri = run_id = spool = None
 
     def child(self, name: str, tags: dict | None = None) -> SlowToFinish:
         return SlowToFinish()

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import metrics, modeling, raycluster, scoring, synthetic, tracking
+from pipeline import metrics, modeling, scoring, synthetic, tracking
 from pipeline.stage import StageContext
 from pipeline.config import REPO_ROOT, BenchmarkConfig, ConfigError, load_config
 from pipeline import benchmarks as B
@@ -48,11 +48,9 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray = raycluster.ensure_ray(load_config(SMOKE))
-    yield ray
-    raycluster.shutdown_if_started()
-    ray.shutdown()
+def ray_cluster(ray_session):
+    """The suite's one Ray session (shutting it down here left later modules' fixtures without Ray)."""
+    return ray_session
 
 
 def _context(tmp_path, model_dir, benchmarks, tracker=None, *overrides):

@@ -139,3 +139,47 @@ def test_a_spooled_call_the_store_refuses_is_set_aside_and_the_rest_still_go(tmp
     kept = [json.loads(line) for line in (tmp_path / (tracking.SPOOL_NAME + ".rejected.jsonl")).read_text().splitlines()]
     assert [k.get("run_id") for k in kept] == [deleted, None] and all(k["error"] for k in kept)
     assert client.get_run(alive).data.tags["tracking.spooled_calls"] == "1"
+
+
+@pytest.mark.timeout(1500)
+@pytest.mark.slow  # a real training run through a minute-long outage: about 4 minutes on 2 cores
+def test_training_through_a_server_outage_keeps_every_step(restartable_mlflow_server, tmp_path):
+    """The real entry point trains (Ray Train workers log each step) while the server is stopped for a minute and
+    started again. Every step's metrics reach the train stage's run exactly once, whether the server is back
+    before the run ends (the run sends the kept calls) or only after (the same command sends them)."""
+    import json
+    import os
+
+    from mlflow import MlflowClient
+
+    server = restartable_mlflow_server
+    run_dir = tmp_path / "run"
+    steps = 600
+    cmd = [sys.executable, "run_pipeline.py", "--config", "configs/smoke.yaml", "--stages", "data,train",
+           "--run-dir", str(run_dir), f"train.max_steps={steps}", f"tracking.tracking_uri={server.url}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    log_path = tmp_path / "train.log"
+    with open(log_path, "wb") as log:
+        driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 600
+        while f"step 5/{steps}" not in log_path.read_text(errors="replace"):
+            assert driver.poll() is None, log_path.read_text()[-3000:]
+            assert time.time() < deadline, "training did not reach step 5"
+            time.sleep(0.2)
+        server.stop()
+        time.sleep(60)
+        server.start()
+        assert driver.wait(timeout=900) == 0, log_path.read_text()[-3000:]
+    kept = (run_dir / tracking.SPOOL_NAME).read_text().strip() if (run_dir / tracking.SPOOL_NAME).is_file() else ""
+    print(f"after the run: {len(kept.splitlines())} call(s) still kept (0: the run itself sent them)")
+    if kept:
+        again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+        assert again.returncode == 0 and "train: up to date" in again.stdout, (again.stdout + again.stderr)[-3000:]
+    assert not (run_dir / tracking.SPOOL_NAME).read_text().strip()
+
+    client = MlflowClient(tracking_uri=server.url)
+    train_run = json.loads((run_dir / "train" / "manifest.json").read_text())["mlflow_run_id"]
+    logged = sorted(m.step for m in client.get_metric_history(train_run, "loss"))
+    assert logged == list(range(1, steps + 1)), "a step's metrics were lost or sent twice"
+    assert "unreachable" in client.get_run(train_run).data.tags["tracking.outage"]
