@@ -58,6 +58,41 @@ def ray_processes(ray_tmp: str) -> list[tuple[int, str]]:
             if ray_tmp in args]
 
 
+def terminate_at(run_dir: Path, args: list[str], marker: str, log_path: Path) -> str:
+    """Run the command in its own session with its own Ray temp folder, SIGTERM the driver alone (what a scheduler
+    sends first) once ``marker`` is printed; assert exit 143 within 60 s and no process of the Ray it started left
+    (whatever remains is killed, never by name). Returns the run's output."""
+    ray_tmp = tempfile.mkdtemp(prefix="rt27-", dir="/tmp")  # short: Ray's socket paths live under it
+    try:
+        with open(log_path, "wb") as log:
+            driver = subprocess.Popen(command(run_dir, args), cwd=REPO, env=environment(ray_tmp), stdout=log,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+            deadline = time.time() + 600
+            while marker not in log_path.read_text(errors="replace"):
+                assert driver.poll() is None, log_path.read_text()[-3000:]
+                assert time.time() < deadline, f"the run never printed {marker!r}"
+                time.sleep(0.1)
+            driver.send_signal(signal.SIGTERM)
+            sent = time.time()
+            code = driver.wait(timeout=120)
+            took = time.time() - sent
+        text = log_path.read_text(errors="replace")
+        assert code in (143, -signal.SIGTERM) and took < 60, f"exit {code} after {took:.0f} s:\n{text[-3000:]}"
+        deadline = time.time() + 10  # processes told to stop may take a moment to go
+        while ray_processes(ray_tmp) and time.time() < deadline:
+            time.sleep(0.5)
+        left = ray_processes(ray_tmp)
+        assert not left, "Ray processes left behind:\n" + "\n".join(f"{pid} {args[:160]}" for pid, args in left)
+        return text
+    finally:
+        for pid, _ in ray_processes(ray_tmp):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
     """The uninterrupted run. Its folder is named ``run`` like every faulted one: the Ray Train run name
@@ -110,36 +145,8 @@ def test_sigterm_stops_training_like_ctrl_c_leaves_no_ray_process_and_the_rerun_
     uninterrupted weights."""
     run_dir = tmp_path / "run"
     shutil.copytree(straight / "data", run_dir / "data")  # the same data stage (its hash matches: skipped)
-    ray_tmp = tempfile.mkdtemp(prefix="rt27-", dir="/tmp")  # short: Ray's socket paths live under it
-    log_path = tmp_path / "terminated.log"
-    try:
-        with open(log_path, "wb") as log:
-            driver = subprocess.Popen(command(run_dir), cwd=REPO, env=environment(ray_tmp), stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
-            deadline = time.time() + 600
-            while "step 5/24" not in log_path.read_text(errors="replace"):  # the step-4 checkpoint is reported
-                assert driver.poll() is None, log_path.read_text()[-3000:]
-                assert time.time() < deadline, "training did not reach step 5"
-                time.sleep(0.1)
-            driver.send_signal(signal.SIGTERM)
-            sent = time.time()
-            code = driver.wait(timeout=120)
-            took = time.time() - sent
-        text = log_path.read_text(errors="replace")
-        assert code in (143, -signal.SIGTERM) and took < 60, f"exit {code} after {took:.0f} s:\n{text[-3000:]}"
-        assert not (run_dir / "train" / "manifest.json").exists(), "training finished before the signal came"
-        deadline = time.time() + 10  # processes told to stop may take a moment to go
-        while ray_processes(ray_tmp) and time.time() < deadline:
-            time.sleep(0.5)
-        left = ray_processes(ray_tmp)
-        assert not left, "Ray processes left behind:\n" + "\n".join(f"{pid} {args[:160]}" for pid, args in left)
-    finally:
-        for pid, _ in ray_processes(ray_tmp):  # never by name: only what this run started
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    text = terminate_at(run_dir, ARGS, "step 5/24", tmp_path / "terminated.log")  # the step-4 checkpoint is reported
+    assert not (run_dir / "train" / "manifest.json").exists(), "training finished before the signal came:\n" + text
 
     out = rerun(run_dir)
     assert "resumed from the checkpoint at step" in out and "step 1/24" not in out, out[-3000:]
@@ -155,37 +162,9 @@ def test_sigterm_during_the_search_exits_143_leaves_no_ray_process_and_the_rerun
     import pandas as pd
 
     run_dir = tmp_path / "run"
-    ray_tmp = tempfile.mkdtemp(prefix="rt27-", dir="/tmp")  # short: Ray's socket paths live under it
-    log_path = tmp_path / "terminated.log"
-    try:
-        with open(log_path, "wb") as log:
-            driver = subprocess.Popen(command(run_dir, TUNE_ARGS), cwd=REPO, env=environment(ray_tmp), stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
-            deadline = time.time() + 600
-            while "step 12/60" not in log_path.read_text(errors="replace"):  # the step-10 checkpoint is reported
-                assert driver.poll() is None, log_path.read_text()[-3000:]
-                assert time.time() < deadline, "the first trial did not reach step 12"
-                time.sleep(0.1)
-            driver.send_signal(signal.SIGTERM)
-            sent = time.time()
-            code = driver.wait(timeout=120)
-            took = time.time() - sent
-        text = log_path.read_text(errors="replace")
-        assert code in (143, -signal.SIGTERM) and took < 60, f"exit {code} after {took:.0f} s:\n{text[-3000:]}"
-        assert "terminated (SIGTERM): rerun the same command to resume" in text, text[-3000:]
-        assert not (run_dir / "tune" / "manifest.json").exists(), "the search finished before the signal came"
-        deadline = time.time() + 10  # processes told to stop may take a moment to go
-        while ray_processes(ray_tmp) and time.time() < deadline:
-            time.sleep(0.5)
-        left = ray_processes(ray_tmp)
-        assert not left, "Ray processes left behind:\n" + "\n".join(f"{pid} {args[:160]}" for pid, args in left)
-    finally:
-        for pid, _ in ray_processes(ray_tmp):  # never by name: only what this run started
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    text = terminate_at(run_dir, TUNE_ARGS, "step 12/60", tmp_path / "terminated.log")  # step-10 checkpoint reported
+    assert "terminated (SIGTERM): rerun the same command to resume" in text, text[-3000:]
+    assert not (run_dir / "tune" / "manifest.json").exists(), "the search finished before the signal came"
 
     out = rerun(run_dir, TUNE_ARGS)
     assert "tune: resuming the interrupted experiment" in out, out[-3000:]
