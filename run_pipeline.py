@@ -126,7 +126,8 @@ def _run(argv: list[str] | None) -> int:
     parser.add_argument("--run-dir", default=None, help="run directory (default: <run.root>/<run.name>)")
     parser.add_argument("--stages", default=None, help="comma-separated subset of stages, in order")
     parser.add_argument("--describe", action="store_true", help="print every config key with its doc and exit")
-    parser.add_argument("--verbose", action="store_true", help="Ray Train's own log lines too (run.log_level=INFO)")
+    parser.add_argument("--verbose", action="store_true", help="the libraries' own lines too: Ray Train's reports, Tune's trial "
+                        "tables, transformers' load reports (run.log_level=INFO)")
     parser.add_argument("--plan", action="store_true", help="print the memory plan per GPU and exit (1 if it cannot fit)")
     parser.add_argument("--json", action="store_true", help="with --plan: print it as JSON")
     parser.add_argument("overrides", nargs="*", help="section.key=value (value parsed as YAML)")
@@ -143,6 +144,9 @@ def _run(argv: list[str] | None) -> int:
     try:
         cfg = load_config(args.config, [*args.overrides, *(["run.log_level=INFO"] if args.verbose else [])])
         stages = tuple(s.strip() for s in args.stages.split(",") if s.strip()) if args.stages else None
+        from pipeline.raycluster import quiet_this_process
+
+        quiet_this_process(cfg)
         run_pipeline(cfg, run_dir=args.run_dir, stages=stages)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)

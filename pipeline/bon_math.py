@@ -196,25 +196,35 @@ def _table_row(
 def summary_metrics(table: pd.DataFrame) -> dict[str, float]:
     """End points, the peak, and whether selecting by the reward model beat random selection (n = 1, the same
     pools): ``bon/beats_random`` is 1 when some n > 1 has its whole 95% gold CI above n = 1's gold;
-    ``bon/clearest_n`` is the n > 1 whose CI reaches highest."""
+    ``bon/clearest_n`` is the n > 1 whose CI reaches highest; ``bon/beats_random_up_to`` the largest n whose CI
+    is above n = 1's gold (0: none); ``bon/overoptimised`` is 1 when gold falls after its peak by more than the
+    largest n's CI allows (the whole interval at ``n_max`` below the peak's mean: the proxy is being exploited)."""
     first, last = table.iloc[0], table.iloc[-1]
     peak = table.loc[table["gold_mean"].idxmax()]
     rest = table[table["n"] > 1]
     clearest = rest.loc[rest["gold_ci_low"].idxmax()] if len(rest) else first
+    above = rest[rest["gold_ci_low"] > first["gold_mean"]]
     return {"bon/gold_at_1": float(first["gold_mean"]), "bon/gold_at_nmax": float(last["gold_mean"]),
             "bon/gain": float(last["gold_mean"] - first["gold_mean"]),
             "bon/oracle_at_nmax": float(last["oracle_gold_mean"]), "bon/peak_n": int(peak["n"]),
             "bon/gold_at_peak": float(peak["gold_mean"]), "bon/clearest_n": int(clearest["n"]),
             "bon/clearest_gold": float(clearest["gold_mean"]), "bon/clearest_ci_low": float(clearest["gold_ci_low"]),
-            "bon/beats_random": float(len(rest) > 0 and clearest["gold_ci_low"] > first["gold_mean"])}
+            "bon/beats_random": float(len(rest) > 0 and clearest["gold_ci_low"] > first["gold_mean"]),
+            "bon/beats_random_up_to": int(above["n"].max()) if len(above) else 0,
+            "bon/overoptimised": float(int(peak["n"]) < int(last["n"]) and last["gold_ci_high"] < peak["gold_mean"])}
 
 
 def verdict(metrics: Mapping[str, float]) -> str:
     """One line saying whether selecting by the reward model beat random selection, with the numbers."""
     random = metrics["bon/gold_at_1"]
     if metrics["bon/beats_random"]:
-        return (f"the reward model beats random selection: gold {metrics['bon/clearest_gold']:.3f} at "
+        line = (f"the reward model beats random selection: gold {metrics['bon/clearest_gold']:.3f} at "
                 f"n={metrics['bon/clearest_n']} (95% CI from {metrics['bon/clearest_ci_low']:.3f}) vs {random:.3f} "
                 f"at n=1; the curve peaks at n={metrics['bon/peak_n']} ({metrics['bon/gold_at_peak']:.3f})")
-    return (f"the reward model does NOT beat random selection: no n > 1 has its 95% CI above {random:.3f} (n=1); "
-            f"the curve peaks at n={metrics['bon/peak_n']} ({metrics['bon/gold_at_peak']:.3f})")
+    else:
+        line = (f"the reward model does NOT beat random selection: no n > 1 has its 95% CI above {random:.3f} "
+                f"(n=1); the curve peaks at n={metrics['bon/peak_n']} ({metrics['bon/gold_at_peak']:.3f})")
+    if metrics.get("bon/overoptimised"):
+        line += (f"; past the peak gold falls to {metrics['bon/gold_at_nmax']:.3f}: over-optimisation, the policy's "
+                 f"candidates exploit what the reward model gets wrong")
+    return line

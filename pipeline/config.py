@@ -432,6 +432,8 @@ class BestOfNConfig:
     top_p: float = _f(1.0, "Nucleus sampling (hf policy).")
     max_new_tokens: int = _f(64, "Generation length (hf policy).")
     error_rate: float = _f(0.5, "Synthetic policy: probability a candidate is wrong.")
+    coarse_share: float = _f(0.5, "Synthetic policy: share of wrong candidates that fail coarsely (stop before the "
+                             "final number, or give up) instead of with one wrong number (0: every error is fine).")
     gold: Literal["verifier", "rm"] = _f("verifier", "'verifier' (built-in task) or 'rm' (an HF sequence classifier).")
     gold_model: str = _f("", "Hub id or path of the gold reward model when gold is 'rm'.")
     engine: Literal["auto", "transformers", "vllm"] = _f("auto", "Generation engine of the hf policy: auto (vLLM on "

@@ -157,6 +157,10 @@ def _scalar_stats(
         rewards = torch.cat([chosen, rejected])
         stats: dict[str, torch.Tensor] = {
             "loss": loss.detach().float(),
+            # The plain BT loss of these pairs (no weights, margin or smoothing): NormBT's weighted loss grows
+            # as mu / d grows for the close pairs it cannot yet separate, so only this one is comparable across
+            # steps and losses.
+            "pair_loss": F.softplus(-delta).mean(),
             # Ties (delta == 0) count as wrong: the model expressed no preference.
             "accuracy": (delta > 0).float().mean(),
             "margin": delta.mean(),

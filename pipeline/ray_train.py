@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 from pipeline import tracking
 from pipeline.config import PipelineConfig
+from pipeline.raycluster import quiet_this_process
 from pipeline.train_loop import TRAIN_COLUMNS, LoopPlan, checkpoint_problem, plan_steps, rows_from_columns, run_loop
 
 _TEST_HOOKS = ("NORMBT_FAIL_AT_STEP", "NORMBT_NAN_AT_STEP")  # fault injection, read by the worker
@@ -46,6 +47,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg: PipelineConfig = config["cfg"]
     _train_log_level(cfg.run.log_level)
+    quiet_this_process(cfg)
     ctx = ray.train.get_context()
     plan = LoopPlan(max_steps=config["max_steps"], steps_per_epoch=config["steps_per_epoch"],
                     world_size=ctx.get_world_size(), rank=ctx.get_world_rank())

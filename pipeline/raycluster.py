@@ -22,8 +22,42 @@ _FORWARD = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF
             "DS_ACCELERATOR", "NORMBT_SHARED_DATA", "NORMBT_FAIL_AT_STEP", "PYTHONPATH")
 
 
-def worker_env(use_gpu: bool) -> dict[str, str]:
+def quiet_env(log_level: str) -> dict[str, str]:
+    """Below INFO (``run.log_level``, the default WARNING) the libraries' own chatter stays off the terminal:
+    transformers' load reports and progress bars (every trial and worker loads a model), the hub's bars, MLflow's
+    and Ray Data's INFO lines ("Dataset ... execution finished" from every worker). A value the user set wins."""
+    if log_level in ("DEBUG", "INFO"):
+        return {}
+    wanted = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "MLFLOW_LOGGING_LEVEL": "WARNING",
+              "RAY_DATA_LOG_LEVEL": "WARNING"}
+    return {k: os.environ.get(k, v) for k, v in wanted.items()}
+
+
+def quiet_this_process(cfg: PipelineConfig) -> None:
+    """:func:`quiet_env` for this process and, for libraries imported already, their loggers (``run.log_level``
+    shapes the terminal only: no stage declares it, no output depends on it)."""
+    import logging
+
+    log_level = cfg.run.log_level
+    os.environ.update(quiet_env(log_level))
+    if log_level in ("DEBUG", "INFO"):
+        return
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for name in ("mlflow", "ray.data", "ray.train"):  # in case they were imported (and configured) already
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def tune_verbosity(cfg: PipelineConfig) -> int:
+    """Tune's ``verbose``: its trial tables only with ``run.log_level`` INFO or DEBUG (``--verbose``)."""
+    return 1 if cfg.run.log_level in ("DEBUG", "INFO") else 0
+
+
+def worker_env(use_gpu: bool, log_level: str = "WARNING") -> dict[str, str]:
     env = {k: os.environ[k] for k in _FORWARD if k in os.environ}
+    env.update(quiet_env(log_level))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed otherwise probes for CUDA and fails on CPU-only nodes
@@ -38,7 +72,7 @@ def ensure_ray(cfg: PipelineConfig) -> Any:
 
     if not ray.is_initialized():
         address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-        runtime_env = {"env_vars": worker_env(cfg.train.use_gpu)}
+        runtime_env = {"env_vars": worker_env(cfg.train.use_gpu, cfg.run.log_level)}
         if address:
             address = _token_auth_like_the_head(address)
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)

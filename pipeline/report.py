@@ -30,7 +30,7 @@ from pipeline.config import PipelineConfig
 from pipeline.document import (FILES_DIR, Block, Collapsed, Heading, Image, Text, fmt, frame_table,
                                render_html, render_markdown, table)
 
-TRAIN_CURVES = ("loss", "val_loss", "accuracy", "val_accuracy", "mu", "distance_mean", "weight_mean")
+TRAIN_CURVES = ("loss", "pair_loss", "val_loss", "accuracy", "val_accuracy", "mu", "distance_mean", "weight_mean")
 WEIGHT_CURVES = ("weight_mean", "weight_min", "weight_max", "distance_mean", "distance_min", "distance_max")
 
 
@@ -124,7 +124,11 @@ def _summary(run_dir: Path, cfg: PipelineConfig, manifests: Mapping[str, Manifes
         else:
             took = f"{m.finished_at - m.started_at:.1f} s" if m.finished_at and m.started_at else ""
             rows.append((stage, "done", took, m.hash, m.mlflow_run_id or ""))
+    from pipeline.outcome import outcome
+
+    shows = outcome(manifests, cfg.tune.metric)
     return [Text(f"Run {cfg.run.name} in {run_dir}; report written {time.strftime('%Y-%m-%d %H:%M:%S')}."),
+            *([Text(f"This run shows: {shows}")] if shows else []),
             table(("stage", "status", "duration", "hash", "MLflow run"), rows)]
 
 
@@ -210,7 +214,7 @@ def _training(cfg: PipelineConfig, manifests: Mapping[str, Manifest], files: Pat
     history, notes = _history_or_note(cfg, m, tracking_uri, TRAIN_CURVES)
     if notes:
         return blocks + notes
-    layout = [("loss", ("loss", "val_loss")), ("accuracy", ("accuracy", "val_accuracy")),
+    layout = [("loss (pair_loss: plain BT, unweighted)", ("loss", "pair_loss", "val_loss")), ("accuracy", ("accuracy", "val_accuracy")),
               ("NormBT mu (EMA of mean pair distance)", ("mu", "distance_mean")),
               ("mean per-pair weight", ("weight_mean",))]
     panels = [(title, {k: history[k] for k in keys if k in history}) for title, keys in layout]

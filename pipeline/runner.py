@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from pipeline import tracking
 from pipeline.artifacts import Manifest, now, read_manifest, write_manifest
 from pipeline.config import PipelineConfig, to_yaml
+from pipeline.outcome import outcome
 from pipeline.stage import STAGES, StageContext, StageResult, StageSpec, stage_hash
 
 
@@ -86,6 +87,9 @@ def run_pipeline(cfg: PipelineConfig, *, run_dir: str | Path | None = None, stag
 def summary(cfg: PipelineConfig, run_dir: Path, manifests: Mapping[str, Manifest], parent: tracking.RunLogger) -> str:
     """The closing lines: key metrics, where things are, how to look at them."""
     lines = ["", "summary:"]
+    shows = outcome(manifests, cfg.tune.metric)
+    if shows:
+        lines.append(f"  this run shows: {shows}")
     for name, manifest in manifests.items():
         shown = {k: v for k, v in manifest.metrics.items() if isinstance(v, (int, float))}
         keys = [k for k in shown if any(t in k for t in ("overall", "val_accuracy", "gold", "rows_", "quarantined",

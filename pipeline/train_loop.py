@@ -565,8 +565,10 @@ def _phases(marks: dict[str, float], now: float, *, steps_s: float, wait_s: floa
 def _progress(step: int, total: int, m: dict, start: float, seen: int) -> None:
     rate = (step - seen) / max(time.time() - start, 1e-9)
     eta = (total - step) / rate if rate > 0 else float("inf")
-    print(f"step {step}/{total}  loss {m['loss']:.4f}  acc {m['accuracy']:.3f}  {m['pairs_per_s']:.1f} pairs/s  "
-          f"ETA {eta:.0f}s", flush=True)
+    # A weighted loss (NormBT) also shows the plain BT loss of the same pairs: the one that falls as the model learns.
+    plain = f" (BT {m['pair_loss']:.4f})" if abs(m.get("pair_loss", m["loss"]) - m["loss"]) > 1e-6 else ""
+    print(f"step {step}/{total}  loss {m['loss']:.4f}{plain}  acc {m['accuracy']:.3f}  {m['pairs_per_s']:.1f} "
+          f"pairs/s  ETA {eta:.0f}s", flush=True)
 
 
 def _checkpoint(engine, step, consumed, ema, metrics, report, export=None) -> None:

@@ -17,7 +17,7 @@ Pipeline (``cfg.best_of_n``):
 
    The first ``num_prompts`` rows are used.
 2. **Policy** draws one pool of ``n_max`` candidates per prompt: ``synthetic`` uses the offline sampler
-   (:func:`pipeline.synthetic.sample_candidates`, wrong with probability ``error_rate``); ``hf`` samples a
+   (:func:`pipeline.synthetic.sample_candidates`, wrong with probability ``error_rate``, coarsely with ``coarse_share``); ``hf`` samples a
    causal LM (``policy_model``: hub id, folder, or ``tiny:llama`` for tests) inside a Ray Data actor pool
    that loads the model once per actor (one GPU per actor when ``train.use_gpu``; ``best_of_n.engine``: vLLM on GPU
    when installed). The prompt is rendered with the tokenizer's chat template plus generation prompt,
@@ -197,6 +197,7 @@ def sample_pools(prompts: list[dict[str, Any]], cfg: PipelineConfig) -> pd.DataF
         rows = [{"prompt_id": p["prompt_id"], "candidate_id": j, "text": text}
                 for p in prompts
                 for j, text in enumerate(synthetic.sample_candidates(p, bon.n_max, error_rate=bon.error_rate,
+                                                                     coarse_share=bon.coarse_share,
                                                                      seed=bon.seed))]
         frame = pd.DataFrame(rows, columns=["prompt_id", "candidate_id", "text"])
     else:

@@ -137,7 +137,7 @@ import pandas as pd
 from pipeline import tracking
 from pipeline.compare import compare_grid, finite, is_compared, plain
 from pipeline.compare_analysis import GRAD_SLOPE
-from pipeline.raycluster import await_free_cpu, job_placement_groups, remove_placement_groups
+from pipeline.raycluster import await_free_cpu, job_placement_groups, remove_placement_groups, tune_verbosity
 from pipeline.artifacts import Manifest, write_json
 from pipeline.config import PipelineConfig, SearchDomain, flatten, from_flat
 from pipeline.stage import STAGES, StageContext, StageResult, stage_hash
@@ -282,7 +282,10 @@ def _train_in_this_process(cfg: PipelineConfig, data: Manifest, logger: tracking
     import torch
 
     from pipeline.ray_train import reported_metrics
+    from pipeline.raycluster import quiet_this_process
     from pipeline.train_loop import SplitRows, one_process_config, one_process_threads, read_rows, train_local
+
+    quiet_this_process(cfg)  # Ray Train's "Checkpoint successfully created" per trial report
 
     gc.collect()  # an earlier trial's engine in this actor (a stopped one's too) goes before this one builds
     torch.set_num_threads(one_process_threads(cfg))  # the workers' threads, which this process now runs
@@ -388,7 +391,7 @@ def tune_reward_model(ctx: StageContext) -> StageResult:
     results = _fit(ctx, setup, param_space=space, num_samples=cfg.tune.num_samples, scheduler=scheduler,
                    search_alg=search_alg, concurrency=concurrency, storage=storage,
                    expected=cfg.tune.num_samples)
-    return _search_outputs(ctx, results, list(space))
+    return _search_outputs(ctx, results, list(space), start[0] if start else None)
 
 
 def _compare_setup(ctx: StageContext, base: PipelineConfig, data: Manifest, digest: str, trials_path: str,
@@ -567,7 +570,9 @@ def _fit(ctx: StageContext, setup: TrialSetup, *, param_space: dict, num_samples
                                         scheduler=scheduler, search_alg=search_alg,
                                         max_concurrent_trials=concurrency,
                                         reuse_actors=setup.launcher == "in_process"),
-            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1,
+            run_config=tune.RunConfig(name=name, storage_path=storage,
+                                      # the stage prints the trials' outcome and the best one itself
+                                      verbose=tune_verbosity(ctx.cfg),
                                       failure_config=tune.FailureConfig(max_failures=0)))
     before = job_placement_groups()
     try:
@@ -675,11 +680,16 @@ def _trials_frame(records: list[dict[str, Any]], metric: str, value_columns: dic
     return frame
 
 
-def _search_outputs(ctx: StageContext, records: list[dict[str, Any]], keys: list[str]) -> StageResult:
+def _search_outputs(ctx: StageContext, records: list[dict[str, Any]], keys: list[str],
+                    start: dict[str, Any] | None) -> StageResult:
     metric = ctx.cfg.tune.metric
     best = _best(records, metric)
     if best is None:
         raise RuntimeError(f"no tune trial reported {metric!r}; see the trial errors in {ctx.out_dir}")
+    # The configured values' own trial (tune.start_from_config): the baseline the search has to beat.
+    baseline = next((r for r in records if start is not None and finite(r.get(metric, float("nan")))
+                     and all(plain(r["config"].get(k)) == plain(v) for k, v in start.items())), None)
+    extra = {f"tune/start_{metric}": baseline[metric]} if baseline is not None else {}
     for r in records:
         r["best"] = r is best
     columns = {k: [plain(r["config"].get(k)) for r in records] for k in keys}
@@ -695,7 +705,7 @@ def _search_outputs(ctx: StageContext, records: list[dict[str, Any]], keys: list
     outputs = {"best_config": str(best_path), "trials": str(trials_path)}
     if best["checkpoint"]:
         outputs["best_checkpoint"] = best["checkpoint"]
-    return StageResult(outputs=outputs, metrics={f"tune/best_{metric}": best[metric], **_counts(records)})
+    return StageResult(outputs=outputs, metrics={f"tune/best_{metric}": best[metric], **extra, **_counts(records)})
 
 
 def _counts(records: list[dict[str, Any]]) -> dict[str, int]:

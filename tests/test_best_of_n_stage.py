@@ -86,11 +86,25 @@ def test_verdict_compares_the_best_n_interval_with_random_selection():
     metrics = bon_math.summary_metrics(table)
     assert (metrics["bon/peak_n"], metrics["bon/clearest_n"], metrics["bon/beats_random"]) == (4, 2, 1.0)
     assert bon_math.verdict(metrics).startswith("the reward model beats random selection: gold 0.546 at n=2")
+    assert (metrics["bon/beats_random_up_to"], metrics["bon/overoptimised"]) == (2, 0.0)
     table.loc[1, "gold_ci_low"] = 0.49  # no interval clears 0.50 any more
     metrics = bon_math.summary_metrics(table)
     assert metrics["bon/beats_random"] == 0.0 and "does NOT beat" in bon_math.verdict(metrics)
     only_random = table.iloc[:1]
     assert bon_math.summary_metrics(only_random)["bon/beats_random"] == 0.0
+
+
+@pytest.mark.unit
+def test_summary_says_up_to_which_n_selection_helps_and_when_gold_falls_past_its_peak():
+    # The shape the embedded default shows: above random up to n=8, then the proxy is exploited.
+    table = pd.DataFrame({"n": [1, 2, 4, 8, 16], "kl": 0.0, "gold_mean": [0.50, 0.58, 0.62, 0.57, 0.48],
+                          "gold_ci_low": [0.47, 0.55, 0.58, 0.52, 0.42], "gold_ci_high": [0.53, 0.61, 0.66, 0.62, 0.54],
+                          "proxy_mean": 0.0, "oracle_gold_mean": 1.0})
+    metrics = bon_math.summary_metrics(table)
+    assert (metrics["bon/beats_random_up_to"], metrics["bon/peak_n"], metrics["bon/overoptimised"]) == (8, 4, 1.0)
+    assert "over-optimisation" in bon_math.verdict(metrics)
+    table.loc[4, "gold_ci_high"] = 0.63  # the fall is inside n=16's interval: not claimed
+    assert bon_math.summary_metrics(table)["bon/overoptimised"] == 0.0
 
 
 class _RecordingTracker:
@@ -243,7 +257,8 @@ def test_offline_default_path_synthetic_policy_verifier_gold(ray_cluster, tiny_r
     assert table["gold_mean"].iloc[0] == pytest.approx(candidates["gold"].mean())  # n=1: the policy's accuracy
     assert set(result.metrics) == {"bon/gold_at_1", "bon/gold_at_nmax", "bon/gain", "bon/oracle_at_nmax",
                                    "bon/peak_n", "bon/gold_at_peak", "bon/clearest_n", "bon/clearest_gold",
-                                   "bon/clearest_ci_low", "bon/beats_random"}
+                                   "bon/clearest_ci_low", "bon/beats_random", "bon/beats_random_up_to",
+                                   "bon/overoptimised"}
     assert any(line.startswith("best-of-n: the reward model") for line in lines)
     assert result.metrics["bon/gold_at_1"] == pytest.approx(table["gold_mean"].iloc[0])
     assert any(line.startswith("best-of-n: gold@1=") and "oracle" in line for line in lines)

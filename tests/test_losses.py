@@ -25,6 +25,7 @@ SOFTPLUS_NEG1 = math.log1p(math.exp(-1.0))  # -log sigmoid(1) = 0.31326...
 
 BT_KEYS = {
     "loss",
+    "pair_loss",
     "accuracy",
     "margin",
     "reward_chosen_mean",

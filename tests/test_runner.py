@@ -155,3 +155,27 @@ def test_tune_hash_follows_the_benchmarks_only_in_compare_mode():
     assert digest() == digest(bench)  # a search never scores benchmarks: rescoring config keeps it
     assert digest("tune.mode=compare") != digest("tune.mode=compare", bench)
     assert digest() != digest("run.seed=1")  # the searcher's seed
+
+
+@pytest.mark.unit
+def test_the_summary_says_in_one_sentence_what_the_run_shows():
+    """The closing sentence (terminal summary and report): accuracy, Best-of-N against random up to which n and
+    over-optimisation past the peak, and whether the search beat the configured values it started from."""
+    from pipeline.artifacts import Manifest
+    from pipeline.outcome import outcome
+
+    bon = {"bon/gold_at_1": 0.498, "bon/beats_random": 1.0, "bon/beats_random_up_to": 8, "bon/peak_n": 4,
+           "bon/gold_at_peak": 0.65, "bon/overoptimised": 1.0, "bon/gold_at_nmax": 0.55}
+    manifests = {"tune": Manifest(stage="tune", hash="h", outputs={}, metrics={"tune/best_val_accuracy": 0.74,
+                                                            "tune/start_val_accuracy": 0.70}),
+                 "train": Manifest(stage="train", hash="h", outputs={}, metrics={"val_accuracy": 0.83}),
+                 "best_of_n": Manifest(stage="best_of_n", hash="h", outputs={}, metrics=bon)}
+    assert outcome(manifests) == (
+        "the reward model ranks 83.0% of validation pairs right (val_accuracy 0.830); Best-of-N selection by it beats "
+        "random selection up to n=8 (gold 0.650 at n=4 vs 0.498 at n=1), then gold falls to 0.550 "
+        "(over-optimisation); the search beat its start (val_accuracy 0.740 vs 0.700 for the configured values).")
+    manifests["tune"].metrics["tune/best_val_accuracy"] = 0.70
+    manifests["best_of_n"].metrics.update({"bon/beats_random": 0.0})
+    shows = outcome(manifests)
+    assert "does not beat random selection (gold 0.498 at n=1)" in shows and "did not beat its start" in shows
+    assert outcome({"data": Manifest(stage="data", hash="h", outputs={})}) == ""

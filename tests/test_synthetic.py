@@ -42,7 +42,7 @@ def rows() -> dict[str, list[dict]]:
 
 def test_spec_defaults():
     spec = SyntheticSpec()
-    assert (spec.n_train, spec.n_validation, spec.n_test, spec.seed) == (800, 200, 800, 0)
+    assert (spec.n_train, spec.n_validation, spec.n_test, spec.seed) == (1600, 200, 800, 0)
     assert spec.mix == {"chat": 1.0, "chat_hard": 1.0, "safety": 1.0, "reasoning": 3.0}
     assert SyntheticSpec().mix is not SyntheticSpec().mix  # no shared mutable default
 
@@ -102,7 +102,7 @@ def test_different_seed_different_output(rows):
 
 
 def test_counts_per_split(rows):
-    assert {s: len(r) for s, r in rows.items()} == {"train": 800, "validation": 200, "test": 800}
+    assert {s: len(r) for s, r in rows.items()} == {"train": 1600, "validation": 200, "test": 800}
     small = SyntheticSpec(n_train=7, n_validation=0, n_test=13)
     assert [len(generate(small, s)) for s in SPLITS] == [7, 0, 13]
 
@@ -415,6 +415,30 @@ def test_sample_candidates_wrong_answer_is_close(prompts):
                 ((a, op, b, _),) = _STEP_RE.findall(p["solution"])
                 misread = {_OPS[op](int(a) + d, int(b)) for d in (-3, -2, -1, 1, 2, 3)}
                 assert abs(last - p["answer"]) <= 3 or last in misread, (p, c)
+
+
+def test_sample_candidates_coarse_failures_stop_early_or_give_up(prompts):
+    """Coarse failures: the verifier scores them 0 and they carry no final answer; the right candidates are the
+    same with or without them, and coarse_share=0 draws exactly what a policy without them draws."""
+    kinds = {"cut": 0, "gave_up": 0}
+    for p in prompts:
+        for c in sample_candidates(p, 8, error_rate=1.0, coarse_share=1.0, seed=3):
+            assert verify(p, c) == 0.0, (p, c)
+            if re.search(r"\d", c):
+                assert not re.search(r"\d+\.$", c) and c.split()[0] in p["solution"] + " First, Step We", (p, c)
+                kinds["cut"] += 1
+            else:
+                kinds["gave_up"] += 1
+    assert min(kinds.values()) > 0.4 * sum(kinds.values())  # about half each
+    mixed = [c for p in prompts for c in sample_candidates(p, 10, error_rate=0.5, coarse_share=0.5, seed=0)]
+    plain = [c for p in prompts for c in sample_candidates(p, 10, error_rate=0.5, seed=0)]
+    assert sum(verify(p, c) for p in prompts for c in sample_candidates(p, 10, error_rate=0.5, coarse_share=0.5,
+                                                                        seed=0)) == 977  # same right ones
+    coarse = sum(not re.search(r"\d+\.$", c) for c in mixed)
+    assert 0.2 < coarse / len(mixed) < 0.3 and not any(not re.search(r"\d+\.$", c) for c in plain)  # a quarter
+    assert sample_candidates(prompts[0], 16, coarse_share=0.0, seed=7) == sample_candidates(prompts[0], 16, seed=7)
+    with pytest.raises(ValueError, match="coarse_share"):
+        sample_candidates(prompts[0], 2, coarse_share=1.5, seed=0)
 
 
 def test_sample_candidates_without_solution_falls_back():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from collections.abc import Callable
@@ -20,6 +21,9 @@ from pipeline.synthetic.spec import (
     SyntheticSpec,
     _check_split,
 )
+
+# Share of held-in prompts reserved for validation (validation draws only those, train never does).
+_VALIDATION_PROMPT_SHARE = 0.25
 
 # --------------------------------------------------------------------------------------------
 # Template registry and generation
@@ -68,6 +72,15 @@ def _allocate(spec: SyntheticSpec, n: int) -> list[int]:
     return counts
 
 
+def validation_prompt(seed: int, prompt: str) -> bool:
+    """Whether a held-in prompt belongs to validation (else to train): a hash of the prompt, so every pair of a
+    prompt lands on one side. The chat_hard and safety pools hold a few dozen prompts each; without reserving
+    some, a large train split uses them all, validation can only repeat them, and the data stage (no prompt on
+    both sides) moves those rows to train: validation then measured only reasoning and chat."""
+    digest = hashlib.sha256(f"synthetic|validation-prompt|{seed}|{prompt}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < _VALIDATION_PROMPT_SHARE
+
+
 def _generate(spec: SyntheticSpec, split: str) -> list[tuple[dict[str, Any], str]]:
     _check_split(split)
     n = spec.n_for(split)
@@ -91,6 +104,8 @@ def _generate(spec: SyntheticSpec, split: str) -> list[tuple[dict[str, Any], str
             rng = random.Random(f"synthetic|row|{spec.seed}|{split}|{i}|{attempt}")
             tid, make = pool[rng.randrange(len(pool))]
             prompt, chosen, rejected, subset = make(rng)
+            if split != "test" and (split == "validation") != validation_prompt(spec.seed, prompt):
+                continue
             key = (prompt, chosen, rejected)
             if key in forbidden_rows:
                 continue

@@ -100,21 +100,37 @@ def verify(prompt_row_or_answer: Mapping[str, Any] | int, response_text: str) ->
     return 1.0 if int(last) == answer else 0.0
 
 
+# What a small policy says when it gives up: no number, so the verifier scores it 0.
+_NON_ANSWERS = (
+    "I'm not sure how to work this out.",
+    "Sorry, I can't solve this one.",
+    "This needs more information than the question gives.",
+    "I would need a calculator for that.",
+)
+
+
 def sample_candidates(
-    prompt_row: Mapping[str, Any], n: int, *, error_rate: float = 0.5, seed: int
+    prompt_row: Mapping[str, Any], n: int, *, error_rate: float = 0.5, coarse_share: float = 0.0, seed: int
 ) -> list[str]:
     """Offline Best-of-N policy: ``n`` worked answers to a :func:`reasoning_prompts` row.
 
-    Candidate ``j`` is wrong with probability ``error_rate`` (one step's number off by 1-3, carried
-    through later steps, so the final answer is wrong), else correct; its phrasing is drawn from the
-    same styles as the reasoning pairs (plus one extra). Everything about candidate ``j`` depends
-    only on (seed, prompt_id, j), so the list is prefix-stable in ``n``. Rows without a parseable
-    ``solution`` get answer-only phrasings ("The answer is 14.").
+    Candidate ``j`` is wrong with probability ``error_rate``, else correct; its phrasing is drawn from
+    the same styles as the reasoning pairs (plus one extra). A wrong candidate fails *finely* (one
+    step's number off by 1-3, carried through later steps, so the final answer is wrong), or, with
+    probability ``coarse_share``, *coarsely*, as small policies also do: the worked answer stops
+    mid-way, before its final number, or gives up without a number (equally likely). Fine failures
+    are what NormBT is about (a tiny representation distance from the right answer); coarse ones are
+    the kind the built-in benchmark's chat-truncated and safety-comply pairs teach a reward model.
+    Everything about candidate ``j`` depends only on (seed, prompt_id, j), so the list is
+    prefix-stable in ``n``; ``coarse_share=0`` draws exactly what earlier versions drew. Rows without
+    a parseable ``solution`` get answer-only phrasings ("The answer is 14.").
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if not 0.0 <= error_rate <= 1.0:
         raise ValueError(f"error_rate must be in [0, 1], got {error_rate}")
+    if not 0.0 <= coarse_share <= 1.0:
+        raise ValueError(f"coarse_share must be in [0, 1], got {coarse_share}")
     answer = int(prompt_row["answer"])
     steps = _parse_solution(prompt_row.get("solution"))
     if steps is None or steps[-1].r != answer:
@@ -124,6 +140,10 @@ def sample_candidates(
     for j in range(n):
         rng = random.Random(f"synthetic|cand|{seed}|{pid}|{j}")
         wrong = rng.random() < error_rate
+        # Drawn only when asked for, so coarse_share=0 keeps every earlier candidate.
+        if wrong and coarse_share > 0.0 and rng.random() < coarse_share:
+            out.append(_coarse_failure(steps, answer, rng))
+            continue
         if steps is None:
             value = answer
             if wrong:
@@ -136,3 +156,15 @@ def sample_candidates(
         n_styles = len(_ARITH_STYLES) if len(steps) == 1 else len(_CHAIN_STYLES)
         out.append(_render(used, rng.randrange(n_styles)))
     return out
+
+
+def _coarse_failure(steps: list[_Step] | None, answer: int, rng: random.Random) -> str:
+    """A worked answer cut off before its final number, or a non-answer; either way the verifier's 0."""
+    if steps is not None and rng.random() < 0.5:
+        n_styles = len(_ARITH_STYLES) if len(steps) == 1 else len(_CHAIN_STYLES)
+        words = _render(steps, rng.randrange(n_styles)).split()
+        for cut in range(rng.randint(max(1, len(words) // 3), max(1, len(words) - 2)), 0, -1):
+            text = " ".join(words[:cut]).rstrip(",;:.")
+            if verify(answer, text) == 0.0:  # an intermediate number may equal the answer: cut earlier
+                return text
+    return rng.choice(_NON_ANSWERS)

@@ -72,6 +72,11 @@ def _build_chain(
     return xs, steps
 
 
+# Share of errors that are copy errors (the rest are slips). MiniLM cannot do arithmetic: with half of each it
+# stayed near 0.65 on reasoning pairs and the default's validation accuracy near 0.80, seed to seed.
+_COPY_ERROR_SHARE = 0.75
+
+
 def _corrupt(steps: list[_Step], rng: random.Random, *, last_only: bool = False) -> list[_Step]:
     """One wrong number at step k, carried through the later steps, so the final answer is wrong.
 
@@ -84,7 +89,7 @@ def _corrupt(steps: list[_Step], rng: random.Random, *, last_only: bool = False)
     """
     delta = rng.choice((-3, -2, -1, 1, 2, 3))
     k = len(steps) - 1 if last_only else rng.randrange(len(steps))
-    copy_error = not last_only and rng.random() < 0.5
+    copy_error = not last_only and rng.random() < _COPY_ERROR_SHARE
 
     def wrong_value(r: int) -> int:
         return r + delta if r + delta >= 0 else r + abs(delta)

@@ -46,7 +46,7 @@ def _default_mix() -> dict[str, float]:
 class SyntheticSpec:
     """What to generate. All output is a pure function of this spec (and the split name)."""
 
-    n_train: int = field(default=800, metadata={"doc": "Number of rows in the train split."})
+    n_train: int = field(default=1600, metadata={"doc": "Number of rows in the train split."})
     n_validation: int = field(default=200, metadata={"doc": "Number of rows in the validation split."})
     n_test: int = field(default=800, metadata={"doc": "Number of rows in the held-out test split."})
     seed: int = field(default=0, metadata={"doc": "Master seed; every random choice derives from it."})
