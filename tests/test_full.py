@@ -51,6 +51,9 @@ def test_smoke_pipeline_end_to_end_against_a_server_then_rerun_is_a_no_op(ray_se
     assert best_row["val_accuracy"].iloc[0] == trials.loc[trials["status"] == "COMPLETED", "val_accuracy"].max()
     best = json.loads((run / "tune" / "best_config.json").read_text())
     assert set(best) == {"loss.beta", "loss.eps", "train.lr"}  # the default search space, nothing else
+    # the first trial is the configured values (smoke's lr, the default β and ε): the start the search must beat
+    start = trials[(trials["train.lr"] == 3e-4) & (trials["loss.beta"] == 0.9) & (trials["loss.eps"] == 1e-3)]
+    assert manifests["tune"]["metrics"]["tune/start_val_accuracy"] == pytest.approx(start["val_accuracy"].iloc[0])
     trained = json.loads((run / "train" / "metrics.json").read_text())["config"]
     for key, value in best.items():
         assert value == pytest.approx(best_row[key].iloc[0], rel=1e-12)
@@ -78,6 +81,7 @@ def test_smoke_pipeline_end_to_end_against_a_server_then_rerun_is_a_no_op(ray_se
         "report/report.md", "report/report.html"}
     out = capsys.readouterr().out
     assert "summary:" in out and f"MLflow run: {parent.info.run_id}" in out
+    assert "this run shows: the reward model ranks" in out and "Best-of-N selection by it" in out
 
     assert run_pipeline.main(args) == 0
     rerun = capsys.readouterr().out

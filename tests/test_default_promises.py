@@ -1,0 +1,71 @@
+"""What the embedded default promises, checked where it can be without training (the trained numbers, five
+seeds and the timings are measured in the README and benchmarks/README.md, not asserted here)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import bon_math, synthetic
+from pipeline.config import load_config
+from pipeline.synthetic.spec import SECTION_OF_SUBSET
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config("configs/default.yaml", [])
+
+
+def test_validation_measures_every_section_and_shares_no_prompt_with_train(cfg):
+    """The data stage keeps no prompt on both sides: before validation reserved its own prompts, the small
+    chat_hard and safety pools were all used by train, and validation measured reasoning and chat only."""
+    spec = cfg.data.sources[0].synthetic
+    train = {r["prompt"][0]["content"] for r in synthetic.generate(spec, "train")}
+    validation = synthetic.generate(spec, "validation")
+    assert not [r["id"] for r in validation if r["prompt"][0]["content"] in train]
+    sections = {SECTION_OF_SUBSET[r["subset"]] for r in validation}
+    assert sections == {"Chat", "Chat Hard", "Safety", "Reasoning"}
+    reasoning = sum(SECTION_OF_SUBSET[r["subset"]] == "Reasoning" for r in validation) / len(validation)
+    assert 0.4 < reasoning < 0.6  # the mix's half: validation is not a reasoning-only score
+
+
+def _gold_by_n(cfg, score) -> dict[int, float]:
+    bon = cfg.best_of_n
+    pools = []
+    for p in synthetic.reasoning_prompts(bon.prompts.synthetic, "test", 64):
+        texts = synthetic.sample_candidates(p, bon.n_max, error_rate=bon.error_rate, coarse_share=bon.coarse_share,
+                                            seed=bon.seed)
+        pools.append((np.array([score(t, j) for j, t in enumerate(texts)]),
+                      np.array([synthetic.verify(p, t) for t in texts])))
+    table = bon_math.best_of_n_table(pools, bon_math.n_grid(bon.n_max), n_boot=50)
+    return dict(zip(table["n"], table["gold_mean"]))
+
+
+def test_the_policy_fails_in_ways_a_reward_model_of_this_benchmark_can_catch(cfg):
+    """Designed together: a reward model that has learnt only what the benchmark's chat-truncated and
+    safety-comply pairs teach (a finished answer beats a cut-off one or a non-answer) and nothing about arithmetic
+    already lifts Best-of-N gold with n; one that knows nothing keeps it flat. The default's trained model does
+    better than the first (README: the five-seed table)."""
+    rng = np.random.default_rng(0)
+
+    def finished_only(text: str, j: int) -> float:
+        return float(text.rstrip().endswith(".") and any(c.isdigit() for c in text)) + rng.random() * 1e-3
+
+    knows = _gold_by_n(cfg, finished_only)
+    assert knows[4] > knows[1] + 0.1 and knows[16] > knows[1] + 0.1
+    blind = _gold_by_n(cfg, lambda text, j: rng.random())
+    assert abs(blind[16] - blind[1]) < 0.1
+
+
+def test_the_libraries_chatter_is_off_by_default_and_back_with_verbose(cfg, monkeypatch):
+    from pipeline.raycluster import quiet_env
+
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
+    assert cfg.run.log_level == "WARNING"
+    assert quiet_env(cfg.run.log_level) == {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                                            "MLFLOW_LOGGING_LEVEL": "WARNING", "RAY_DATA_LOG_LEVEL": "WARNING"}
+    assert quiet_env("INFO") == {}
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")  # the user's own choice wins
+    assert quiet_env("WARNING")["TRANSFORMERS_VERBOSITY"] == "info"
