@@ -25,11 +25,12 @@ _FORWARD = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF
 def quiet_env(log_level: str) -> dict[str, str]:
     """Below INFO (``run.log_level``, the default WARNING) the libraries' own chatter stays off the terminal:
     transformers' load reports and progress bars (every trial and worker loads a model), the hub's bars, MLflow's
-    and Ray Data's INFO lines ("Dataset ... execution finished" from every worker). A value the user set wins."""
+    and Ray Data's INFO lines ("Dataset ... execution finished" from every worker), and Tune's experiment box (its
+    new output prints it even at verbose 0; the classic reporter at 0 prints nothing). A value the user set wins."""
     if log_level in ("DEBUG", "INFO"):
         return {}
     wanted = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "MLFLOW_LOGGING_LEVEL": "WARNING",
-              "RAY_DATA_LOG_LEVEL": "WARNING"}
+              "RAY_DATA_LOG_LEVEL": "WARNING", "RAY_AIR_NEW_OUTPUT": "0"}
     return {k: os.environ.get(k, v) for k, v in wanted.items()}
 
 
