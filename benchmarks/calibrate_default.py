@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -23,10 +24,10 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import bon_math, modeling, synthetic  # noqa: E402
-from pipeline.config import from_flat, load_config  # noqa: E402
-from pipeline.scoring import RewardScorer  # noqa: E402
-from pipeline.train_loop import train_local  # noqa: E402
+from pipeline import bon_math, modeling, synthetic
+from pipeline.config import from_flat, load_config
+from pipeline.scoring import RewardScorer
+from pipeline.train_loop import train_local
 
 
 def tokenised(tok, rows: list[dict], max_length: int) -> list[dict]:
@@ -42,15 +43,13 @@ def tokenised(tok, rows: list[dict], max_length: int) -> list[dict]:
 def train(cfg, train_rows, val_rows, out: Path) -> tuple[list[dict], Path]:
     history: list[dict] = []
 
-    def report_any(metrics, checkpoint_dir=None, final=False):
+    def report(metrics, checkpoint_dir=None, final=False):
         history.append(dict(metrics))
-        if final and checkpoint_dir:
-            import shutil
-
+        if final and checkpoint_dir:  # the exported model and the per-pair validation rewards
             shutil.copytree(Path(checkpoint_dir) / "model", out / "model", dirs_exist_ok=True)
             shutil.copy(Path(checkpoint_dir) / "validation_rewards.parquet", out / "validation_rewards.parquet")
 
-    train_local(cfg, train_rows, val_rows, report=report_any, one_process=True)
+    train_local(cfg, train_rows, val_rows, report=report, one_process=True)
     return history, out
 
 
@@ -102,8 +101,6 @@ def one(overrides: list[str], seed: int, with_test: bool, keep: str | None = Non
         table = best_of_n(cfg, out / "model")
         test = test_accuracy(cfg, out / "model") if with_test else {}
         if keep:
-            import shutil
-
             shutil.copytree(out / "model", Path(keep) / f"seed{seed}", dirs_exist_ok=True)
     losses = [h["loss"] for h in history if "loss" in h]
     plain = [h["pair_loss"] for h in history if "pair_loss" in h]
