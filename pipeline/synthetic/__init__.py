@@ -6,10 +6,11 @@ reweighting can be studied without downloading anything:
 
 - ``reasoning`` (section "Reasoning"): arithmetic (``reasoning-arith``) and multi-step word
   problems (``reasoning-multistep``). The rejected answer is the chosen answer with ONE wrong
-  number, carried through the remaining steps so the final answer is wrong. Half the errors are
-  slips (a step's result miscalculated: only arithmetic reveals them); half are copy errors (a
-  step starts from a miscopied number, from the prompt or from the previous step, and is then
-  computed correctly: a mismatch of two numbers reveals them). Tiny representation distance.
+  number, carried through the remaining steps so the final answer is wrong. About a quarter of
+  the errors are slips (a step's result miscalculated: only arithmetic reveals them); three in four
+  try a copy error (a step starts from a miscopied number, from the prompt or from the previous
+  step, and is then computed correctly: a mismatch of two numbers reveals them), falling back to a
+  slip when that step would not come out clean. Tiny representation distance.
 - ``chat`` (section "Chat"): helpful on-topic answer vs. an off-topic answer (``chat-offtopic``),
   the same answer cut off mid-sentence (``chat-truncated``), both at a large distance, or the same
   sentence with another item's fact ("The capital of Peru is Oslo.", ``chat-wrongfact``), which
