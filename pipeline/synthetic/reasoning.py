@@ -80,8 +80,8 @@ _COPY_ERROR_SHARE = 0.75
 def _corrupt(steps: list[_Step], rng: random.Random, *, last_only: bool = False) -> list[_Step]:
     """One wrong number at step k, carried through the later steps, so the final answer is wrong.
 
-    Two kinds, a copy error with probability ``_COPY_ERROR_SHARE``, as worked solutions go wrong: a *slip* (step k's result is off by a
-    small offset) or a *copy error* (step k's left operand is off: a misread prompt number when
+    Two kinds, as worked solutions go wrong: a *slip* (step k's result is off by a small offset) or,
+    with probability ``_COPY_ERROR_SHARE``, a *copy error* (step k's left operand is off: a misread prompt number when
     k = 0, a miscopied previous result otherwise; the step itself is then computed correctly). A
     slip is visible only through arithmetic, a copy error as two numbers that should match and
     don't. Falls back to a slip in the last step when the error would give an unclean (negative,
