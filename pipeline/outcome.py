@@ -10,19 +10,20 @@ from typing import Any
 
 
 def outcome(manifests: Mapping[str, Any], metric: str = "val_accuracy") -> str:
-    """One sentence over whichever of the train, best_of_n and tune stages ran ('' when none did)."""
-    parts = [p for p in (_model(manifests.get("train"), metric), _selection(manifests.get("best_of_n")),
+    """One sentence over whichever of the train, best_of_n and tune stages ran ('' when none did); ``metric`` is
+    the search's (``tune.metric``)."""
+    parts = [p for p in (_model(manifests.get("train")), _selection(manifests.get("best_of_n")),
                          _search(manifests.get("tune"), metric)) if p]
     if not parts:
         return ""
     return "; ".join(parts) + "."
 
 
-def _model(m: Any, metric: str) -> str:
-    value = m.metrics.get(metric) if m is not None else None
+def _model(m: Any) -> str:
+    value = m.metrics.get("val_accuracy") if m is not None else None
     if value is None:
         return ""
-    return f"the reward model ranks {100 * value:.1f}% of validation pairs right ({metric} {value:.3f})"
+    return f"the reward model ranks {100 * value:.1f}% of validation pairs right (val_accuracy {value:.3f})"
 
 
 def _selection(m: Any) -> str:
