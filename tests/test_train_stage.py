@@ -247,7 +247,8 @@ def test_a_lock_left_by_a_process_killed_while_compiling_does_not_hang_the_next_
 
 def test_the_terminal_shows_each_progress_line_once_and_no_per_report_dump(tmp_path):
     """What a user reads while training (the real entry point, the default log level): each worker's progress line
-    once (Ray Train's print patch printed every one twice), none of Ray Train's per-report metric dumps."""
+    once (Ray Train's print patch printed every one twice), none of Ray Train's per-report metric dumps, no
+    transformers load reports or Ray Data dataset lines."""
     import re
     import subprocess
     import sys
@@ -264,3 +265,5 @@ def test_the_terminal_shows_each_progress_line_once_and_no_per_report_dump(tmp_p
     assert sorted({step for _, step in lines}) == ["1", "2", "3", "4"], out[-3000:]
     assert len(lines) == len(set(lines)), f"progress lines repeated:\n{out[-3000:]}"
     assert "Reporting training result" not in out
+    # nor the libraries' own chatter (every worker's model-load report, Ray Data's line per dataset)
+    assert "LOAD REPORT" not in out and "execution finished" not in out, out[-3000:]
