@@ -492,8 +492,9 @@ class RunConfig:
                        "Stages to run, in order (drop 'tune' to train with the configured hyperparameters).")
     seed: int = _f(0, "Global seed.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _f(
-        "WARNING", "Ray Train's own log lines on the terminal (INFO adds one line per report with its metrics; "
-        "--verbose sets it); the pipeline's stage and progress lines always show.")
+        "WARNING", "The libraries' own lines on the terminal: at INFO (--verbose) Ray Train's line per report, "
+        "Tune's trial tables, transformers' load reports, Ray Data's and MLflow's INFO lines; the pipeline's stage "
+        "and progress lines always show.")
 
 
 @dataclass(frozen=True, kw_only=True)
