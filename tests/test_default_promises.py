@@ -3,6 +3,8 @@ seeds and the timings are measured in the README and benchmarks/README.md, not a
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -15,7 +17,7 @@ pytestmark = pytest.mark.unit
 
 @pytest.fixture(scope="module")
 def cfg():
-    return load_config("configs/default.yaml", [])
+    return load_config(str(Path(__file__).resolve().parents[1] / "configs" / "default.yaml"), [])
 
 
 def test_validation_measures_every_section_and_shares_no_prompt_with_train(cfg):
