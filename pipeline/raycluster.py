@@ -22,12 +22,17 @@ _FORWARD = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF
             "DS_ACCELERATOR", "NORMBT_SHARED_DATA", "NORMBT_FAIL_AT_STEP", "PYTHONPATH")
 
 
+def _chatty(log_level: str) -> bool:
+    """``run.log_level`` INFO or DEBUG (``--verbose``): the libraries speak for themselves."""
+    return log_level in ("DEBUG", "INFO")
+
+
 def quiet_env(log_level: str) -> dict[str, str]:
     """Below INFO (``run.log_level``, the default WARNING) the libraries' own chatter stays off the terminal:
     transformers' load reports and progress bars (every trial and worker loads a model), the hub's bars, MLflow's
     and Ray Data's INFO lines ("Dataset ... execution finished" from every worker), and Tune's experiment box (its
     new output prints it even at verbose 0; the classic reporter at 0 prints nothing). A value the user set wins."""
-    if log_level in ("DEBUG", "INFO"):
+    if _chatty(log_level):
         return {}
     wanted = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "MLFLOW_LOGGING_LEVEL": "WARNING",
               "RAY_DATA_LOG_LEVEL": "WARNING", "RAY_AIR_NEW_OUTPUT": "0"}
@@ -41,7 +46,7 @@ def quiet_this_process(cfg: PipelineConfig) -> None:
 
     log_level = cfg.run.log_level
     os.environ.update(quiet_env(log_level))
-    if log_level in ("DEBUG", "INFO"):
+    if _chatty(log_level):
         return
     import transformers
 
@@ -53,7 +58,7 @@ def quiet_this_process(cfg: PipelineConfig) -> None:
 
 def tune_verbosity(cfg: PipelineConfig) -> int:
     """Tune's ``verbose``: its trial tables only with ``run.log_level`` INFO or DEBUG (``--verbose``)."""
-    return 1 if cfg.run.log_level in ("DEBUG", "INFO") else 0
+    return int(_chatty(cfg.run.log_level))
 
 
 def worker_env(use_gpu: bool, log_level: str = "WARNING") -> dict[str, str]:

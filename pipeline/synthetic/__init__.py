@@ -26,9 +26,9 @@ Held-out design. Every template belongs to exactly one *group*: ``heldin`` templ
 ``train`` and ``validation`` splits, ``heldout`` templates feed only ``test``. The two groups
 share no template (so no prompt wording), and the held-out item pools (topics, harmful requests,
 stories) and arithmetic operand ranges are disjoint from the held-in ones as well; see
-:func:`split_templates` and :func:`template_ids`. Validation reuses the train templates but never
-repeats a train row (it avoids train prompts where the item space allows, and never repeats an
-exact (prompt, chosen, rejected) triple).
+:func:`split_templates` and :func:`template_ids`. Validation reuses the train templates but never a
+train prompt: a hash of each held-in prompt puts it on one side (:func:`validation_prompt` in
+``generation``), so no train row is repeated either.
 
 Determinism. All randomness comes from :class:`random.Random` instances seeded with strings built
 from ``spec.seed``, the split and the row index (string seeds are hashed with SHA-512 by

@@ -153,16 +153,18 @@ def sample_candidates(
             out.append(rng.choice(templates).format(v=value))
             continue
         used = _corrupt(steps, rng) if wrong else steps
-        n_styles = len(_ARITH_STYLES) if len(steps) == 1 else len(_CHAIN_STYLES)
-        out.append(_render(used, rng.randrange(n_styles)))
+        out.append(_render(used, rng.randrange(_n_styles(steps))))
     return out
+
+
+def _n_styles(steps: list[_Step]) -> int:
+    return len(_ARITH_STYLES) if len(steps) == 1 else len(_CHAIN_STYLES)
 
 
 def _coarse_failure(steps: list[_Step] | None, answer: int, rng: random.Random) -> str:
     """A worked answer cut off before its final number, or a non-answer; either way the verifier's 0."""
     if steps is not None and rng.random() < 0.5:
-        n_styles = len(_ARITH_STYLES) if len(steps) == 1 else len(_CHAIN_STYLES)
-        words = _render(steps, rng.randrange(n_styles)).split()
+        words = _render(steps, rng.randrange(_n_styles(steps))).split()
         for cut in range(rng.randint(max(1, len(words) // 3), max(1, len(words) - 2)), 0, -1):
             text = " ".join(words[:cut]).rstrip(",;:.")
             if verify(answer, text) == 0.0:  # an intermediate number may equal the answer: cut earlier

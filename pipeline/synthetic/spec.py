@@ -23,11 +23,9 @@ SECTION_OF_SUBSET: dict[str, str] = {
 
 _GROUP_OF_SPLIT = {"train": "heldin", "validation": "heldin", "test": "heldout"}
 
-# How many re-draws a row gets before we give up on avoiding (a) a train prompt in validation
-# and (b) a duplicate row inside the split; (c) a validation row equal to a train row is never
-# accepted.
-_PROMPT_AVOID_ATTEMPTS = 300  # draws spent avoiding a train prompt: only the small safety pools still collide
-_DUP_AVOID_ATTEMPTS = 350  # at least the prompt budget: a duplicate is never the price of a new prompt
+# How many re-draws a row gets: a draw on the wrong side of the prompt split is always re-drawn; a
+# duplicate row inside the split only for the first _DUP_AVOID_ATTEMPTS draws.
+_DUP_AVOID_ATTEMPTS = 350  # draws spent avoiding a duplicate row inside the split
 _MAX_ATTEMPTS = 400
 
 
