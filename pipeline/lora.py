@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,10 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     peft_cfg = PeftLoraConfig(task_type="SEQ_CLS", r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                               target_modules=targets(cfg, model), modules_to_save=[head_name.rsplit(".", 1)[-1]])
-    wrapped = get_peft_model(model, peft_cfg)
+    with warnings.catch_warnings():
+        # PEFT asks transformers' deprecated property; a library's deprecation, nothing for the user to change
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        wrapped = get_peft_model(model, peft_cfg)
     if modeling.score_head(wrapped) is not trained_head(wrapped):
         raise RuntimeError("LoRA: the score head the reward hook finds is not the trained modules_to_save copy")
     return modeling.disable_dropout(wrapped)
