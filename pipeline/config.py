@@ -254,6 +254,9 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     epochs: int = _f(1, "Passes over the training split.")
     max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: from epochs and row count).")
+    stop_after_steps: int = _f(0, "Stop after this many optimizer steps while the lr schedule and the data order "
+                               "keep the whole run's horizon (max_steps): a prefix of the run, as search trials "
+                               "train it (0: off).")
     eval_every: int = _f(0, "Validate every N optimizer steps (0: only at the end).")
     checkpoint_every: int = _f(0, "Checkpoint every N optimizer steps (0: only at the end).")
     keep_checkpoints: int = _f(2, "Ray Train checkpoints kept.")

@@ -8,6 +8,7 @@ settings of the driver.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -35,14 +36,15 @@ def quiet_env(log_level: str) -> dict[str, str]:
     if _chatty(log_level):
         return {}
     wanted = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "MLFLOW_LOGGING_LEVEL": "WARNING",
-              "RAY_DATA_LOG_LEVEL": "WARNING", "RAY_AIR_NEW_OUTPUT": "0"}
+              "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "RAY_DATA_LOG_LEVEL": "WARNING",
+              "RAY_AIR_NEW_OUTPUT": "0"}
     return {k: os.environ.get(k, v) for k, v in wanted.items()}
 
 
 def quiet_this_process(cfg: PipelineConfig) -> None:
     """:func:`quiet_env` for this process and, for libraries imported already, their loggers (``run.log_level``
     shapes the terminal only: no stage declares it, no output depends on it)."""
-    import logging
+    import warnings
 
     log_level = cfg.run.log_level
     os.environ.update(quiet_env(log_level))
@@ -54,6 +56,10 @@ def quiet_this_process(cfg: PipelineConfig) -> None:
     transformers.utils.logging.disable_progress_bar()
     for name in ("mlflow", "ray.data", "ray.train"):  # in case they were imported (and configured) already
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray Data's notice that progress bars are off (this module turned them off), once per process
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    # DeepSpeed's collectives call torch APIs that torch has deprecated: nothing for the user to change
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 
 def tune_verbosity(cfg: PipelineConfig) -> int:
@@ -87,6 +93,8 @@ def ensure_ray(cfg: PipelineConfig) -> Any:
                   flush=True)
         else:
             os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+            if not _chatty(cfg.run.log_level):  # ray.init's notice, every run, that it chose token authentication
+                logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             # address="local": a new cluster for this run. Without it ray.init joins the last cluster started on
             # this machine (/tmp/ray/ray_current_cluster), even one that has since been stopped (a hang).
             with _sigterm_handler_kept():

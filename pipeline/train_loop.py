@@ -481,6 +481,7 @@ def run_loop(cfg: PipelineConfig, plan: LoopPlan, *, train_windows: Callable[[in
         if plan.rank == 0:
             print(f"resumed from the checkpoint at step {step} ({consumed} global batches consumed)", flush=True)
     t = cfg.train
+    last = last_step(cfg, plan.max_steps)  # the schedule (build_engine) spans plan.max_steps either way
     global_batch = t.micro_batch_size * t.grad_accum * plan.world_size
     start, seen = time.time(), step
     waits: list[float] = []  # seconds each global batch took to arrive: the loop's data-wait time
@@ -492,7 +493,7 @@ def run_loop(cfg: PipelineConfig, plan: LoopPlan, *, train_windows: Callable[[in
         for index, batch in enumerate(timed(batches, waits)):
             if epoch * plan.steps_per_epoch + index < consumed:
                 continue  # consumed before a restart: skip, never train twice
-            if step >= plan.max_steps:
+            if step >= last:
                 break
             _fault_injection(step)
             micro = micro_slices(batch, micro=t.micro_batch_size, accum=t.grad_accum, world=plan.world_size,
@@ -509,7 +510,7 @@ def run_loop(cfg: PipelineConfig, plan: LoopPlan, *, train_windows: Callable[[in
             metrics.update(step=step, pairs_per_s=global_batch / took,
                            tokens_per_s=sum(r["chosen_len"] + r["rejected_len"] for r in batch) / took,
                            data_wait_fraction=wait_s / (wait_s + busy_s))
-            evaluated = bool(t.eval_every) and step % t.eval_every == 0 and step < plan.max_steps
+            evaluated = bool(t.eval_every) and step % t.eval_every == 0 and step < last
             if evaluated:
                 tock = time.time()
                 metrics.update(evaluate(cfg, engine, model, validation_rows(), tok.pad_token_id, device, comm)[0])
@@ -517,12 +518,12 @@ def run_loop(cfg: PipelineConfig, plan: LoopPlan, *, train_windows: Callable[[in
             publish = evaluated or step % t.log_every == 0  # validation results always go out (Tune's ASHA)
             if plan.rank == 0 and publish:
                 logger.log_metrics(metrics, step=step)
-                _progress(step, plan.max_steps, metrics, start, seen)
-            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < plan.max_steps:
+                _progress(step, last, metrics, start, seen)
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < last:
                 _checkpoint(engine, step, consumed, ema, metrics, report)
             elif publish:
                 report(metrics)
-        if step >= plan.max_steps:
+        if step >= last:
             break
     marks["steps_done"] = time.time()
     final, table = evaluate(cfg, engine, model, validation_rows(), tok.pad_token_id, device, comm)
@@ -623,7 +624,8 @@ def checkpoint_problem(folder: str | Path) -> str | None:
 
 
 def plan_steps(cfg: PipelineConfig, n_train: int) -> tuple[int, int]:
-    """``(max_steps, steps_per_epoch)`` from the train row count (drop-last global batches)."""
+    """``(max_steps, steps_per_epoch)`` from the train row count (drop-last global batches); ``max_steps`` is the
+    schedule's horizon (:func:`last_step`: where a run stops)."""
     t = cfg.train
     global_batch = t.micro_batch_size * t.grad_accum * t.num_workers
     steps_per_epoch = n_train // global_batch
@@ -632,6 +634,13 @@ def plan_steps(cfg: PipelineConfig, n_train: int) -> tuple[int, int]:
                          f"train.micro_batch_size × train.grad_accum × train.num_workers)")
     max_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
     return max_steps, steps_per_epoch
+
+
+def last_step(cfg: PipelineConfig, max_steps: int) -> int:
+    """The step a run stops at: ``max_steps``, or earlier with ``train.stop_after_steps`` (the lr schedule still
+    spans ``max_steps``, so the run is exactly the first steps of the longer one)."""
+    stop = cfg.train.stop_after_steps
+    return min(max_steps, stop) if stop > 0 else max_steps
 
 
 def write_validation_rewards(table: np.ndarray, path: Path) -> None:

@@ -349,7 +349,7 @@ def make_trainable(setup: TrialSetup) -> Callable[[dict], None]:
 def tune_reward_model(ctx: StageContext) -> StageResult:
     from pipeline.raycluster import ensure_ray
     from pipeline.ray_train import storage_of
-    from pipeline.train_loop import plan_steps
+    from pipeline.train_loop import last_step, plan_steps
 
     cfg = ctx.cfg
     if cfg.tune.eval_reports < 1 or cfg.tune.grace_period < 1:
@@ -359,7 +359,8 @@ def tune_reward_model(ctx: StageContext) -> StageResult:
     ray = ensure_ray(cfg)
     data = _absolute(ctx.upstream["data"])
     base = from_flat(dict(cfg.tune.trial_overrides), base=cfg, where="tune.trial_overrides")
-    max_steps, _ = plan_steps(base, _count_rows(data.output("train")))
+    horizon, _ = plan_steps(base, _count_rows(data.output("train")))
+    max_steps = last_step(base, horizon)  # a trial's steps (train.stop_after_steps: a prefix of the horizon)
     storage = storage_of(cfg, ctx.run_dir).rstrip("/")
     launcher = trial_launcher(base)
     concurrency = derive_concurrency(ray.cluster_resources(), base, launcher)
@@ -387,11 +388,16 @@ def tune_reward_model(ctx: StageContext) -> StageResult:
     search_alg, searcher = _searcher(cfg.run.seed, concurrency, start)
     ctx.log(f"  tune: search {cfg.tune.num_samples} trials over {', '.join(space) or '(nothing)'} "
             f"({searcher} seeded by run.seed, ASHA on {cfg.tune.metric} every {eval_every} "
-            f"steps of {max_steps}), {concurrency} at a time, {_launcher_words(launcher, base)}")
+            f"steps of {_steps_words(max_steps, horizon)}), {concurrency} at a time, "
+            f"{_launcher_words(launcher, base)}")
     results = _fit(ctx, setup, param_space=space, num_samples=cfg.tune.num_samples, scheduler=scheduler,
                    search_alg=search_alg, concurrency=concurrency, storage=storage,
                    expected=cfg.tune.num_samples)
     return _search_outputs(ctx, results, list(space), start[0] if start else None)
+
+
+def _steps_words(steps: int, horizon: int) -> str:
+    return str(steps) if steps == horizon else f"the first {steps} of a {horizon}-step schedule"
 
 
 def _compare_setup(ctx: StageContext, base: PipelineConfig, data: Manifest, digest: str, trials_path: str,
@@ -492,6 +498,12 @@ def _searcher(seed: int, concurrency: int, start: list[dict] | None) -> tuple[An
     return SparseMetricOptunaSearch(points_to_evaluate=start, seed=seed), "Optuna TPE"
 
 
+def _bounded_by_tune(search_alg: Any) -> bool:
+    from ray.tune.search import Searcher
+
+    return search_alg is None or isinstance(search_alg, Searcher)
+
+
 @contextmanager
 def _env(name: str, value: str) -> Iterator[None]:
     old = os.environ.get(name)
@@ -568,7 +580,9 @@ def _fit(ctx: StageContext, setup: TrialSetup, *, param_space: dict, num_samples
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric=ctx.cfg.tune.metric, mode="max", num_samples=num_samples,
                                         scheduler=scheduler, search_alg=search_alg,
-                                        max_concurrent_trials=concurrency,
+                                        # random search's generator bounds itself (max_concurrent), and Tune
+                                        # warns when it is given both
+                                        max_concurrent_trials=concurrency if _bounded_by_tune(search_alg) else None,
                                         reuse_actors=setup.launcher == "in_process"),
             run_config=tune.RunConfig(name=name, storage_path=storage,
                                       # the stage prints the trials' outcome and the best one itself

@@ -65,6 +65,21 @@ def test_nan_loss_skip_policy_skips_one_step(data_dir, monkeypatch):
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in hist if not h["final"])
 
 
+def test_a_prefix_run_trains_exactly_the_first_steps_of_the_longer_run(data_dir):
+    """``train.stop_after_steps`` (the search's trials): the run stops early, but its lr schedule and data order are
+    the whole run's, so each of its steps equals the longer run's; ``train.max_steps`` alone would fit the schedule
+    to the shorter run (the lr decays sooner)."""
+    def steps(overrides):
+        return [(h["step"], h["lr"], h["loss"]) for h in _local(data_dir, ["train.zero_stage=0", *overrides])
+                if not h["final"]]
+
+    whole = steps(["train.max_steps=6"])
+    prefix = steps(["train.max_steps=6", "train.stop_after_steps=3"])
+    assert [s for s, _, _ in prefix] == [1, 2, 3]
+    assert prefix == whole[:3]
+    assert steps(["train.max_steps=3"])[2][1] < prefix[2][1], "a 3-step schedule has decayed further by step 3"
+
+
 def _ray_train(tmp_path, name, overrides, data_dir):
     cfg = load_config(SMOKE, [f"run.root={tmp_path}", f"run.name={name}", "train.max_steps=6", *overrides])
     run_dir = tmp_path / name
@@ -248,7 +263,8 @@ def test_a_lock_left_by_a_process_killed_while_compiling_does_not_hang_the_next_
 def test_the_terminal_shows_each_progress_line_once_and_no_per_report_dump(tmp_path):
     """What a user reads while training (the real entry point, the default log level): each worker's progress line
     once (Ray Train's print patch printed every one twice), none of Ray Train's per-report metric dumps, no
-    transformers load reports or Ray Data dataset lines."""
+    transformers load reports or Ray Data dataset lines, and none of the notices a user cannot act on (the search's
+    trials run before it, so Tune's warnings would show too)."""
     import re
     import subprocess
     import sys
@@ -256,7 +272,7 @@ def test_the_terminal_shows_each_progress_line_once_and_no_per_report_dump(tmp_p
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_TRAIN_ENABLE_PRINT_PATCH", None)
-    done = subprocess.run([sys.executable, "run_pipeline.py", "--config", "configs/smoke.yaml", "--stages", "data,train",
+    done = subprocess.run([sys.executable, "run_pipeline.py", "--config", "configs/smoke.yaml", "--stages", "data,tune,train",
                            "--run-dir", str(tmp_path / "run"), "train.max_steps=4", "tracking.enabled=false"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
     out = done.stdout + done.stderr
@@ -267,3 +283,8 @@ def test_the_terminal_shows_each_progress_line_once_and_no_per_report_dump(tmp_p
     assert "Reporting training result" not in out
     # nor the libraries' own chatter (every worker's model-load report, Ray Data's line per dataset)
     assert "LOAD REPORT" not in out and "execution finished" not in out, out[-3000:]
+    for notice in ("Token authentication is enabled",  # ray.init's, for the token mode it chose itself
+                   "is deprecated",  # Ray Data's `concurrency` argument; torch's collectives under DeepSpeed
+                   "Progress bars disabled",  # Ray Data's, in the driver and every worker
+                   "max_concurrent_trials` will be ignored"):  # Tune's, given a random search's generator
+        assert notice not in out, out[-3000:]
