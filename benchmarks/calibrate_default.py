@@ -2,7 +2,7 @@
 built-in benchmark in one process, without Ray, and print what the default run's summary would show —
 validation accuracy by subset, Best-of-N gold by n on the synthetic policy — for a few settings and seeds.
 
-    python benchmarks/calibrate_default.py --seeds 0 1 train.lr=5e-5 best_of_n.error_rate=0.5
+    python benchmarks/calibrate_default.py train.lr=5e-5 best_of_n.error_rate=0.5 --seeds 0 1
 
 Each setting is `key=value` overrides of the default config (the same keys as run_pipeline.py). What was tried
 and what was chosen is in benchmarks/README.md ("Calibrating the embedded default").
@@ -81,7 +81,7 @@ def test_accuracy(cfg, model_dir: Path) -> dict[str, float]:
     return frame.groupby("subset")["ok"].mean().round(3).to_dict() | {"all": round(float(frame["ok"].mean()), 3)}
 
 
-def one(overrides: list[str], seed: int, with_test: bool, keep: str | None = None) -> dict:
+def one(overrides: list[str], seed: int, with_test: bool, keep: str | None = None, with_bon: bool = True) -> dict:
     cfg = load_config(None, overrides)
     cfg = from_flat({"train.seed": seed, "model.seed": seed, "train.num_workers": 1,
                      "train.micro_batch_size": cfg.train.micro_batch_size * cfg.train.num_workers}, base=cfg)
@@ -98,7 +98,8 @@ def one(overrides: list[str], seed: int, with_test: bool, keep: str | None = Non
         ok = (val["reward_chosen"] > val["reward_rejected"]).to_numpy()
         subsets = np.array([r["subset"] for r in val_rows])[val["row"].to_numpy()]
         by_subset = pd.Series(ok).groupby(subsets).mean().round(3).to_dict()
-        table = best_of_n(cfg, out / "model")
+        table = best_of_n(cfg, out / "model") if with_bon else pd.DataFrame(columns=["n", "gold_mean", "gold_ci_low",
+                                                                                      "gold_ci_high"])
         test = test_accuracy(cfg, out / "model") if with_test else {}
         if keep:
             shutil.copytree(out / "model", Path(keep) / f"seed{seed}", dirs_exist_ok=True)
@@ -121,10 +122,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--test", action="store_true", help="also score the held-out test split")
     parser.add_argument("--keep", default=None, help="copy each seed's model to KEEP/seed<N>")
+    parser.add_argument("--no-bon", action="store_true", help="validation only (e.g. a search trial's prefix)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     for seed in args.seeds:
-        print(json.dumps(one(args.overrides, seed, args.test, args.keep), default=str), flush=True)
+        print(json.dumps(one(args.overrides, seed, args.test, args.keep, not args.no_bon), default=str), flush=True)
 
 
 if __name__ == "__main__":

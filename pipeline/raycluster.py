@@ -97,7 +97,7 @@ def ensure_ray(cfg: PipelineConfig) -> Any:
                 logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             # address="local": a new cluster for this run. Without it ray.init joins the last cluster started on
             # this machine (/tmp/ray/ray_current_cluster), even one that has since been stopped (a hang).
-            with _sigterm_handler_kept():
+            with _sigterm_handler_kept(), _gcs_address_told(runtime_env["env_vars"]):
                 ray.init(address="local", num_cpus=cfg.ray.num_cpus, runtime_env=runtime_env,
                          include_dashboard=True, log_to_driver=True, configure_logging=True, logging_level="WARNING")
         _STARTED = True
@@ -105,6 +105,33 @@ def ensure_ray(cfg: PipelineConfig) -> Any:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     return ray
+
+
+@contextmanager
+def _gcs_address_told(env_vars: dict[str, str]) -> Iterator[None]:
+    """Start the local cluster's GCS on a port chosen here and tell every process of the job its address
+    (``RAY_ADDRESS``). Ray's State API inside an actor, which Ray Train's placement-group cleaner calls to release
+    the workers' CPUs when a trial is stopped, otherwise looks the cluster up in /tmp/ray/ray_current_cluster. Only
+    ``ray start`` writes that file, so for a cluster ``ray.init`` started it names another cluster (or none): the
+    cleaner's thread dies after 40 s with a traceback on the terminal and nothing is released."""
+    import socket
+
+    from ray.util import get_node_ip_address
+
+    if "RAY_GCS_SERVER_PORT" in os.environ:  # the user's port
+        port = os.environ["RAY_GCS_SERVER_PORT"]
+    else:
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = str(sock.getsockname()[1])
+    env_vars.setdefault("RAY_ADDRESS", f"{get_node_ip_address()}:{port}")
+    old = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = port
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
 
 
 @contextmanager

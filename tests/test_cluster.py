@@ -220,3 +220,22 @@ def test_two_nodes_one_worker_each_survive_losing_a_node(tmp_path):
     assert "resumed from the checkpoint at step " in text, "the new worker group continues from the checkpoint"
     final = json.loads((tmp_path / "smoke" / "train" / "metrics.json").read_text())["final"]
     assert final["step"] == 12
+
+
+def test_an_actor_asking_the_state_api_finds_the_cluster_ensure_ray_started(ray_session):
+    """Ray Train's placement-group cleaner (the actor that releases a stopped trial's CPUs) asks the State API, from
+    inside the cluster, whether the train controller is alive. For a cluster ``ray.init`` started, Ray looked the
+    cluster up in /tmp/ray/ray_current_cluster, which only ``ray start`` writes: another cluster, or none, so the
+    question timed out after 40 s (a traceback on every fresh run's terminal) or failed at once."""
+    ray = ray_session
+
+    @ray.remote(num_cpus=0)
+    class Asker:
+        def state_of(self, actor_id: str) -> str | None:
+            from ray.util.state import get_actor
+
+            found = get_actor(actor_id, timeout=10)
+            return found.state if found else None
+
+    asker = Asker.remote()
+    assert ray.get(asker.state_of.remote(asker._actor_id.hex()), timeout=120) == "ALIVE"
