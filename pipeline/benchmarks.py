@@ -1,4 +1,5 @@
-"""Preference benchmarks (RewardBench v1/v2, RM-Bench, JudgeBench, RMB and the built-in synthetic test split):
+"""Preference benchmarks (RewardBench v1/v2, RM-Bench, JudgeBench, RMB, HH-RLHF test files and the built-in synthetic
+test split):
 reading, scoring with a reward model, metrics. Used by the RewardBench stage, by the tune stage's compare mode and by
 the data stage's decontamination count. The file contract is the RewardBench stage's (``stages/rewardbench.py``);
 the three other benchmarks' schemas and scoring live in :mod:`pipeline.judge_benchmarks`.
@@ -27,6 +28,8 @@ LIST_FORMATS = ("v2", "rm_bench")
 #: Formats read through :mod:`pipeline.judge_benchmarks` (bad rows quarantined with a counted reason).
 JUDGE_FORMATS = {"rm_bench": judge_benchmarks.parse_rm_bench, "judgebench": judge_benchmarks.parse_judgebench,
                  "rmb": judge_benchmarks.parse_rmb}
+#: Quarantine reason of an HH pair whose transcripts differ before their last turn.
+MULTI_TURN_RESPONSE = "multi_turn_response"
 _FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".json.gz", ".jsonl.gz")
 
 
@@ -83,6 +86,8 @@ def load_examples(bench: BenchmarkConfig) -> tuple[str, pd.DataFrame, list[dict[
         if bench.format == "judgebench":  # before scoring, not after: the summary would refuse the mix anyway
             judge_benchmarks.check_one_response_model(frame["response_model"], bench.name)
         return bench.format, frame, quarantine
+    if bench.format == "hh":  # scored as v1 pairs, each with its conversation before the responses
+        return "v1", *hh_examples(located_rows(bench, strict=False), bench.name)
     located = located_rows(bench)
     fmt = bench.format or detect_format([row for _, row in located])
     quarantine: list[dict[str, str]] = []
@@ -92,6 +97,33 @@ def load_examples(bench: BenchmarkConfig) -> tuple[str, pd.DataFrame, list[dict[
             raise ValueError(f"benchmark {bench.name!r} (v2): every row quarantined "
                              f"{judge_benchmarks.quarantine_counts(quarantine)['by_reason']}")
     return fmt, examples_frame([row for _, row in located], fmt, bench.name), quarantine
+
+
+def hh_examples(located: Sequence[tuple[str, Any]], name: str) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+    """Anthropic HH-RLHF rows (``chosen`` / ``rejected``: two whole transcripts, as in its test files) as v1
+    examples: the turns both share are the ``context``, the last assistant turns the responses (the data stage's
+    reading, :func:`pipeline.formats.normalise_row`). A row that reading rejects, and a pair whose responses span
+    more than one turn (the transcripts part before their last turn), are quarantined with the reason."""
+    records, quarantine = [], []
+    for i, (location, row) in enumerate(located):
+        if formats.is_quarantine(row):  # not a JSON object: the reader's own record
+            quarantine.append({k: row[k] for k in ("location", "reason", "detail")})
+            continue
+        pairs, bad = formats.normalise_row(row, fmt=formats.HH, source=name, location=location)
+        quarantine.extend({k: b[k] for k in ("location", "reason", "detail")} for b in bad)
+        for pair in pairs:
+            if len(pair["chosen"]) != 1 or len(pair["rejected"]) != 1:
+                quarantine.append({"location": location, "reason": MULTI_TURN_RESPONSE, "detail": (
+                    f"the transcripts part {len(pair['chosen'])} / {len(pair['rejected'])} turns before their "
+                    f"end; a benchmark pair scores one response each")})
+                continue
+            records.append({"prompt": pair["prompt"][-1]["content"], "chosen": pair["chosen"][0]["content"],
+                            "rejected": pair["rejected"][0]["content"], "subset": name, "id": str(i),
+                            "context": pair["prompt"]})
+    if not records:
+        raise ValueError(f"benchmark {name!r} (hh): every row quarantined "
+                         f"{judge_benchmarks.quarantine_counts(quarantine)['by_reason']}")
+    return pd.DataFrame.from_records(records), quarantine
 
 
 def prompt_keys(benches: Sequence[BenchmarkConfig]) -> set[str]:

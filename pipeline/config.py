@@ -348,10 +348,11 @@ class BenchmarkConfig:
                           "folder (all of them inside, sorted).")
     hf: str | None = _f(None, "Hub id or save_to_disk folder (needs split), e.g. allenai/reward-bench.")
     synthetic: SyntheticSpec | None = _f(None, "The built-in benchmark's held-out test split, in v1 form.")
-    format: Literal["v1", "v2", "rm_bench", "judgebench", "rmb"] | None = _f(
+    format: Literal["v1", "v2", "rm_bench", "judgebench", "rmb", "hh"] | None = _f(
         None, "Schema and scoring: v1 (RewardBench: one chosen, one rejected string), v2 (RewardBench 2: lists, "
         "best-of-4 and Ties), rm_bench (THU-KEG/RM-Bench), judgebench (ScalerLab/JudgeBench, one response-model "
-        "file), rmb (RMB pairwise set); default: v1 or v2, detected from the first row.")
+        "file), rmb (RMB pairwise set), hh (Anthropic HH-RLHF transcripts, e.g. its test files: scored as v1 pairs "
+        "after the shared turns); default: v1 or v2, detected from the first row.")
     split: str | None = _f(None, "hf only: the split (allenai/reward-bench: filtered; reward-bench-2: test).")
     config: str | None = _f(None, "hf only: configuration name.")
     revision: str | None = _f(None, "hf only: revision.")

@@ -465,3 +465,35 @@ def test_every_format_writes_the_v1_files_metrics_report_and_registry_score(tmp_
         register.select_score({}, "rmbench/hard")
     assert "[v1 | v2 | rm_bench | judgebench | rmb]" in describe()
 
+
+
+# ------------------------------------------------------------------ HH-RLHF test files
+
+
+def _hh(*turns: str) -> str:
+    return "".join(f"\n\n{'Human' if i % 2 == 0 else 'Assistant'}: {t}" for i, t in enumerate(turns))
+
+
+@pytest.mark.unit
+def test_hh_transcripts_score_as_v1_pairs_after_their_shared_turns(tmp_path):
+    """Anthropic HH-RLHF's test files hold two whole transcripts per row (``{chosen, rejected}``); the pair is the
+    last assistant turn of each after the turns both share. Rows the data stage's reading rejects, and rows whose
+    transcripts part before their last turn, are quarantined with their reason, never dropped."""
+    rows = [{"chosen": _hh("Can you help me?", "Sure.", "Thanks, what is 2+2?", "It is 4."),
+             "rejected": _hh("Can you help me?", "Sure.", "Thanks, what is 2+2?", "Go away.")},
+            {"chosen": _hh("Hi", ""), "rejected": _hh("Hi", "Hello!")},
+            {"chosen": _hh("Tell me a joke", "Why not.", "Go on", "A pun."),
+             "rejected": _hh("Tell me a joke", "No.", "Go on", "Still no.")}]
+    path = tmp_path / "test.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench = load_config(None, [f"rewardbench.benchmarks=[{{name: hh, path: {path}, format: hh}}]"]).rewardbench.benchmarks[0]
+    fmt, examples, quarantine = B.load_examples(bench)
+    assert fmt == "v1" and len(examples) == 1
+    first = examples.iloc[0]
+    assert (first["chosen"], first["rejected"], first["prompt"]) == ("It is 4.", "Go away.", "Thanks, what is 2+2?")
+    assert [m["role"] for m in first["context"]] == ["user", "assistant", "user"]
+    assert B.contexts(examples)[0][0] == {"role": "user", "content": "Can you help me?"}
+    assert [(q["location"].rsplit(":", 1)[-1], q["reason"]) for q in quarantine] == \
+        [("2", "empty_response"), ("3", B.MULTI_TURN_RESPONSE)]
+    messages = B.conversations(examples, fmt)["messages"][0]
+    assert messages[-1] == {"role": "assistant", "content": "It is 4."} and len(messages) == 4
