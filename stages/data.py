@@ -290,7 +290,8 @@ def prepare_preferences(ctx: StageContext) -> StageResult:
         rows = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
         tokenised = rows.map_batches(
             tokenise, fn_kwargs={"cfg": cfg, "scored_first": _scores_first_token(cfg)}, num_cpus=cfg.data.num_cpus,
-            compute=ray.data.TaskPoolStrategy(size=max(1, cfg.data.max_actors)), batch_size=cfg.data.batch_size, batch_format="numpy")
+            compute=ray.data.TaskPoolStrategy(size=max(1, cfg.data.max_actors)), batch_size=cfg.data.batch_size,
+            batch_format="numpy")
         try:
             table = _collect(ray, tokenised)  # one pass over the sources; everything after it works on this table
         except Exception as err:  # strict mode surfaces the first bad row as a clear error
