@@ -48,15 +48,17 @@ def _rank(rank: int, port: int, model: str, out: str) -> None:
         train_local(cfg, train, validation, report=report)
 
 
-# "qwen2" (a decoder from pipeline.decoders, pad = EOS) passes too (85 s); the default backbone is kept for cost.
-@pytest.mark.parametrize("model", ["embedded:minilm"])
+# The decoders (pipeline.decoders' tiny Llama, Qwen2 and Gemma: byte-level BPE, pad = EOS) take about 85 s each on
+# 2 cores: the slow tier.
+@pytest.mark.parametrize("model", ["embedded:minilm", *(pytest.param(f, marks=pytest.mark.slow)
+                                                        for f in ("llama", "qwen2", "gemma"))])
 def test_lora_zero2_and_zero3_agree_and_every_export_scores_like_training(model, tmp_path):
     import pandas as pd
 
     from pipeline import lora, modeling
     from pipeline.decoders import make_decoder
 
-    name = make_decoder(tmp_path / "base", model) if model == "qwen2" else model
+    name = model if model.startswith("embedded:") else make_decoder(tmp_path / "base", model)
     mp.start_processes(_rank, args=(_free_port(), name, str(tmp_path)), nprocs=WORLD, start_method="spawn", join=True)
     runs = {f"zero{s}-{e}": tmp_path / f"zero{s}-{e}" for s, e in RUNS}
     curves = {k: [(h["loss"], h["mu"]) for h in json.loads((f / "history.json").read_text()) if "loss" in h]
