@@ -463,7 +463,7 @@ def test_every_format_writes_the_v1_files_metrics_report_and_registry_score(tmp_
         register.select_score({"rewardbench": manifest}, "rmbench/nope")
     with pytest.raises(ValueError, match="has not run"):
         register.select_score({}, "rmbench/hard")
-    assert "[v1 | v2 | rm_bench | judgebench | rmb]" in describe()
+    assert "[v1 | v2 | rm_bench | judgebench | rmb | hh]" in describe()
 
 
 
