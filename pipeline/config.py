@@ -536,6 +536,7 @@ def _check(cfg: PipelineConfig) -> None:
         (cfg.train.micro_batch_size >= 1 and cfg.train.grad_accum >= 1,
          "train.micro_batch_size and train.grad_accum must be >= 1"),
         (cfg.train.lr > 0, "train.lr must be > 0"),
+        (cfg.train.stop_after_steps >= 0, "train.stop_after_steps must be >= 0 (0: off)"),
         (not cfg.train.offload_params or cfg.train.zero_stage == 3,
          "train.offload_params needs train.zero_stage=3 (only ZeRO-3 partitions the weights)"),
         (not cfg.train.offload_optimizer or cfg.train.zero_stage >= 1,

@@ -116,15 +116,15 @@ def _gcs_address_told(env_vars: dict[str, str]) -> Iterator[None]:
     cleaner's thread dies after 40 s with a traceback on the terminal and nothing is released."""
     import socket
 
+    from ray._common.network_utils import build_address
     from ray.util import get_node_ip_address
 
-    if "RAY_GCS_SERVER_PORT" in os.environ:  # the user's port
-        port = os.environ["RAY_GCS_SERVER_PORT"]
-    else:
+    port = os.environ.get("RAY_GCS_SERVER_PORT")  # the user's port, if set
+    if not port:
         with socket.socket() as sock:
             sock.bind(("", 0))
             port = str(sock.getsockname()[1])
-    env_vars.setdefault("RAY_ADDRESS", f"{get_node_ip_address()}:{port}")
+    env_vars.setdefault("RAY_ADDRESS", build_address(get_node_ip_address(), int(port)))
     old = os.environ.get("RAY_GCS_SERVER_PORT")
     os.environ["RAY_GCS_SERVER_PORT"] = port
     try:

@@ -119,7 +119,7 @@ def test_lora_run_restored_from_a_checkpoint_ends_at_the_uninterrupted_weights(t
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-7, msg=key)
 
 
-def test_lora_with_gradient_checkpointing_trains_the_same_steps(tmp_path):
+def test_lora_with_gradient_checkpointing_trains_the_same_steps(tmp_path, monkeypatch):
     """Activation checkpointing on a LoRA model (PEFT's wrapper around the layers; a frozen backbone whose
     embeddings' output needs no grad): the build finds layers to checkpoint (it raises otherwise), and each step's
     loss, μ and gradient norm equal the run without checkpointing."""
@@ -143,6 +143,14 @@ def test_lora_with_gradient_checkpointing_trains_the_same_steps(tmp_path):
                     report=lambda metrics, checkpoint_dir=None, final=False: history.append(metrics))
         return [(h["loss"], h["mu"], h["grad_norm"]) for h in history if "loss" in h]
 
-    plain, checkpointed = curve(), curve("train.gradient_checkpointing=true")
+    import transformers.modeling_utils as hf_modeling
+
+    calls: list[int] = []
+    recompute = hf_modeling.checkpoint  # what transformers binds into every layer's checkpointing function
+    monkeypatch.setattr(hf_modeling, "checkpoint", lambda *a, **k: calls.append(1) or recompute(*a, **k))
+    plain = curve()
+    assert not calls
+    checkpointed = curve("train.gradient_checkpointing=true")
+    assert calls, "no layer ran under activation checkpointing"
     assert len(plain) == 3 and all(g > 0 for _, _, g in plain)
     torch.testing.assert_close(torch.tensor(checkpointed), torch.tensor(plain), rtol=1e-5, atol=1e-6)

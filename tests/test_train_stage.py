@@ -167,16 +167,19 @@ def test_one_worker_matches_two_workers(baseline, data_dir, tmp_path):
 
 
 def test_killed_worker_resumes_to_the_same_weights(baseline, data_dir, tmp_path):
-    """A worker dies hard at step 3; Ray restarts the group from the step-2 checkpoint, and the result equals
-    the uninterrupted run: no batch trained twice or skipped."""
+    """A worker dies hard after step 5; Ray restarts the group from its last registered checkpoint (step 4, or
+    step 2 if the controller had not registered step 4's when the worker died), and the result equals the
+    uninterrupted run: no batch trained twice or skipped."""
     marker = tmp_path / "killed-once"
-    os.environ["NORMBT_FAIL_AT_STEP"] = f"3:{marker}"
+    os.environ["NORMBT_FAIL_AT_STEP"] = f"5:{marker}"
     try:
-        _, resumed, _ = _ray_train(tmp_path, "resumed", ["train.checkpoint_every=2", "train.max_failures=1"],
-                                   data_dir)
+        cfg, resumed, _ = _ray_train(tmp_path, "resumed", ["train.checkpoint_every=2", "train.max_failures=1"],
+                                     data_dir)
     finally:
         del os.environ["NORMBT_FAIL_AT_STEP"]
-    assert marker.read_text() == "3", "the injected failure must have happened"
+    assert marker.read_text() == "5", "the injected failure must have happened"
+    # steps 1-5 logged, then 5-6 again from step 4's checkpoint (3-6 from step 2's); from scratch: 5 + 6
+    assert len(_metric_history(cfg, resumed.mlflow_run_id, "loss")) in (7, 9), "resumed from a checkpoint"
     _, manifest, _ = baseline
     ref, got = _weights(manifest.outputs["model"]), _weights(resumed.outputs["model"])
     assert ref.keys() == got.keys()
@@ -284,7 +287,8 @@ def test_the_terminal_shows_each_progress_line_once_and_no_per_report_dump(tmp_p
     # nor the libraries' own chatter (every worker's model-load report, Ray Data's line per dataset)
     assert "LOAD REPORT" not in out and "execution finished" not in out, out[-3000:]
     for notice in ("Token authentication is enabled",  # ray.init's, for the token mode it chose itself
-                   "is deprecated",  # Ray Data's `concurrency` argument; torch's collectives under DeepSpeed
+                   "``concurrency`` is deprecated",  # Ray Data's argument
+                   "all_gather_into_tensor` is deprecated",  # torch's, for the collectives DeepSpeed calls
                    "Progress bars disabled",  # Ray Data's, in the driver and every worker
                    "max_concurrent_trials` will be ignored"):  # Tune's, given a random search's generator
         assert notice not in out, out[-3000:]
