@@ -28,7 +28,7 @@ LIST_FORMATS = ("v2", "rm_bench")
 #: Formats read through :mod:`pipeline.judge_benchmarks` (bad rows quarantined with a counted reason).
 JUDGE_FORMATS = {"rm_bench": judge_benchmarks.parse_rm_bench, "judgebench": judge_benchmarks.parse_judgebench,
                  "rmb": judge_benchmarks.parse_rmb}
-#: Quarantine reason of an HH pair whose transcripts differ before their last turn.
+#: Quarantine reason of an HH pair whose responses are more than one turn each.
 MULTI_TURN_RESPONSE = "multi_turn_response"
 _FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".json.gz", ".jsonl.gz")
 
@@ -114,8 +114,9 @@ def hh_examples(located: Sequence[tuple[str, Any]], name: str) -> tuple[pd.DataF
         for pair in pairs:
             if len(pair["chosen"]) != 1 or len(pair["rejected"]) != 1:
                 quarantine.append({"location": location, "reason": MULTI_TURN_RESPONSE, "detail": (
-                    f"the transcripts part {len(pair['chosen'])} / {len(pair['rejected'])} turns before their "
-                    f"end; a benchmark pair scores one response each")})
+                    f"the chosen / rejected responses are {len(pair['chosen'])} / {len(pair['rejected'])} turns "
+                    f"(the transcripts part before their last turn, or end in several assistant turns); a "
+                    f"benchmark pair scores one response each")})
                 continue
             records.append({"prompt": pair["prompt"][-1]["content"], "chosen": pair["chosen"][0]["content"],
                             "rejected": pair["rejected"][0]["content"], "subset": name, "id": str(i),
