@@ -257,6 +257,10 @@ class TrainConfig:
     stop_after_steps: int = _f(0, "Stop after this many optimizer steps while the lr schedule and the data order "
                                "keep the whole run's horizon (max_steps): a prefix of the run, as search trials "
                                "train it (0: off).")
+    continue_search: bool = _f(False, "Start from the search's best trial when it trained the first "
+                               "train.stop_after_steps steps of this very run (tune.trial_overrides sets only "
+                               "that; same model, loss and train settings, the trial's ranks = this run's): those "
+                               "steps are not trained again. Otherwise the run starts at step 0 and says why.")
     eval_every: int = _f(0, "Validate every N optimizer steps (0: only at the end).")
     checkpoint_every: int = _f(0, "Checkpoint every N optimizer steps (0: only at the end).")
     keep_checkpoints: int = _f(2, "Ray Train checkpoints kept.")

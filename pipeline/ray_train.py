@@ -70,7 +70,11 @@ def train_loop_per_worker(config: dict) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(reported_metrics(metrics, final), checkpoint=checkpoint)
 
-    checkpoint = resume_checkpoint(ray.train.get_checkpoint(), say=print if plan.rank == 0 else lambda _: None)
+    say = print if plan.rank == 0 else lambda _: None
+    checkpoint = resume_checkpoint(ray.train.get_checkpoint(), say=say)
+    if checkpoint is None and config.get("initial_checkpoint"):  # nothing of this run's own yet: the start it was given
+        say(f"starting from the checkpoint {config['initial_checkpoint']}")
+        checkpoint = ray.train.Checkpoint(config["initial_checkpoint"])
     logger = tracking.for_rank(plan.rank, config.get("tracking_uri"), config.get("run_id"), config.get("tracking_spool"))
     if checkpoint is None:
         run_loop(cfg, plan, train_windows=train_windows, validation_rows=validation_rows, report=report,
@@ -150,9 +154,13 @@ def reported_metrics(metrics: dict, final: bool) -> dict:
 
 def build_trainer(cfg: PipelineConfig, data: Any, *, name: str, storage_path: str,
                   tracking_uri: str | None, run_id: str | None, tracking_spool: str | None = None,
-                  callbacks: list | None = None,
-                  in_memory: bool = False, controller_failure_limit: int = -1) -> Any:
+                  callbacks: list | None = None, in_memory: bool = False, controller_failure_limit: int = -1,
+                  initial_checkpoint: str | None = None) -> Any:
     """The ``TorchTrainer`` for one training run (the train stage, and each Tune trial).
+
+    ``initial_checkpoint``: a checkpoint (path or URI) of another run to start from, written at this run's world
+    size (``train.continue_search``); once this run has registered a checkpoint of its own, a restart resumes
+    from that instead.
 
     ``in_memory`` sends the splits from the driver's memory whatever their size (Tune trials: a Parquet read task
     started next to a trial would want a CPU the trial's workers hold); ``controller_failure_limit`` bounds how
@@ -171,7 +179,8 @@ def build_trainer(cfg: PipelineConfig, data: Any, *, name: str, storage_path: st
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "max_steps": max_steps, "steps_per_epoch": steps_per_epoch,
-                           "tracking_uri": tracking_uri, "run_id": run_id, "tracking_spool": tracking_spool},
+                           "tracking_uri": tracking_uri, "run_id": run_id, "tracking_spool": tracking_spool,
+                           "initial_checkpoint": initial_checkpoint},
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                                resources_per_worker=resources,

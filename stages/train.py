@@ -12,6 +12,11 @@ row order (``row, reward_chosen, reward_rejected, distance``); ``gradient_pairs`
 and the norm of the gradient its loss term sends to the score head (the paper's mechanism: proportional to the
 distance under BT, flat under NormBT), recorded since the worker group last started; the log-log slope is the
 final metric ``grad/distance_slope``.
+
+``train.continue_search``: when the search's best trial trained the first steps of this very run
+(:mod:`pipeline.continuation`), the run starts from that trial's final checkpoint and trains the rest; the trial's
+metric history up to there is copied into this stage's MLflow run, so the curves start at step 1 (the gradient
+record starts where this run did).
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from typing import Any
 from pipeline.config import PipelineConfig, flatten, from_flat
 from pipeline.memory_plan import refuse_if_unfit
 from pipeline.ray_train import build_trainer, remove_unregistered_checkpoints, storage_of
-from pipeline.train_loop import GRADIENT_PAIRS, VALIDATION_REWARDS
+from pipeline.continuation import continuation_problem
+from pipeline.train_loop import GRADIENT_PAIRS, VALIDATION_REWARDS, checkpoint_problem, last_step, plan_steps
 from pipeline.stage import StageContext, StageResult
 
 
@@ -53,13 +59,62 @@ def train_reward_model(ctx: StageContext) -> StageResult:
     if "://" not in storage:
         for stale in remove_unregistered_checkpoints(Path(storage) / name):
             ctx.log(f"  train: removed {stale}, a checkpoint written but never registered by Ray Train")
+    start = _search_start(ctx, cfg) if cfg.train.continue_search else None
     trainer = build_trainer(cfg, ctx.upstream["data"], name=name, storage_path=storage,
-                            tracking_uri=ctx.tracker.uri, run_id=ctx.tracker.run_id, tracking_spool=ctx.tracker.spool)
+                            tracking_uri=ctx.tracker.uri, run_id=ctx.tracker.run_id, tracking_spool=ctx.tracker.spool,
+                            initial_checkpoint=start)
     try:
         result = trainer.fit()
     except Exception as err:  # Ray wraps worker errors; surface the worker's own message
         raise RuntimeError(_worker_message(err)) from err
     return _export(ctx, cfg, result)
+
+
+def _search_start(ctx: StageContext, cfg: PipelineConfig) -> str | None:
+    """The search's best trial's checkpoint when this run continues it (:mod:`pipeline.continuation`), its
+    metric history copied into this run so the curves start at step 1; else None, and the log says why."""
+    tune = ctx.upstream.get("tune")
+    if tune is None or "best_trial" not in tune.outputs:
+        ctx.log("  train: train.continue_search is on, but no search trial finished with a checkpoint to continue: "
+                "training from step 0")
+        return None
+    trial = json.loads(Path(tune.output("best_trial")).read_text())
+    horizon, _ = plan_steps(cfg, _count_rows(ctx.upstream["data"].output("train")))
+    problem = continuation_problem(trial["config"], flatten(cfg), last_step(cfg, horizon))
+    if problem is None and "://" not in trial["checkpoint"]:
+        problem = checkpoint_problem(trial["checkpoint"])
+    if problem is not None:
+        ctx.log(f"  train: not continuing the search's best trial: {problem}; training from step 0")
+        return None
+    steps = int(trial["config"]["train.stop_after_steps"])
+    ctx.log(f"  train: continues the search's best trial {trial['trial_id']} after its {steps} steps, the first "
+            f"{steps} of this run's {last_step(cfg, horizon)}")
+    _copy_history(ctx, trial.get("mlflow_run_id") or "", steps)
+    return trial["checkpoint"]
+
+
+def _copy_history(ctx: StageContext, trial_run_id: str, steps: int) -> None:
+    """The trial's metrics up to ``steps`` into this stage's MLflow run (once: a rerun finds them there)."""
+    if not (ctx.tracker.active and trial_run_id):
+        return
+    from pipeline.report import metric_history
+
+    if metric_history(ctx.tracker.uri, ctx.tracker.run_id, ["loss"]):
+        return
+    keys = list(ctx.tracker.client.get_run(trial_run_id).data.metrics)
+    by_step: dict[int, dict[str, float]] = {}
+    for key, (at, values) in metric_history(ctx.tracker.uri, trial_run_id, keys).items():
+        for step, value in zip(at, values):
+            if step <= steps:
+                by_step.setdefault(int(step), {})[key] = value
+    for step in sorted(by_step):
+        ctx.tracker.log_metrics(by_step[step], step=step)
+
+
+def _count_rows(path: str) -> int:
+    import pyarrow.dataset as pads
+
+    return pads.dataset(path, format="parquet").count_rows()
 
 
 def _run_name(ctx: StageContext, storage: str) -> str:

@@ -93,6 +93,8 @@ Outputs (stage folder; manifest names in brackets):
   best trial; compare: the loss setting with the higher mean validation accuracy, with its searched
   ``train.lr`` when the lr search ran). The train stage applies it.
 * [best_checkpoint]: the best trial's final Ray Train checkpoint (search mode, when it completed).
+* ``best_trial.json`` [best_trial]: with it, the trial's id, MLflow run id and the whole flat config it trained
+  with (an in-process trial as one rank): the train stage's ``train.continue_search`` continues it from there.
 * compare mode: ``compare.csv`` [compare_table] (``loss, metric, mean, ci_low, ci_high, n, lr``; ``loss`` is a
   setting's label or ``diff`` — with more than two settings ``diff:<label>-<first label>``; metrics: the
   validation metric, each benchmark's overall and sections, and ``grad/distance_slope``) and
@@ -241,6 +243,15 @@ class TrialSetup:
         if self.mode == "compare":
             return dict(self.grid[int(params[GRID_KEY])])
         return {k: plain(v) for k, v in params.items()}
+
+
+def trained_config(setup: TrialSetup, params: Mapping[str, Any]) -> PipelineConfig:
+    """The config a trial trained with, as its loop saw it: an in-process trial is one rank of the whole global
+    batch (the final run's ``train.continue_search`` compares it with its own)."""
+    from pipeline.train_loop import one_process_config
+
+    cfg = from_flat(setup.overrides(params), base=setup.cfg)
+    return one_process_config(cfg) if setup.launcher == "in_process" else cfg
 
 
 def run_trial(params: Mapping[str, Any], setup: TrialSetup) -> None:
@@ -393,7 +404,7 @@ def tune_reward_model(ctx: StageContext) -> StageResult:
     results = _fit(ctx, setup, param_space=space, num_samples=cfg.tune.num_samples, scheduler=scheduler,
                    search_alg=search_alg, concurrency=concurrency, storage=storage,
                    expected=cfg.tune.num_samples)
-    return _search_outputs(ctx, results, list(space), start[0] if start else None)
+    return _search_outputs(ctx, results, list(space), start[0] if start else None, setup)
 
 
 def _steps_words(steps: int, horizon: int) -> str:
@@ -695,7 +706,7 @@ def _trials_frame(records: list[dict[str, Any]], metric: str, value_columns: dic
 
 
 def _search_outputs(ctx: StageContext, records: list[dict[str, Any]], keys: list[str],
-                    start: dict[str, Any] | None) -> StageResult:
+                    start: dict[str, Any] | None, setup: TrialSetup) -> StageResult:
     metric = ctx.cfg.tune.metric
     best = _best(records, metric)
     if best is None:
@@ -719,6 +730,9 @@ def _search_outputs(ctx: StageContext, records: list[dict[str, Any]], keys: list
     outputs = {"best_config": str(best_path), "trials": str(trials_path)}
     if best["checkpoint"]:
         outputs["best_checkpoint"] = best["checkpoint"]
+        outputs["best_trial"] = str(write_json(ctx.out_dir / "best_trial.json", {
+            "trial_id": best["trial_id"], "checkpoint": best["checkpoint"], "mlflow_run_id": best["mlflow_run_id"],
+            "config": plain(flatten(trained_config(setup, best["config"])))}))
     return StageResult(outputs=outputs, metrics={f"tune/best_{metric}": best[metric], **extra, **_counts(records)})
 
 
