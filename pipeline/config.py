@@ -791,10 +791,13 @@ def plain(value: Any) -> Any:
     return value
 
 
-def config_hash(cfg: PipelineConfig, keys: tuple[str, ...], extra: Mapping[str, Any] | None = None) -> str:
-    """Stable hash of the selected sections/keys (``"data"`` or ``"train.lr"``) plus extra inputs."""
+def config_hash(cfg: PipelineConfig, keys: tuple[str, ...], extra: Mapping[str, Any] | None = None,
+                ignore: tuple[str, ...] = ()) -> str:
+    """Stable hash of the selected sections/keys (``"data"`` or ``"train.lr"``), less the ``ignore`` keys, plus
+    extra inputs."""
     flat = flatten(cfg)
-    chosen = {k: plain(v) for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in keys)}
+    chosen = {k: plain(v) for k, v in flat.items()
+              if any(k == p or k.startswith(p + ".") for p in keys) and k not in ignore}
     blob = json.dumps({"config": chosen, "extra": extra or {}}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

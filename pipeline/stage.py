@@ -46,6 +46,7 @@ class StageSpec:
     needs: tuple[StageName, ...] = ()  # upstream stages that must have finished
     uses: tuple[StageName, ...] = ()  # upstream stages used when present (e.g. tune's best config)
     reads_if: Callable[[PipelineConfig], tuple[str, ...]] | None = None  # more inputs, depending on the config
+    ignores: tuple[str, ...] = ()  # dotted keys inside ``reads`` that the stage does not read
 
 
 _DATA = ("data", "model.name_or_path", "model.revision", "model.trust_remote_code", "loss.use_margin",
@@ -57,7 +58,8 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec(name="data", entry="stages.data:prepare_preferences", reads=_DATA),
     # run.seed seeds the searcher; compare mode also scores every trial on the benchmarks
     StageSpec(name="tune", entry="stages.tune:tune_reward_model", reads=(*_TRAIN, "tune", "run.seed"),
-              needs=("data",), reads_if=lambda cfg: ("rewardbench", "data.template_date") if cfg.tune.mode == "compare" else ()),
+              needs=("data",), reads_if=lambda cfg: ("rewardbench", "data.template_date") if cfg.tune.mode == "compare" else (),
+              ignores=("train.continue_search",)),  # the final run's choice: turning it on keeps the search done
     StageSpec(name="train", entry="stages.train:train_reward_model", reads=_TRAIN, needs=("data",),
               uses=("tune",)),
     StageSpec(name="rewardbench", entry="stages.rewardbench:score_rewardbench", reads=("rewardbench", "train.use_gpu"),
@@ -75,4 +77,4 @@ assert tuple(STAGES) == typing.get_args(StageName), "every stage name has exactl
 def stage_hash(cfg: PipelineConfig, spec: StageSpec, upstream: Mapping[str, Manifest]) -> str:
     """The stage's manifest hash: its declared config inputs and its upstream manifests' hashes."""
     keys = spec.reads + (spec.reads_if(cfg) if spec.reads_if else ())
-    return config_hash(cfg, keys, {name: m.hash for name, m in sorted(upstream.items())})
+    return config_hash(cfg, keys, {name: m.hash for name, m in sorted(upstream.items())}, ignore=spec.ignores)

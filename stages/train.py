@@ -75,12 +75,16 @@ def _search_start(ctx: StageContext, cfg: PipelineConfig) -> str | None:
     metric history copied into this run so the curves start at step 1; else None, and the log says why."""
     tune = ctx.upstream.get("tune")
     if tune is None or "best_trial" not in tune.outputs:
-        ctx.log("  train: train.continue_search is on, but no search trial finished with a checkpoint to continue: "
-                "training from step 0")
+        ctx.log("  train: train.continue_search is on, but no search-mode trial finished with a checkpoint to "
+                "continue: training from step 0")
         return None
     trial = json.loads(Path(tune.output("best_trial")).read_text())
-    horizon, _ = plan_steps(cfg, _count_rows(ctx.upstream["data"].output("train")))
+    data = ctx.upstream["data"]
+    horizon, _ = plan_steps(cfg, _count_rows(data.output("train")))
     problem = continuation_problem(trial["config"], flatten(cfg), last_step(cfg, horizon))
+    if trial.get("data_hash") != data.hash or trial.get("horizon") != horizon:
+        problem = (f"the search trained on other data (data stage {trial.get('data_hash')}, a "
+                   f"{trial.get('horizon')}-step schedule) than this run ({data.hash}, {horizon} steps)")
     if problem is None and "://" not in trial["checkpoint"]:
         problem = checkpoint_problem(trial["checkpoint"])
     if problem is not None:
@@ -94,16 +98,24 @@ def _search_start(ctx: StageContext, cfg: PipelineConfig) -> str | None:
 
 
 def _copy_history(ctx: StageContext, trial_run_id: str, steps: int) -> None:
-    """The trial's metrics up to ``steps`` into this stage's MLflow run (once: a rerun finds them there)."""
+    """The trial's per-step metrics up to ``steps`` into this stage's MLflow run (each attempt of the stage has
+    a run of its own). Metrics the trial logged only at its end (its phase times, gradient slope, parameter
+    counts) describe the trial, not this run, and stay there. Reading the trial's run is best effort: the
+    curves' start is not worth failing the training for (an MLflow outage)."""
     if not (ctx.tracker.active and trial_run_id):
         return
     from pipeline.report import metric_history
 
-    if metric_history(ctx.tracker.uri, ctx.tracker.run_id, ["loss"]):
+    try:
+        keys = list(ctx.tracker.client.get_run(trial_run_id).data.metrics)
+        history = metric_history(ctx.tracker.uri, trial_run_id, keys)
+    except Exception as err:  # noqa: BLE001 - said, and training goes on
+        ctx.log(f"  train: the trial's metric history was not copied ({type(err).__name__}: {err})")
         return
-    keys = list(ctx.tracker.client.get_run(trial_run_id).data.metrics)
     by_step: dict[int, dict[str, float]] = {}
-    for key, (at, values) in metric_history(ctx.tracker.uri, trial_run_id, keys).items():
+    for key, (at, values) in history.items():
+        if min(at) >= steps:
+            continue  # logged only at the trial's end
         for step, value in zip(at, values):
             if step <= steps:
                 by_step.setdefault(int(step), {})[key] = value

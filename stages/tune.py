@@ -254,6 +254,13 @@ def trained_config(setup: TrialSetup, params: Mapping[str, Any]) -> PipelineConf
     return one_process_config(cfg) if setup.launcher == "in_process" else cfg
 
 
+def checkpoint_uri(path: str, storage: str) -> str:
+    """A trial checkpoint's location as another stage can open it: Ray keeps a remote checkpoint's path without
+    its scheme (``bucket/x`` for ``s3://bucket/x``), which would read as a local path."""
+    scheme, sep, _ = storage.partition("://")
+    return f"{scheme}://{path}" if sep and path and "://" not in path else path
+
+
 def run_trial(params: Mapping[str, Any], setup: TrialSetup) -> None:
     """One Tune trial: nested MLflow run, then the loop in this process or a TorchTrainer, its reports
     forwarded to Tune."""
@@ -404,7 +411,7 @@ def tune_reward_model(ctx: StageContext) -> StageResult:
     results = _fit(ctx, setup, param_space=space, num_samples=cfg.tune.num_samples, scheduler=scheduler,
                    search_alg=search_alg, concurrency=concurrency, storage=storage,
                    expected=cfg.tune.num_samples)
-    return _search_outputs(ctx, results, list(space), start[0] if start else None, setup)
+    return _search_outputs(ctx, results, list(space), start[0] if start else None, setup, horizon)
 
 
 def _steps_words(steps: int, horizon: int) -> str:
@@ -706,7 +713,7 @@ def _trials_frame(records: list[dict[str, Any]], metric: str, value_columns: dic
 
 
 def _search_outputs(ctx: StageContext, records: list[dict[str, Any]], keys: list[str],
-                    start: dict[str, Any] | None, setup: TrialSetup) -> StageResult:
+                    start: dict[str, Any] | None, setup: TrialSetup, horizon: int) -> StageResult:
     metric = ctx.cfg.tune.metric
     best = _best(records, metric)
     if best is None:
@@ -731,7 +738,8 @@ def _search_outputs(ctx: StageContext, records: list[dict[str, Any]], keys: list
     if best["checkpoint"]:
         outputs["best_checkpoint"] = best["checkpoint"]
         outputs["best_trial"] = str(write_json(ctx.out_dir / "best_trial.json", {
-            "trial_id": best["trial_id"], "checkpoint": best["checkpoint"], "mlflow_run_id": best["mlflow_run_id"],
+            "trial_id": best["trial_id"], "checkpoint": checkpoint_uri(best["checkpoint"], setup.storage_path),
+            "mlflow_run_id": best["mlflow_run_id"], "data_hash": ctx.upstream["data"].hash, "horizon": horizon,
             "config": plain(flatten(trained_config(setup, best["config"])))}))
     return StageResult(outputs=outputs, metrics={f"tune/best_{metric}": best[metric], **extra, **_counts(records)})
 

@@ -51,6 +51,72 @@ def test_an_in_process_trial_is_not_continued_by_two_workers():
     assert continuation_problem(trial, _flat("train.num_workers=1", "train.micro_batch_size=8"), 8) is None
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize("launcher, ranks", [("in_process", (1, 8)), ("ray_train", (2, 4))])
+def test_the_trial_config_written_by_tune_reads_back_equal_to_the_run_it_was_a_prefix_of(tmp_path, launcher, ranks):
+    """``best_trial.json`` holds the config as the trial's loop saw it (an in-process trial is one rank of the
+    whole global batch), through JSON (tuples become lists, numpy values plain): the final run with the same
+    ranks continues it, the default 2 × 4 only a Ray Train trial."""
+    import numpy as np
+
+    from pipeline.artifacts import write_json
+    from stages.tune import TrialSetup, trained_config
+
+    base = load_config(SMOKE, ["train.stop_after_steps=3", "lora.r=4", "lora.target_modules=[q_proj, v_proj]"])
+    setup = TrialSetup(cfg=base, data=None, storage_path=str(tmp_path), tracker=None, mode="search", digest="d",
+                       launcher=launcher)
+    trained = trained_config(setup, {"train.lr": np.float64(3e-4), "loss.beta": np.float64(0.9)})
+    path = write_json(tmp_path / "best_trial.json", {"config": flatten(trained)})
+    trial = json.loads(path.read_text())["config"]
+    workers, micro = ranks
+    run = _flat("lora.r=4", "lora.target_modules=[q_proj, v_proj]", f"train.num_workers={workers}",
+                f"train.micro_batch_size={micro}")
+    assert continuation_problem(trial, run, run_last_step=8) is None
+    assert (continuation_problem(trial, _flat("lora.r=4", "lora.target_modules=[q_proj, v_proj]"), 8) is None) == (
+        launcher == "ray_train")
+
+
+@pytest.mark.unit
+def test_a_checkpoint_on_remote_storage_keeps_its_scheme():
+    from stages.tune import checkpoint_uri
+
+    assert checkpoint_uri("bucket/normbt/tune/trial/checkpoint_000001", "s3://bucket/normbt/tune") == \
+        "s3://bucket/normbt/tune/trial/checkpoint_000001"
+    assert checkpoint_uri("/runs/x/tune/trial/checkpoint_000001", "/runs/x/tune") == "/runs/x/tune/trial/checkpoint_000001"
+
+
+@pytest.mark.unit
+def test_a_search_on_other_data_is_not_continued(tmp_path):
+    """The train stage may meet a tune manifest older than its data (``--stages data,train`` after a data
+    change): the trial trained other rows in another order, whatever its settings."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.artifacts import Manifest
+    from pipeline.stage import StageContext
+    from pipeline.tracking import RunLogger
+    from stages.train import _search_start
+
+    (tmp_path / "train").mkdir()
+    pq.write_table(pa.table({"chosen_len": list(range(64))}), tmp_path / "train" / "part.parquet")
+    cfg = load_config(SMOKE, ["train.num_workers=1", "train.micro_batch_size=8", "train.continue_search=true"])
+    trial = {"trial_id": "t0", "checkpoint": str(tmp_path / "missing"), "mlflow_run_id": "", "data_hash": "old",
+             "horizon": 8, "config": {**flatten(cfg), "train.stop_after_steps": 3}}
+    (tmp_path / "best_trial.json").write_text(json.dumps(trial, default=str))
+    lines: list[str] = []
+
+    def start(data_hash):
+        ctx = StageContext(cfg=cfg, run_dir=tmp_path, out_dir=tmp_path, tracker=RunLogger(None, None),
+                           log=lines.append, upstream={
+                               "data": Manifest(stage="data", hash=data_hash, outputs={"train": str(tmp_path / "train")}),
+                               "tune": Manifest(stage="tune", hash="t", outputs={"best_trial": str(tmp_path / "best_trial.json")})})
+        return _search_start(ctx, cfg)
+
+    assert start("new") is None and "the search trained on other data (data stage old" in lines[-1]
+    assert start("old") is None and "cannot" not in lines[-1] and str(tmp_path / "missing") in lines[-1], \
+        "same data: the settings agree, and the missing checkpoint is what stops it"
+
+
 def _weights(model_dir):
     from safetensors.torch import load_file
 
