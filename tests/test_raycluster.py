@@ -52,3 +52,31 @@ def test_an_unreachable_head_is_left_to_ray_init_without_waiting():
                                                ("ray://10.0.0.1:10001", None), ("head", None)])
 def test_only_host_port_addresses_are_probed(address, expected):
     assert raycluster._host_port(address) == expected
+
+
+class _StoppedInDel:
+    """An object whose finaliser is interrupted by the exception an actor's stop signal becomes."""
+
+    def __init__(self, error: type[BaseException]) -> None:
+        self.error = error
+
+    def __del__(self) -> None:
+        raise self.error("stopped")
+
+
+@pytest.mark.unit
+def test_a_trial_stopped_in_a_finaliser_prints_no_traceback_and_other_errors_still_show(monkeypatch, capsys):
+    """Ray raises SystemExit from the SIGTERM that stops a trial's actor; landing in a finaliser, Python printed
+    "Exception ignored in ... SystemExit" with a traceback to the terminal. The quiet process drops that one."""
+    import sys
+
+    from pipeline.config import PipelineConfig
+
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+    raycluster.quiet_this_process(PipelineConfig())
+    raycluster.quiet_this_process(PipelineConfig())  # a reused actor quiets itself again: wrapped once
+    assert sys.unraisablehook.drops_stop_signal
+    _StoppedInDel(SystemExit)
+    assert "Exception ignored" not in capsys.readouterr().err
+    _StoppedInDel(ValueError)
+    assert "ValueError: stopped" in capsys.readouterr().err
