@@ -82,9 +82,10 @@ def _search_start(ctx: StageContext, cfg: PipelineConfig) -> str | None:
     data = ctx.upstream["data"]
     horizon, _ = plan_steps(cfg, _count_rows(data.output("train")))
     problem = continuation_problem(trial["config"], flatten(cfg), last_step(cfg, horizon))
-    if trial.get("data_hash") != data.hash or trial.get("horizon") != horizon:
-        problem = (f"the search trained on other data (data stage {trial.get('data_hash')}, a "
-                   f"{trial.get('horizon')}-step schedule) than this run ({data.hash}, {horizon} steps)")
+    if problem is None and trial.get("data_hash") != data.hash:
+        problem = f"the search trained on other data (data stage {trial.get('data_hash')}, this run's {data.hash})"
+    if problem is None and trial.get("horizon") != horizon:
+        problem = f"the search's schedule spans {trial.get('horizon')} steps, this run's {horizon}"
     if problem is None and "://" not in trial["checkpoint"]:
         problem = checkpoint_problem(trial["checkpoint"])
     if problem is not None:

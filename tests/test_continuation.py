@@ -113,6 +113,11 @@ def test_a_search_on_other_data_is_not_continued(tmp_path):
         return _search_start(ctx, cfg)
 
     assert start("new") is None and "the search trained on other data (data stage old" in lines[-1]
+    trial["config"]["train.stop_after_steps"] = 0  # the default's own 10-step trials: said as such, not as data
+    (tmp_path / "best_trial.json").write_text(json.dumps(trial, default=str))
+    assert start("new") is None and "not prefixes of this run" in lines[-1]
+    trial["config"]["train.stop_after_steps"] = 3
+    (tmp_path / "best_trial.json").write_text(json.dumps(trial, default=str))
     assert start("old") is None and "cannot" not in lines[-1] and str(tmp_path / "missing") in lines[-1], \
         "same data: the settings agree, and the missing checkpoint is what stops it"
 
