@@ -172,6 +172,7 @@ def test_the_final_run_continues_the_best_trial_to_the_weights_of_a_run_from_ste
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # the refusal itself is in the unit tier; this is the stage saying it (about 90 s on 2 cores)
 @pytest.mark.timeout(600)
 def test_the_default_two_workers_say_why_they_do_not_continue(tmp_path, ray_session):
     """Two workers of 4 cannot load the one-rank trial's checkpoint: the run says so and trains from step 0."""
