@@ -170,7 +170,7 @@ def build_trainer(cfg: PipelineConfig, data: Any, *, name: str, storage_path: st
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    n_train = _count_rows(data.output("train"))
+    n_train = count_rows(data.output("train"))
     max_steps, steps_per_epoch = plan_steps(cfg, n_train)
     in_memory = in_memory or n_train <= cfg.train.in_memory_rows
     # Every rank reads the whole stream in file order (see the module docstring), so nothing is split.
@@ -210,7 +210,8 @@ def split_dataset(path: str, *, in_memory: bool) -> Any:
     return ray.data.read_parquet(path, columns=TRAIN_COLUMNS)
 
 
-def _count_rows(path: str) -> int:
+def count_rows(path: str) -> int:
+    """Rows of a data-stage split (Parquet metadata; nothing is read)."""
     import pyarrow.dataset as pads
 
     return pads.dataset(path, format="parquet").count_rows()

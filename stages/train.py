@@ -29,7 +29,7 @@ from typing import Any
 
 from pipeline.config import PipelineConfig, flatten, from_flat
 from pipeline.memory_plan import refuse_if_unfit
-from pipeline.ray_train import build_trainer, remove_unregistered_checkpoints, storage_of
+from pipeline.ray_train import build_trainer, count_rows, remove_unregistered_checkpoints, storage_of
 from pipeline.continuation import continuation_problem
 from pipeline.train_loop import GRADIENT_PAIRS, VALIDATION_REWARDS, checkpoint_problem, last_step, plan_steps
 from pipeline.stage import StageContext, StageResult
@@ -80,8 +80,9 @@ def _search_start(ctx: StageContext, cfg: PipelineConfig) -> str | None:
         return None
     trial = json.loads(Path(tune.output("best_trial")).read_text())
     data = ctx.upstream["data"]
-    horizon, _ = plan_steps(cfg, _count_rows(data.output("train")))
-    problem = continuation_problem(trial["config"], flatten(cfg), last_step(cfg, horizon))
+    horizon, _ = plan_steps(cfg, count_rows(data.output("train")))
+    last = last_step(cfg, horizon)
+    problem = continuation_problem(trial["config"], flatten(cfg), last)
     if problem is None and trial.get("data_hash") != data.hash:
         problem = f"the search trained on other data (data stage {trial.get('data_hash')}, this run's {data.hash})"
     if problem is None and trial.get("horizon") != horizon:
@@ -93,7 +94,7 @@ def _search_start(ctx: StageContext, cfg: PipelineConfig) -> str | None:
         return None
     steps = int(trial["config"]["train.stop_after_steps"])
     ctx.log(f"  train: continues the search's best trial {trial['trial_id']} after its {steps} steps, the first "
-            f"{steps} of this run's {last_step(cfg, horizon)}")
+            f"{steps} of this run's {last}")
     _copy_history(ctx, trial.get("mlflow_run_id") or "", steps)
     return trial["checkpoint"]
 
@@ -122,12 +123,6 @@ def _copy_history(ctx: StageContext, trial_run_id: str, steps: int) -> None:
                 by_step.setdefault(int(step), {})[key] = value
     for step in sorted(by_step):
         ctx.tracker.log_metrics(by_step[step], step=step)
-
-
-def _count_rows(path: str) -> int:
-    import pyarrow.dataset as pads
-
-    return pads.dataset(path, format="parquet").count_rows()
 
 
 def _run_name(ctx: StageContext, storage: str) -> str:

@@ -366,7 +366,7 @@ def make_trainable(setup: TrialSetup) -> Callable[[dict], None]:
 
 def tune_reward_model(ctx: StageContext) -> StageResult:
     from pipeline.raycluster import ensure_ray
-    from pipeline.ray_train import storage_of
+    from pipeline.ray_train import count_rows, storage_of
     from pipeline.train_loop import last_step, plan_steps
 
     cfg = ctx.cfg
@@ -377,7 +377,7 @@ def tune_reward_model(ctx: StageContext) -> StageResult:
     ray = ensure_ray(cfg)
     data = _absolute(ctx.upstream["data"])
     base = from_flat(dict(cfg.tune.trial_overrides), base=cfg, where="tune.trial_overrides")
-    horizon, _ = plan_steps(base, _count_rows(data.output("train")))
+    horizon, _ = plan_steps(base, count_rows(data.output("train")))
     max_steps = last_step(base, horizon)  # a trial's steps (train.stop_after_steps: a prefix of the horizon)
     storage = storage_of(cfg, ctx.run_dir).rstrip("/")
     launcher = trial_launcher(base)
@@ -473,12 +473,6 @@ def _absolute(manifest: Manifest) -> Manifest:
     """Local output paths made absolute: Tune runs each trial with its own working directory."""
     outputs = {k: v if "://" in v else str(Path(v).resolve()) for k, v in manifest.outputs.items()}
     return dataclasses.replace(manifest, outputs=outputs)
-
-
-def _count_rows(path: str) -> int:
-    import pyarrow.dataset as pads
-
-    return pads.dataset(path, format="parquet").count_rows()
 
 
 def _grid_search(n: int) -> Any:
