@@ -81,7 +81,8 @@ after an interruption with the same stage hash (``experiment.json`` in the stage
 their last checkpoint (``train.checkpoint_every``; none by default, so from the start). A
 different hash starts afresh (a local stale experiment is deleted). Trials finished before the interruption
 keep their MLflow runs under the earlier attempt's stage run (every trial run is tagged ``tune.trial_id`` and
-``tune.hash``).
+``tune.hash``). In compare mode a benchmark a model already scored under the same hash (``scored.json``, written
+after its files) is read back rather than scored again, so a run stopped while scoring loses only the model in hand.
 
 Outputs (stage folder; manifest names in brackets):
 
@@ -393,7 +394,7 @@ def tune_reward_model(ctx: StageContext) -> StageResult:
         results = _fit(ctx, setup, param_space={GRID_KEY: _grid_search(len(grid))}, num_samples=1,
                        scheduler=None, search_alg=None, concurrency=concurrency, storage=storage,
                        expected=len(grid))
-        return _compare_outputs(ctx, results, grid, cfg.rewardbench.benchmarks, lr_files)
+        return _compare_outputs(ctx, results, grid, cfg.rewardbench.benchmarks, lr_files, digest)
     eval_every = eval_cadence(max_steps, base.train.eval_every, cfg.tune.eval_reports)
     base = from_flat({"train.eval_every": eval_every}, base=base)
     space = search_space(cfg.tune.search_space)
@@ -745,7 +746,7 @@ def _counts(records: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def _compare_outputs(ctx: StageContext, records: list[dict[str, Any]], grid: list[dict[str, Any]],
-                     benches: list[Any], lr_files: Mapping[str, Path]) -> StageResult:
+                     benches: list[Any], lr_files: Mapping[str, Path], digest: str) -> StageResult:
     """Score every completed trial on the benchmarks, then hand the analysis to :mod:`pipeline.compare_analysis`
     and write, log and return what it found."""
     from pipeline.compare_analysis import pair_evidence, paired_summary, seed_summary, write_pair_evidence, \
@@ -762,7 +763,7 @@ def _compare_outputs(ctx: StageContext, records: list[dict[str, Any]], grid: lis
         if r["status"] != "COMPLETED" or not r["checkpoint"]:
             ctx.log(f"  tune: trial {r['trial_id']} ({r['loss']}, seed {r['seed']}) {r['status']}: not scored")
             continue
-        scored, points = _score_trial(ctx, r, benches, GRADIENT_PAIRS)
+        scored, points = _score_trial(ctx, r, benches, GRADIENT_PAIRS, digest)
         gradient_points.setdefault(r["loss"], []).append(points)
         for name, (flat, frame) in scored.items():
             score_files[name][(r["loss"], r["seed"])] = frame
@@ -789,7 +790,7 @@ def _compare_outputs(ctx: StageContext, records: list[dict[str, Any]], grid: lis
     trials.to_csv(trials_path, index=False)
     seeds = sorted({g["seed"] for g in grid})
     scored_benches = [b for b in benches if score_files[b.name]]
-    references, reference_model = _reference_scores(ctx, scored_benches) if scored_benches else ({}, "")
+    references, reference_model = _reference_scores(ctx, scored_benches, digest) if scored_benches else ({}, "")
     evidence = pair_evidence(score_files, references, labels, seeds, n_boot=ctx.cfg.tune.bootstrap,
                              seed=ctx.cfg.train.seed, distance_bins=ctx.cfg.rewardbench.distance_bins)
     files = {**write_seed_outputs(summary, gradient_points, ctx.out_dir), "best_config": best_path,
@@ -806,61 +807,101 @@ def _compare_outputs(ctx: StageContext, records: list[dict[str, Any]], grid: lis
     return StageResult(outputs={k: str(v) for k, v in files.items()}, metrics=stage_metrics)
 
 
-def _score_trial(ctx: StageContext, r: dict[str, Any], benches: list[Any], gradient_file: str
+def _score_trial(ctx: StageContext, r: dict[str, Any], benches: list[Any], gradient_file: str, digest: str
                  ) -> tuple[dict[str, tuple[dict[str, float], pd.DataFrame]], np.ndarray]:
     """Score one completed trial's exported model on every benchmark; its per-pair table per benchmark and the
-    gradient diagnostics its training recorded."""
+    gradient diagnostics its training recorded. A benchmark this trial's checkpoint already scored under this
+    stage hash (a rerun after an interruption) is read back, not scored again."""
     from ray.train import Checkpoint
 
     from pipeline.benchmarks import score_benchmark
 
-    scorer_ctx = dataclasses.replace(ctx, out_dir=ctx.out_dir / "scores" / _safe(f"{r['loss']}-seed{r['seed']}"),
+    label = f"{r['loss']}-seed{r['seed']}"
+    scorer_ctx = dataclasses.replace(ctx, out_dir=ctx.out_dir / "scores" / _safe(label),
                                      tracker=tracking.RunLogger(ctx.tracker.uri, r["mlflow_run_id"] or None,
                                                                 ctx.tracker.spool))
-    scored = {}
+    key = {"hash": digest, "model": r["checkpoint"]}
+    scored = _already_scored(scorer_ctx, benches, key, label)
     with Checkpoint(path=r["checkpoint"]).as_directory() as folder:
         for bench in benches:
-            outputs, flat = score_benchmark(bench, str(Path(folder) / "model"), scorer_ctx)
-            scorer_ctx.tracker.log_metrics(flat)
-            scored[bench.name] = (flat, pd.read_parquet(outputs[f"{bench.name}/scores"]))
+            if bench.name not in scored:
+                scored[bench.name] = _score_and_mark(bench, str(Path(folder) / "model"), scorer_ctx, key,
+                                                     score_benchmark)
         gradient_path = Path(folder) / gradient_file
         points = np.loadtxt(gradient_path, delimiter=",", skiprows=1, ndmin=2) if gradient_path.is_file() \
             else np.zeros((0, 2))
-    return scored, points.reshape(-1, 2)
+    return {b.name: scored[b.name] for b in benches}, points.reshape(-1, 2)
 
 
-def _reference_scores(ctx: StageContext, benches: list[Any]) -> tuple[dict[str, Any], str]:
+SCORED_MARKER = "scored.json"  # written last into a benchmark's score folder: which model, under which stage hash
+
+
+def _score_and_mark(bench: Any, model_path: str, ctx: StageContext, key: Mapping[str, str],
+                    score: Callable[..., tuple[dict[str, str], dict[str, float]]]
+                    ) -> tuple[dict[str, float], pd.DataFrame]:
+    outputs, flat = score(bench, model_path, ctx)
+    ctx.tracker.log_metrics(flat)
+    write_json(ctx.out_dir / bench.name / SCORED_MARKER, {**key, "metrics": flat})
+    return flat, pd.read_parquet(outputs[f"{bench.name}/scores"])
+
+
+def _already_scored(ctx: StageContext, benches: list[Any], key: Mapping[str, str], label: str
+                    ) -> dict[str, tuple[dict[str, float], pd.DataFrame]]:
+    """The benchmarks whose marker names this model and stage hash, read back from their files (the marker is
+    written after them, so an interrupted scoring is never reused)."""
+    found = {}
+    for bench in benches:
+        folder = ctx.out_dir / bench.name
+        marker = folder / SCORED_MARKER
+        if not (marker.is_file() and (folder / "scores.parquet").is_file()):
+            continue
+        saved = json.loads(marker.read_text())
+        if all(saved.get(k) == v for k, v in key.items()):
+            found[bench.name] = (saved["metrics"], pd.read_parquet(folder / "scores.parquet"))
+            ctx.log(f"  tune: {bench.name} for {label} already scored by this run (read back from {folder})")
+    return found
+
+
+def _reference_scores(ctx: StageContext, benches: list[Any], digest: str) -> tuple[dict[str, Any], str]:
     """Every benchmark scored once by the reference model (``tune.reference_model``, default the untrained
     starting model): its per-pair distances bin the pairs for every loss; its run also yields the length
     controls (they depend on the texts only). The untrained model is built on the driver and saved once into
     the stage folder (a 3B backbone needs its fp32 size in driver memory for a moment; give
-    ``tune.reference_model`` a saved folder to avoid that)."""
-    import torch
-
-    from pipeline import modeling
+    ``tune.reference_model`` a saved folder to avoid that). Benchmarks it already scored under this stage hash
+    are read back."""
     from pipeline.benchmarks import score_benchmark
     from pipeline.compare_analysis import Reference
 
-    cfg = ctx.cfg
-    model_path = cfg.tune.reference_model
-    if not model_path:
-        model_path = str(ctx.out_dir / "reference_model")
-        tok = modeling.load_tokenizer(cfg.model.name_or_path, revision=cfg.model.revision,
-                                      trust_remote_code=cfg.model.trust_remote_code,
-                                      template_date=cfg.data.template_date)
-        with torch.random.fork_rng():  # building seeds torch's RNG; the driver's own stream stays as it was
-            model = modeling.build_reward_model(cfg.model.name_or_path, tok, revision=cfg.model.revision,
-                                                trust_remote_code=cfg.model.trust_remote_code, seed=cfg.model.seed)
-            modeling.save_reward_model(model, tok, model_path)
-        del model
+    name = ctx.cfg.tune.reference_model or "untrained starting model"
     ref_ctx = dataclasses.replace(ctx, out_dir=ctx.out_dir / "scores" / "reference",
                                   tracker=tracking.RunLogger(None, None))
+    key = {"hash": digest, "model": name}
+    scored = _already_scored(ref_ctx, benches, key, "the reference model")
+    missing = [b for b in benches if b.name not in scored]
+    model_path = (ctx.cfg.tune.reference_model or _untrained_model(ctx)) if missing else ""
+    for bench in missing:
+        scored[bench.name] = _score_and_mark(bench, model_path, ref_ctx, key, score_benchmark)
     out = {}
     for bench in benches:
-        outputs, _ = score_benchmark(bench, model_path, ref_ctx)
-        summary = json.loads(Path(outputs[f"{bench.name}/metrics"]).read_text())
-        out[bench.name] = Reference(pd.read_parquet(outputs[f"{bench.name}/scores"]), summary["length_controls"])
-    return out, cfg.tune.reference_model or "untrained starting model"
+        summary = json.loads((ref_ctx.out_dir / bench.name / "metrics.json").read_text())
+        out[bench.name] = Reference(scored[bench.name][1], summary["length_controls"])
+    return out, name
+
+
+def _untrained_model(ctx: StageContext) -> str:
+    import torch
+
+    from pipeline import modeling
+
+    cfg = ctx.cfg
+    model_path = str(ctx.out_dir / "reference_model")
+    tok = modeling.load_tokenizer(cfg.model.name_or_path, revision=cfg.model.revision,
+                                  trust_remote_code=cfg.model.trust_remote_code, template_date=cfg.data.template_date)
+    with torch.random.fork_rng():  # building seeds torch's RNG; the driver's own stream stays as it was
+        model = modeling.build_reward_model(cfg.model.name_or_path, tok, revision=cfg.model.revision,
+                                            trust_remote_code=cfg.model.trust_remote_code, seed=cfg.model.seed)
+        modeling.save_reward_model(model, tok, model_path)
+    return model_path
 
 
 def _safe(text: str) -> str:

@@ -308,3 +308,55 @@ def test_compare_reports_means_and_paired_intervals(tmp_path, data_manifest, ray
     runs = _child_runs(cfg, manifest.mlflow_run_id)  # 4 lr-search trials (validation only) and 4 compare trials
     assert len(runs) == 8 and sum("synthetic/overall" in r.data.metrics for r in runs) == 4
     _assert_cpus_released(ray_session)
+
+
+@pytest.mark.unit
+def test_a_rerun_reads_back_the_scores_it_finished_and_scores_only_the_rest(tmp_path, monkeypatch):
+    """A compare run stopped while scoring (10 models × 9 min on real data) scored every model again when rerun;
+    now a benchmark whose score files a finished scoring marked (same model, same stage hash) is read back, and a
+    half-written or differently-keyed one is scored again."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    import pipeline.benchmarks as B
+    from pipeline import tracking
+    from pipeline.stage import StageContext
+
+    calls = []
+
+    def fake_score(bench, model_path, ctx):
+        calls.append((bench.name, model_path))
+        folder = ctx.out_dir / bench.name
+        folder.mkdir(parents=True, exist_ok=True)
+        frame = pd.DataFrame({"id": ["p1", "p2"], "correct": [1.0, float(len(calls) % 2)]})
+        frame.to_parquet(folder / "scores.parquet")
+        (folder / "metrics.json").write_text(json.dumps({"length_controls": {"all": {"longer_wins": 0.5}}}))
+        return {f"{bench.name}/scores": str(folder / "scores.parquet")}, {f"{bench.name}/overall": frame.correct.mean()}
+
+    monkeypatch.setattr(B, "score_benchmark", fake_score)
+    checkpoint = tmp_path / "checkpoint"
+    (checkpoint / "model").mkdir(parents=True)
+    lines = []
+    ctx = StageContext(cfg=PipelineConfig(), run_dir=tmp_path, out_dir=tmp_path / "tune", upstream={},
+                       tracker=tracking.RunLogger(None, None), log=lines.append)
+    trial = {"loss": "bt", "seed": 0, "checkpoint": str(checkpoint), "mlflow_run_id": ""}
+    benches = [SimpleNamespace(name="hh"), SimpleNamespace(name="rb")]
+
+    first, _ = T._score_trial(ctx, trial, benches, "gradients.csv", "hash-1")
+    assert [c[0] for c in calls] == ["hh", "rb"]
+    (tmp_path / "tune" / "scores" / "bt-seed0" / "rb" / T.SCORED_MARKER).unlink()  # stopped before rb was marked
+    again, _ = T._score_trial(ctx, trial, benches, "gradients.csv", "hash-1")
+    assert [c[0] for c in calls] == ["hh", "rb", "rb"], "hh read back, the unmarked rb scored again"
+    assert list(again) == ["hh", "rb"] and again["hh"][0] == first["hh"][0]
+    pd.testing.assert_frame_equal(again["hh"][1], first["hh"][1])
+    assert any("hh for bt-seed0 already scored" in line for line in lines)
+    T._score_trial(ctx, trial, benches, "gradients.csv", "hash-2")  # another stage hash: nothing reused
+    assert [c[0] for c in calls] == ["hh", "rb", "rb", "hh", "rb"]
+
+    ref_ctx = dataclasses.replace(ctx, cfg=from_flat({"tune.reference_model": str(checkpoint / "model")}, base=ctx.cfg))
+    T._reference_scores(ref_ctx, benches, "h")
+    reference_again, name = T._reference_scores(ref_ctx, benches, "h")
+    assert len(calls) == 7, "the reference model scored each benchmark once"
+    assert reference_again["hh"].length_controls == {"all": {"longer_wins": 0.5}}
+    assert name == str(checkpoint / "model")
+
