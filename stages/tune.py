@@ -839,9 +839,11 @@ SCORED_MARKER = "scored.json"  # written last into a benchmark's score folder: w
 def _score_and_mark(bench: Any, model_path: str, ctx: StageContext, key: Mapping[str, str],
                     score: Callable[..., tuple[dict[str, str], dict[str, float]]]
                     ) -> tuple[dict[str, float], pd.DataFrame]:
+    marker = ctx.out_dir / bench.name / SCORED_MARKER
+    marker.unlink(missing_ok=True)  # the files are about to change: a scoring stopped midway must not pass as done
     outputs, flat = score(bench, model_path, ctx)
     ctx.tracker.log_metrics(flat)
-    write_json(ctx.out_dir / bench.name / SCORED_MARKER, {**key, "metrics": flat})
+    write_json(marker, {**key, "metrics": flat})
     return flat, pd.read_parquet(outputs[f"{bench.name}/scores"])
 
 
@@ -868,7 +870,8 @@ def _reference_scores(ctx: StageContext, benches: list[Any], digest: str) -> tup
     controls (they depend on the texts only). The untrained model is built on the driver and saved once into
     the stage folder (a 3B backbone needs its fp32 size in driver memory for a moment; give
     ``tune.reference_model`` a saved folder to avoid that). Benchmarks it already scored under this stage hash
-    are read back."""
+    are read back (the hash covers ``tune.reference_model``'s path, not its files: save another model under a
+    new path)."""
     from pipeline.benchmarks import score_benchmark
     from pipeline.compare_analysis import Reference
 

@@ -352,11 +352,24 @@ def test_a_rerun_reads_back_the_scores_it_finished_and_scores_only_the_rest(tmp_
     assert any("hh for bt-seed0 already scored" in line for line in lines)
     T._score_trial(ctx, trial, benches, "gradients.csv", "hash-2")  # another stage hash: nothing reused
     assert [c[0] for c in calls] == ["hh", "rb", "rb", "hh", "rb"]
+    T._score_trial(ctx, {**trial, "checkpoint": str(tmp_path)}, benches, "gradients.csv", "hash-2")
+    assert len(calls) == 7, "another checkpoint: scored again"
+
+    def stopped_midway(bench, model_path, ctx):
+        fake_score(bench, model_path, ctx)
+        raise KeyboardInterrupt  # the files are rewritten, the marker not yet
+    monkeypatch.setattr(B, "score_benchmark", stopped_midway)
+    with pytest.raises(KeyboardInterrupt):
+        T._score_trial(ctx, trial, benches, "gradients.csv", "hash-1")  # hh's files now hold this attempt's scores
+    monkeypatch.setattr(B, "score_benchmark", fake_score)
+    T._score_trial(ctx, {**trial, "checkpoint": str(tmp_path)}, benches, "gradients.csv", "hash-2")
+    assert [c[0] for c in calls[8:]] == ["hh"], "hh's old marker went before its files changed; rb's still holds"
+    calls.clear()
 
     ref_ctx = dataclasses.replace(ctx, cfg=from_flat({"tune.reference_model": str(checkpoint / "model")}, base=ctx.cfg))
     T._reference_scores(ref_ctx, benches, "h")
     reference_again, name = T._reference_scores(ref_ctx, benches, "h")
-    assert len(calls) == 7, "the reference model scored each benchmark once"
+    assert len(calls) == 2, "the reference model scored each benchmark once"
     assert reference_again["hh"].length_controls == {"all": {"longer_wins": 0.5}}
     assert name == str(checkpoint / "model")
 
