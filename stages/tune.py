@@ -814,8 +814,6 @@ def _score_trial(ctx: StageContext, r: dict[str, Any], benches: list[Any], gradi
     stage hash (a rerun after an interruption) is read back, not scored again."""
     from ray.train import Checkpoint
 
-    from pipeline.benchmarks import score_benchmark
-
     label = f"{r['loss']}-seed{r['seed']}"
     scorer_ctx = dataclasses.replace(ctx, out_dir=ctx.out_dir / "scores" / _safe(label),
                                      tracker=tracking.RunLogger(ctx.tracker.uri, r["mlflow_run_id"] or None,
@@ -825,8 +823,7 @@ def _score_trial(ctx: StageContext, r: dict[str, Any], benches: list[Any], gradi
     with Checkpoint(path=r["checkpoint"]).as_directory() as folder:
         for bench in benches:
             if bench.name not in scored:
-                scored[bench.name] = _score_and_mark(bench, str(Path(folder) / "model"), scorer_ctx, key,
-                                                     score_benchmark)
+                scored[bench.name] = _score_and_mark(bench, str(Path(folder) / "model"), scorer_ctx, key)
         gradient_path = Path(folder) / gradient_file
         points = np.loadtxt(gradient_path, delimiter=",", skiprows=1, ndmin=2) if gradient_path.is_file() \
             else np.zeros((0, 2))
@@ -836,12 +833,13 @@ def _score_trial(ctx: StageContext, r: dict[str, Any], benches: list[Any], gradi
 SCORED_MARKER = "scored.json"  # written last into a benchmark's score folder: which model, under which stage hash
 
 
-def _score_and_mark(bench: Any, model_path: str, ctx: StageContext, key: Mapping[str, str],
-                    score: Callable[..., tuple[dict[str, str], dict[str, float]]]
+def _score_and_mark(bench: Any, model_path: str, ctx: StageContext, key: Mapping[str, str]
                     ) -> tuple[dict[str, float], pd.DataFrame]:
+    from pipeline.benchmarks import score_benchmark
+
     marker = ctx.out_dir / bench.name / SCORED_MARKER
     marker.unlink(missing_ok=True)  # the files are about to change: a scoring stopped midway must not pass as done
-    outputs, flat = score(bench, model_path, ctx)
+    outputs, flat = score_benchmark(bench, model_path, ctx)
     ctx.tracker.log_metrics(flat)
     write_json(marker, {**key, "metrics": flat})
     return flat, pd.read_parquet(outputs[f"{bench.name}/scores"])
@@ -872,7 +870,6 @@ def _reference_scores(ctx: StageContext, benches: list[Any], digest: str) -> tup
     ``tune.reference_model`` a saved folder to avoid that). Benchmarks it already scored under this stage hash
     are read back (the hash covers ``tune.reference_model``'s path, not its files: save another model under a
     new path)."""
-    from pipeline.benchmarks import score_benchmark
     from pipeline.compare_analysis import Reference
 
     name = ctx.cfg.tune.reference_model or "untrained starting model"
@@ -883,7 +880,7 @@ def _reference_scores(ctx: StageContext, benches: list[Any], digest: str) -> tup
     missing = [b for b in benches if b.name not in scored]
     model_path = (ctx.cfg.tune.reference_model or _untrained_model(ctx)) if missing else ""
     for bench in missing:
-        scored[bench.name] = _score_and_mark(bench, model_path, ref_ctx, key, score_benchmark)
+        scored[bench.name] = _score_and_mark(bench, model_path, ref_ctx, key)
     out = {}
     for bench in benches:
         summary = json.loads((ref_ctx.out_dir / bench.name / "metrics.json").read_text())
