@@ -303,6 +303,15 @@ class SearchDomain:
     def kind(self) -> str:
         return next(k for k in ("uniform", "loguniform", "choice", "randint") if getattr(self, k) is not None)
 
+    def holds(self, value: Any) -> bool:
+        """Whether the domain can draw ``value`` (a start point outside it is still tried, once)."""
+        if self.choice is not None:
+            return value in self.choice
+        low, high = getattr(self, self.kind)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return False
+        return low <= value < high if self.kind == "randint" else low <= value <= high
+
 
 @dataclass(frozen=True, kw_only=True)
 class TuneConfig:

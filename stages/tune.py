@@ -124,6 +124,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -409,10 +410,32 @@ def tune_reward_model(ctx: StageContext) -> StageResult:
             f"({searcher} seeded by run.seed, ASHA on {cfg.tune.metric} every {eval_every} "
             f"steps of {_steps_words(max_steps, horizon)}), {concurrency} at a time, "
             f"{_launcher_words(launcher, base)}")
+    _say_start_outside(ctx, cfg.tune.search_space, start[0] if start else {})
     results = _fit(ctx, setup, param_space=space, num_samples=cfg.tune.num_samples, scheduler=scheduler,
                    search_alg=search_alg, concurrency=concurrency, storage=storage,
                    expected=cfg.tune.num_samples)
     return _search_outputs(ctx, results, list(space), start[0] if start else None, setup, horizon)
+
+
+def _say_start_outside(ctx: StageContext, domains: dict[str, Any], start: dict[str, Any]) -> None:
+    """A configured start outside its searched domain is a baseline the search must beat, not a mistake: say so
+    once, in words, instead of Tune's "Pre-set value ... is not within valid values" warning."""
+    outside = [f"{k}={start[k]:g}" if isinstance(start[k], float) else f"{k}={start[k]}"
+               for k in start if not domains[k].holds(start[k])]
+    if not outside:
+        return
+    ctx.log(f"  tune: the first trial tries the configured {', '.join(outside)}, outside the searched domain "
+            "(the start the search has to beat, not a value it draws)")
+    tune_log = logging.getLogger("ray.tune.search.variant_generator")
+    if not any(isinstance(f, _NotPresetValue) for f in tune_log.filters):
+        tune_log.addFilter(_NotPresetValue())
+
+
+class _NotPresetValue(logging.Filter):
+    """Drops Tune's warning about a start point outside its domain (said in words by the stage instead)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Pre-set value")
 
 
 def _steps_words(steps: int, horizon: int) -> str:

@@ -72,3 +72,26 @@ def test_the_libraries_chatter_is_off_by_default_and_back_with_verbose(cfg, monk
     assert quiet_env("INFO") == {}
     monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")  # the user's own choice wins
     assert quiet_env("WARNING")["TRANSFORMERS_VERBOSITY"] == "info"
+
+
+def test_the_search_starts_from_a_baseline_it_must_beat_and_its_winner_is_continued_not_retrained(cfg):
+    """The default's search is worth its time. Its first trial is the configured lr, outside the searched domain
+    (a baseline, said as such by the stage); every trial trains the first 40 steps of the final run's own 100 (a
+    prefix, not a schedule of its own), which the final run, one rank of the same 16 pairs, continues instead of
+    training again. A change that breaks the prefix (another batch layout, a trial horizon of its own) makes the
+    final run start from step 0 again: this test says so before a 3-minute run does."""
+    from pipeline.continuation import continuation_problem
+    from pipeline.config import flatten, from_flat
+    from pipeline.train_loop import last_step
+    from stages.tune import TrialSetup, trained_config, trial_launcher
+
+    assert not cfg.tune.search_space["train.lr"].holds(cfg.train.lr) and cfg.tune.start_from_config
+    base = from_flat(dict(cfg.tune.trial_overrides), base=cfg)
+    horizon = 1600 // (cfg.train.micro_batch_size * cfg.train.num_workers)
+    assert cfg.data.sources[0].synthetic.n_train == 1600 and last_step(base, horizon) == 40
+    setup = TrialSetup(cfg=base, data=None, storage_path="unused", tracker=None, mode="search", digest="d",
+                       launcher=trial_launcher(base))
+    drawn = {"train.lr": 1.2e-4, "loss.beta": 0.63, "loss.eps": 1.3e-4}
+    final = flatten(from_flat(drawn, base=cfg))
+    assert cfg.train.continue_search
+    assert continuation_problem(flatten(trained_config(setup, drawn)), final, run_last_step=horizon) is None

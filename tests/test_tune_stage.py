@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from pipeline import runner
-from pipeline.config import ConfigError, PipelineConfig, from_flat, load_config
+from pipeline.config import ConfigError, PipelineConfig, flatten, from_flat, load_config
 from pipeline import compare as C
 from stages import tune as T
 
@@ -182,6 +182,34 @@ def test_trial_status_and_best_trial_choice():
     best = T._best(records, "val_accuracy")
     assert best["trial_id"] == "ab12c_00002" and best["checkpoint"] == "/ck/2"  # completed beats a stopped 0.9
     assert T._best([records[1]], "val_accuracy")["trial_id"] == "ab12c_00001"  # fallback: none completed
+
+
+@pytest.mark.unit
+def test_a_start_outside_the_searched_domain_is_said_in_words_not_as_tunes_warning(capsys, caplog):
+    """The default starts its search at lr 1e-5, below the searched [5e-5, 2e-4]: Tune's generator warned
+    "Pre-set value `1e-05` is not within valid values" in the user's terminal. The stage says it in words."""
+    from types import SimpleNamespace
+
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "default.yaml"), [])
+    start = {k: v for k, v in flatten(cfg).items() if k in cfg.tune.search_space}
+    said = []
+    T._say_start_outside(SimpleNamespace(log=said.append), cfg.tune.search_space, start)
+    assert said == ["  tune: the first trial tries the configured train.lr=1e-05, outside the searched domain "
+                    "(the start the search has to beat, not a value it draws)"]
+    generator = BasicVariantGenerator(points_to_evaluate=[start], random_state=0)
+    tune.register_trainable("start_probe", lambda config: None)  # no Ray cluster: the generator only checks the name
+    generator.add_configurations({"t": {"run": "start_probe", "config": T.search_space(cfg.tune.search_space),
+                                        "num_samples": 2}})
+    with caplog.at_level("WARNING", logger="ray.tune.search.variant_generator"):
+        first = generator.next_trial()
+    assert first.config["train.lr"] == 1e-5  # still tried first, as configured
+    assert "Pre-set value" not in caplog.text + capsys.readouterr().err
+    in_domain = {**start, "train.lr": 1e-4}
+    T._say_start_outside(SimpleNamespace(log=said.append), cfg.tune.search_space, in_domain)
+    assert len(said) == 1  # nothing to say when the start lies inside
 
 
 @pytest.mark.unit
