@@ -156,7 +156,7 @@ def test_each_setting_searches_its_own_lr_on_validation_then_trains_its_seeds_th
     grid = C.compare_grid(cfg, chosen)
     assert {g["loss"]: g["lr"] for g in grid} == {"bt": 1e-4, "normbt": 3e-4, "name=bt,train.lr=5e-5": 5e-5}
     assert grid[2]["overrides"]["train.lr"] == 3e-4 and grid[2]["setting"] == {"loss.name": "normbt"}
-    assert {g["lr"] for g in C.compare_grid(cfg)} == {1e-4, 5e-5}  # no search: train.lr, or the setting's own
+    assert {g["lr"] for g in C.compare_grid(cfg)} == {cfg.train.lr, 5e-5}  # no search: train.lr, or the setting's own
     with pytest.raises(RuntimeError, match="normbt"):
         C.choose_lrs([{**r, "status": "ERROR"} if r["loss"] == "normbt" else r for r in records], "val_accuracy")
     with pytest.raises(ConfigError, match="compare_lr_grid"):
