@@ -30,6 +30,8 @@ from pipeline.config import PipelineConfig
 from pipeline.document import (FILES_DIR, Block, Collapsed, Heading, Image, Text, fmt, frame_table,
                                render_html, render_markdown, table)
 
+SMOOTHING_REPORTS = 4
+SMOOTHED = f"pair_loss, mean of {SMOOTHING_REPORTS} reports"
 TRAIN_CURVES = ("loss", "pair_loss", "val_loss", "accuracy", "val_accuracy", "mu", "distance_mean", "weight_mean")
 WEIGHT_CURVES = ("weight_mean", "weight_min", "weight_max", "distance_mean", "distance_min", "distance_max")
 
@@ -214,13 +216,25 @@ def _training(cfg: PipelineConfig, manifests: Mapping[str, Manifest], files: Pat
     history, notes = _history_or_note(cfg, m, tracking_uri, TRAIN_CURVES)
     if notes:
         return blocks + notes
-    layout = [("loss (pair_loss: plain BT, unweighted)", ("loss", "pair_loss", "val_loss")), ("accuracy", ("accuracy", "val_accuracy")),
+    if "pair_loss" in history:
+        history[SMOOTHED] = running_mean(*history["pair_loss"], window=SMOOTHING_REPORTS)
+    # The plain BT loss shows learning; NormBT's weighted loss jumps with the weights (μ/d on close pairs not yet
+    # separated), so it shares a panel with them rather than hiding the plain loss's fall.
+    layout = [("plain BT loss (pair_loss, unweighted)", ("pair_loss", SMOOTHED, "val_loss")),
+              ("accuracy", ("accuracy", "val_accuracy")),
               ("NormBT mu (EMA of mean pair distance)", ("mu", "distance_mean")),
-              ("mean per-pair weight", ("weight_mean",))]
+              ("NormBT weighted loss and mean per-pair weight", ("loss", "weight_mean"))]
     panels = [(title, {k: history[k] for k in keys if k in history}) for title, keys in layout]
     panels = [p for p in panels if p[1]]
     path = _figure(panels, files / "training_curves.png")
     return blocks + [Image(path, "training curves")]
+
+
+def running_mean(steps: list[float], values: list[float], window: int) -> tuple[list[float], list[float]]:
+    """Each report's value replaced by the mean of it and the ``window - 1`` reports before it (fewer at the
+    start): the trend of a per-batch loss that moves with each batch's pairs."""
+    spans = [values[max(0, i - window + 1):i + 1] for i in range(len(values))]
+    return list(steps), [sum(span) / len(span) for span in spans]
 
 
 def _distance(cfg: PipelineConfig, manifests: Mapping[str, Manifest], files: Path, tracking_uri: str | None

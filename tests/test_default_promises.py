@@ -95,3 +95,25 @@ def test_the_search_starts_from_a_baseline_it_must_beat_and_its_winner_is_contin
     final = flatten(from_flat(drawn, base=cfg))
     assert cfg.train.continue_search
     assert continuation_problem(flatten(trained_config(setup, drawn)), final, run_last_step=horizon) is None
+
+
+def test_the_report_shows_the_plain_loss_falling_not_hidden_under_the_weighted_one(tmp_path, monkeypatch):
+    """The default's NormBT weighted loss jumps to 10 where μ/d is large, and shared the loss panel's scale with the
+    plain BT loss, which then looked flat. The plain loss now has its panel, with its running mean (the trend of a
+    per-batch loss); the weighted loss sits with the weights that drive it."""
+    from pipeline import report
+    from pipeline.artifacts import Manifest
+
+    steps = [5.0, 10.0, 15.0, 20.0, 25.0]
+    history = {"pair_loss": (steps, [0.69, 0.70, 0.52, 0.61, 0.40]), "loss": (steps, [0.9, 1.3, 10.2, 0.6, 0.5]),
+               "weight_mean": (steps, [1.0, 2.0, 14.0, 1.0, 1.0]), "val_loss": ([25.0], [0.45])}
+    monkeypatch.setattr(report, "metric_history", lambda uri, run_id, keys: {k: v for k, v in history.items() if k in keys})
+    drawn = []
+    monkeypatch.setattr(report, "_figure", lambda panels, path, bands=None: drawn.append(panels) or path)
+    cfg = load_config(None, [])
+    train = Manifest(stage="train", hash="h", outputs={}, mlflow_run_id="r")
+    report._training(cfg, {"train": train}, tmp_path, "sqlite:///unused.db")
+    (title, first), *rest = drawn[0]
+    assert "plain BT loss" in title and "loss" not in first and set(first) == {"pair_loss", report.SMOOTHED, "val_loss"}
+    assert first[report.SMOOTHED][1] == pytest.approx([0.69, 0.695, 0.6367, 0.63, 0.5575], abs=1e-4)
+    assert any("loss" in series and "weight_mean" in series for _, series in rest)
