@@ -245,7 +245,8 @@ class TrainConfig:
                               "unknown without one.")
     micro_batch_size: int = _f(8, "Pairs per worker per forward.")
     grad_accum: int = _f(1, "Gradient accumulation steps.")
-    lr: float = _f(1e-4, "Peak learning rate (1e-4 calibrated for the embedded MiniLM default).")
+    lr: float = _f(1e-4, "Peak learning rate (1e-4 calibrated for MiniLM on the built-in data; configs/default.yaml "
+                                 "starts its search lower, at 1e-5).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     optimizer: Literal["adamw", "sgd"] = _f("adamw", "'adamw' or 'sgd' (with momentum).")
     momentum: float = _f(0.9, "SGD momentum.")
@@ -306,17 +307,19 @@ class SearchDomain:
     def holds(self, value: Any) -> bool:
         """Whether the domain can draw ``value`` (a start point outside it is still tried, once)."""
         if self.choice is not None:
-            return value in self.choice
+            return plain(value) in [plain(c) for c in self.choice]  # a tuple from a config, a list from YAML
         low, high = getattr(self, self.kind)
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             return False
-        return low <= value < high if self.kind == "randint" else low <= value <= high
+        if self.kind == "randint":
+            return float(value).is_integer() and low <= value < high
+        return low <= value <= high
 
 
 @dataclass(frozen=True, kw_only=True)
 class TuneConfig:
     mode: Literal["search", "compare"] = _f("search", "'search' (beta, eps, lr by ASHA) or 'compare' (losses x seeds with error bars).")
-    num_samples: int = _f(2, "Trials in search mode (the embedded default's search is small: 2 short trials).")
+    num_samples: int = _f(2, "Trials in search mode (the embedded default's search is small: 2 trials).")
     search_space: dict[str, SearchDomain] = _f(
         {"loss.beta": SearchDomain(uniform=(0.5, 0.99)), "loss.eps": SearchDomain(loguniform=(1e-4, 1e-1)),
          "train.lr": SearchDomain(loguniform=(5e-5, 1.5e-4))},

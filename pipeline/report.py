@@ -223,7 +223,7 @@ def _training(cfg: PipelineConfig, manifests: Mapping[str, Manifest], files: Pat
     layout = [("plain BT loss (pair_loss, unweighted)", ("pair_loss", SMOOTHED, "val_loss")),
               ("accuracy", ("accuracy", "val_accuracy")),
               ("NormBT mu (EMA of mean pair distance)", ("mu", "distance_mean")),
-              ("NormBT weighted loss and mean per-pair weight", ("loss", "weight_mean"))]
+              (f"training loss ({cfg.loss.name}) and mean per-pair weight", ("loss", "weight_mean"))]
     panels = [(title, {k: history[k] for k in keys if k in history}) for title, keys in layout]
     panels = [p for p in panels if p[1]]
     path = _figure(panels, files / "training_curves.png")

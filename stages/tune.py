@@ -64,7 +64,7 @@ holds no placement group of its own beyond Tune's). A trial stopped by ASHA is k
 placement group through the dashboard's State API (:func:`pipeline.raycluster.ensure_ray` keeps the dashboard
 on). That cleaner finds its cluster by auto-detection and fails when a second Ray instance runs on the machine
 ("Found multiple active Ray instances"): the CPUs stay reserved and the next trial would starve. So: (1) a trial
-first waits until one CPU is free (what its workers need on the default 2 × 0.5); when it is the only trial running, this
+first waits until one CPU is free (what its workers need on the library's default 2 × 0.5); when it is the only trial running, this
 job's Train-sized placement groups still there after 10 s are leftovers and are removed (State API with the
 cluster's address given explicitly); past the controller's patience (``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``,
 60 s, × (1 + ``tune.controller_failure_limit``)) it errors out naming the cause; (2) its TorchTrainer gets
@@ -410,32 +410,45 @@ def tune_reward_model(ctx: StageContext) -> StageResult:
             f"({searcher} seeded by run.seed, ASHA on {cfg.tune.metric} every {eval_every} "
             f"steps of {_steps_words(max_steps, horizon)}), {concurrency} at a time, "
             f"{_launcher_words(launcher, base)}")
-    _say_start_outside(ctx, cfg.tune.search_space, start[0] if start else {})
-    results = _fit(ctx, setup, param_space=space, num_samples=cfg.tune.num_samples, scheduler=scheduler,
-                   search_alg=search_alg, concurrency=concurrency, storage=storage,
-                   expected=cfg.tune.num_samples)
+    outside = _say_start_outside(ctx, cfg.tune.search_space, start[0] if start else {})
+    with _start_warning_dropped(outside if not tune_verbosity(cfg) else []):
+        results = _fit(ctx, setup, param_space=space, num_samples=cfg.tune.num_samples, scheduler=scheduler,
+                       search_alg=search_alg, concurrency=concurrency, storage=storage,
+                       expected=cfg.tune.num_samples)
     return _search_outputs(ctx, results, list(space), start[0] if start else None, setup, horizon)
 
 
-def _say_start_outside(ctx: StageContext, domains: dict[str, Any], start: dict[str, Any]) -> None:
-    """A configured start outside its searched domain is a baseline the search must beat, not a mistake: say so
-    once, in words, instead of Tune's "Pre-set value ... is not within valid values" warning."""
-    outside = [f"{k}={start[k]:g}" if isinstance(start[k], float) else f"{k}={start[k]}"
-               for k in start if not domains[k].holds(start[k])]
-    if not outside:
+def _say_start_outside(ctx: StageContext, domains: Mapping[str, SearchDomain], start: Mapping[str, Any]) -> list[str]:
+    """A configured start outside its searched domain is a baseline the search must beat, not a mistake: said
+    once, in words. Returns the keys said (whose Tune warning :func:`_start_warning_dropped` drops)."""
+    outside = [k for k in start if not domains[k].holds(start[k])]
+    if outside:
+        said = ", ".join(f"{k}={start[k]:g}" if isinstance(start[k], float) else f"{k}={start[k]}" for k in outside)
+        ctx.log(f"  tune: the search's first trial is the configured {said}, outside the searched domain (the "
+                "start the search has to beat, not a value it draws)")
+    return outside
+
+
+@contextmanager
+def _start_warning_dropped(keys: list[str]) -> Iterator[None]:
+    """While the search runs, Tune's "Pre-set value `v` is not within valid values of parameter `k`" warning for
+    the ``keys`` the stage has said in words is dropped; any other warning passes (``--verbose`` keeps them all)."""
+    if not keys:
+        yield
         return
-    ctx.log(f"  tune: the first trial tries the configured {', '.join(outside)}, outside the searched domain "
-            "(the start the search has to beat, not a value it draws)")
+    marks = tuple(f"parameter `{k}`" for k in keys)
+
+    def keep(record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (text.startswith("Pre-set value") and "is not within valid values" in text
+                    and any(m in text for m in marks))
+
     tune_log = logging.getLogger("ray.tune.search.variant_generator")
-    if not any(isinstance(f, _NotPresetValue) for f in tune_log.filters):
-        tune_log.addFilter(_NotPresetValue())
-
-
-class _NotPresetValue(logging.Filter):
-    """Drops Tune's warning about a start point outside its domain (said in words by the stage instead)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Pre-set value")
+    tune_log.addFilter(keep)
+    try:
+        yield
+    finally:
+        tune_log.removeFilter(keep)
 
 
 def _steps_words(steps: int, horizon: int) -> str:

@@ -82,13 +82,13 @@ def test_the_search_starts_from_a_baseline_it_must_beat_and_its_winner_is_contin
     final run start from step 0 again: this test says so before a 3-minute run does."""
     from pipeline.continuation import continuation_problem
     from pipeline.config import flatten, from_flat
-    from pipeline.train_loop import last_step
+    from pipeline.train_loop import last_step, plan_steps
     from stages.tune import TrialSetup, trained_config, trial_launcher
 
     assert not cfg.tune.search_space["train.lr"].holds(cfg.train.lr) and cfg.tune.start_from_config
     base = from_flat(dict(cfg.tune.trial_overrides), base=cfg)
-    horizon = 1600 // (cfg.train.micro_batch_size * cfg.train.num_workers)
-    assert cfg.data.sources[0].synthetic.n_train == 1600 and last_step(base, horizon) == 40
+    horizon, _ = plan_steps(cfg, 1600)
+    assert cfg.data.sources[0].synthetic.n_train == 1600 and (horizon, last_step(base, horizon)) == (100, 40)
     setup = TrialSetup(cfg=base, data=None, storage_path="unused", tracker=None, mode="search", digest="d",
                        launcher=trial_launcher(base))
     drawn = {"train.lr": 1.2e-4, "loss.beta": 0.63, "loss.eps": 1.3e-4}

@@ -184,10 +184,11 @@ def test_trial_status_and_best_trial_choice():
     assert T._best([records[1]], "val_accuracy")["trial_id"] == "ab12c_00001"  # fallback: none completed
 
 
-@pytest.mark.unit
-def test_a_start_outside_the_searched_domain_is_said_in_words_not_as_tunes_warning(capsys, caplog):
+@pytest.mark.integration  # imports Ray Tune (no cluster)
+def test_a_start_outside_the_searched_domain_is_said_in_words_not_as_tunes_warning(capsys):
     """The default starts its search at lr 1e-5, below the searched [5e-5, 2e-4]: Tune's generator warned
-    "Pre-set value `1e-05` is not within valid values" in the user's terminal. The stage says it in words."""
+    "Pre-set value `1e-05` is not within valid values" in the user's terminal. The stage says it in words and drops
+    that warning while its search runs; other warnings, and the same one afterwards, still print."""
     from types import SimpleNamespace
 
     from ray import tune
@@ -195,21 +196,40 @@ def test_a_start_outside_the_searched_domain_is_said_in_words_not_as_tunes_warni
 
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "default.yaml"), [])
     start = {k: v for k, v in flatten(cfg).items() if k in cfg.tune.search_space}
-    said = []
-    T._say_start_outside(SimpleNamespace(log=said.append), cfg.tune.search_space, start)
-    assert said == ["  tune: the first trial tries the configured train.lr=1e-05, outside the searched domain "
-                    "(the start the search has to beat, not a value it draws)"]
-    generator = BasicVariantGenerator(points_to_evaluate=[start], random_state=0)
     tune.register_trainable("start_probe", lambda config: None)  # no Ray cluster: the generator only checks the name
-    generator.add_configurations({"t": {"run": "start_probe", "config": T.search_space(cfg.tune.search_space),
-                                        "num_samples": 2}})
-    with caplog.at_level("WARNING", logger="ray.tune.search.variant_generator"):
-        first = generator.next_trial()
-    assert first.config["train.lr"] == 1e-5  # still tried first, as configured
-    assert "Pre-set value" not in caplog.text + capsys.readouterr().err
-    in_domain = {**start, "train.lr": 1e-4}
-    T._say_start_outside(SimpleNamespace(log=said.append), cfg.tune.search_space, in_domain)
+
+    def first_trial(point):
+        generator = BasicVariantGenerator(points_to_evaluate=[point], random_state=0)
+        generator.add_configurations({"t": {"run": "start_probe", "config": T.search_space(cfg.tune.search_space),
+                                            "num_samples": 2}})
+        return generator.next_trial()
+
+    first_trial(start)
+    assert "Pre-set value `1e-05` is not within valid values of parameter `train.lr`" in capsys.readouterr().err
+    said = []
+    outside = T._say_start_outside(SimpleNamespace(log=said.append), cfg.tune.search_space, start)
+    assert outside == ["train.lr"] and said == [
+        "  tune: the search's first trial is the configured train.lr=1e-05, outside the searched domain (the start "
+        "the search has to beat, not a value it draws)"]
+    with T._start_warning_dropped(outside):
+        assert first_trial(start).config["train.lr"] == 1e-5  # still tried first, as configured
+        assert "Pre-set value" not in capsys.readouterr().err
+        first_trial({**start, "loss.beta": 2.0})  # a key the stage did not speak for keeps Tune's warning
+        assert "parameter `loss.beta`" in capsys.readouterr().err
+    first_trial(start)
+    assert "parameter `train.lr`" in capsys.readouterr().err, "the filter ends with the search"
+    assert T._say_start_outside(SimpleNamespace(log=said.append), cfg.tune.search_space, {**start, "train.lr": 1e-4}) == []
     assert len(said) == 1  # nothing to say when the start lies inside
+
+
+@pytest.mark.unit
+def test_a_search_domain_holds_what_it_can_draw():
+    from pipeline.config import SearchDomain
+
+    assert SearchDomain(loguniform=(5e-5, 2e-4)).holds(2e-4) and not SearchDomain(loguniform=(5e-5, 2e-4)).holds(1e-5)
+    assert SearchDomain(randint=(1, 4)).holds(3) and not SearchDomain(randint=(1, 4)).holds(4)
+    assert not SearchDomain(randint=(1, 4)).holds(2.5) and not SearchDomain(uniform=(0, 1)).holds("0.5")
+    assert SearchDomain(choice=(["q", "v"], "all-linear")).holds(("q", "v"))  # a tuple from a config holds its list
 
 
 @pytest.mark.unit
