@@ -304,17 +304,6 @@ class SearchDomain:
     def kind(self) -> str:
         return next(k for k in ("uniform", "loguniform", "choice", "randint") if getattr(self, k) is not None)
 
-    def holds(self, value: Any) -> bool:
-        """Whether the domain can draw ``value`` (a start point outside it is still tried, once)."""
-        if self.choice is not None:
-            return plain(value) in [plain(c) for c in self.choice]  # a tuple from a config, a list from YAML
-        low, high = getattr(self, self.kind)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            return False
-        if self.kind == "randint":
-            return float(value).is_integer() and low <= value < high
-        return low <= value <= high
-
 
 @dataclass(frozen=True, kw_only=True)
 class TuneConfig:

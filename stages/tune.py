@@ -410,7 +410,7 @@ def tune_reward_model(ctx: StageContext) -> StageResult:
             f"({searcher} seeded by run.seed, ASHA on {cfg.tune.metric} every {eval_every} "
             f"steps of {_steps_words(max_steps, horizon)}), {concurrency} at a time, "
             f"{_launcher_words(launcher, base)}")
-    outside = _say_start_outside(ctx, cfg.tune.search_space, start[0] if start else {})
+    outside = _say_start_outside(ctx, space, start[0] if start else {})
     with _start_warning_dropped(outside if not tune_verbosity(cfg) else []):
         results = _fit(ctx, setup, param_space=space, num_samples=cfg.tune.num_samples, scheduler=scheduler,
                        search_alg=search_alg, concurrency=concurrency, storage=storage,
@@ -418,10 +418,11 @@ def tune_reward_model(ctx: StageContext) -> StageResult:
     return _search_outputs(ctx, results, list(space), start[0] if start else None, setup, horizon)
 
 
-def _say_start_outside(ctx: StageContext, domains: Mapping[str, SearchDomain], start: Mapping[str, Any]) -> list[str]:
+def _say_start_outside(ctx: StageContext, space: Mapping[str, Any], start: Mapping[str, Any]) -> list[str]:
     """A configured start outside its searched domain is a baseline the search must beat, not a mistake: said
-    once, in words. Returns the keys said (whose Tune warning :func:`_start_warning_dropped` drops)."""
-    outside = [k for k in start if not domains[k].holds(start[k])]
+    once, in words. ``space`` holds Tune's domains, whose own check decides (the one behind Tune's warning).
+    Returns the keys said (whose Tune warning :func:`_start_warning_dropped` drops)."""
+    outside = [k for k in start if not space[k].is_valid(start[k])]
     if outside:
         said = ", ".join(f"{k}={start[k]:g}" if isinstance(start[k], float) else f"{k}={start[k]}" for k in outside)
         ctx.log(f"  tune: the search's first trial is the configured {said}, outside the searched domain (the "

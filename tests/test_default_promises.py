@@ -85,7 +85,8 @@ def test_the_search_starts_from_a_baseline_it_must_beat_and_its_winner_is_contin
     from pipeline.train_loop import last_step, plan_steps
     from stages.tune import TrialSetup, trained_config, trial_launcher
 
-    assert not cfg.tune.search_space["train.lr"].holds(cfg.train.lr) and cfg.tune.start_from_config
+    low, high = cfg.tune.search_space["train.lr"].loguniform
+    assert not low <= cfg.train.lr <= high and cfg.tune.start_from_config
     base = from_flat(dict(cfg.tune.trial_overrides), base=cfg)
     horizon, _ = plan_steps(cfg, 1600)
     assert cfg.data.sources[0].synthetic.n_train == 1600 and (horizon, last_step(base, horizon)) == (100, 40)

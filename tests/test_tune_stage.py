@@ -207,7 +207,7 @@ def test_a_start_outside_the_searched_domain_is_said_in_words_not_as_tunes_warni
     first_trial(start)
     assert "Pre-set value `1e-05` is not within valid values of parameter `train.lr`" in capsys.readouterr().err
     said = []
-    outside = T._say_start_outside(SimpleNamespace(log=said.append), cfg.tune.search_space, start)
+    outside = T._say_start_outside(SimpleNamespace(log=said.append), T.search_space(cfg.tune.search_space), start)
     assert outside == ["train.lr"] and said == [
         "  tune: the search's first trial is the configured train.lr=1e-05, outside the searched domain (the start "
         "the search has to beat, not a value it draws)"]
@@ -218,18 +218,9 @@ def test_a_start_outside_the_searched_domain_is_said_in_words_not_as_tunes_warni
         assert "parameter `loss.beta`" in capsys.readouterr().err
     first_trial(start)
     assert "parameter `train.lr`" in capsys.readouterr().err, "the filter ends with the search"
-    assert T._say_start_outside(SimpleNamespace(log=said.append), cfg.tune.search_space, {**start, "train.lr": 1e-4}) == []
+    assert T._say_start_outside(SimpleNamespace(log=said.append), T.search_space(cfg.tune.search_space),
+                                {**start, "train.lr": 1e-4}) == []
     assert len(said) == 1  # nothing to say when the start lies inside
-
-
-@pytest.mark.unit
-def test_a_search_domain_holds_what_it_can_draw():
-    from pipeline.config import SearchDomain
-
-    assert SearchDomain(loguniform=(5e-5, 2e-4)).holds(2e-4) and not SearchDomain(loguniform=(5e-5, 2e-4)).holds(1e-5)
-    assert SearchDomain(randint=(1, 4)).holds(3) and not SearchDomain(randint=(1, 4)).holds(4)
-    assert not SearchDomain(randint=(1, 4)).holds(2.5) and not SearchDomain(uniform=(0, 1)).holds("0.5")
-    assert SearchDomain(choice=(["q", "v"], "all-linear")).holds(("q", "v"))  # a tuple from a config holds its list
 
 
 @pytest.mark.unit
