@@ -3,6 +3,7 @@
 The 3-trial ASHA search on the smoke config is asserted end to end in ``test_full.py``."""
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -184,8 +185,34 @@ def test_trial_status_and_best_trial_choice():
     assert T._best([records[1]], "val_accuracy")["trial_id"] == "ab12c_00001"  # fallback: none completed
 
 
+class _Collect(logging.Handler):
+    """What a logger lets through, read as text and then forgotten."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.texts: list[str] = []
+
+    def emit(self, record):
+        self.texts.append(record.getMessage())
+
+    def read(self) -> str:
+        text, self.texts = "\n".join(self.texts), []
+        return text
+
+
+@pytest.fixture
+def tune_generator_warnings():
+    # A handler on Tune's own logger, not a captured stream: Ray's stream handler keeps whichever stderr it first
+    # saw, which in a full test run is an earlier test's, so capsys saw nothing there (CI, stop 36).
+    seen = _Collect()
+    tune_log = logging.getLogger("ray.tune.search.variant_generator")
+    tune_log.addHandler(seen)
+    yield seen
+    tune_log.removeHandler(seen)
+
+
 @pytest.mark.integration  # imports Ray Tune (no cluster)
-def test_a_start_outside_the_searched_domain_is_said_in_words_not_as_tunes_warning(capsys):
+def test_a_start_outside_the_searched_domain_is_said_in_words_not_as_tunes_warning(tune_generator_warnings):
     """The default starts its search at lr 1e-5, below the searched [5e-5, 2e-4]: Tune's generator warned
     "Pre-set value `1e-05` is not within valid values" in the user's terminal. The stage says it in words and drops
     that warning while its search runs; other warnings, and the same one afterwards, still print."""
@@ -197,6 +224,7 @@ def test_a_start_outside_the_searched_domain_is_said_in_words_not_as_tunes_warni
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "default.yaml"), [])
     start = {k: v for k, v in flatten(cfg).items() if k in cfg.tune.search_space}
     tune.register_trainable("start_probe", lambda config: None)  # no Ray cluster: the generator only checks the name
+    seen = tune_generator_warnings
 
     def first_trial(point):
         generator = BasicVariantGenerator(points_to_evaluate=[point], random_state=0)
@@ -205,7 +233,7 @@ def test_a_start_outside_the_searched_domain_is_said_in_words_not_as_tunes_warni
         return generator.next_trial()
 
     first_trial(start)
-    assert "Pre-set value `1e-05` is not within valid values of parameter `train.lr`" in capsys.readouterr().err
+    assert "Pre-set value `1e-05` is not within valid values of parameter `train.lr`" in seen.read()
     said = []
     outside = T._say_start_outside(SimpleNamespace(log=said.append), T.search_space(cfg.tune.search_space), start)
     assert outside == ["train.lr"] and said == [
@@ -213,11 +241,11 @@ def test_a_start_outside_the_searched_domain_is_said_in_words_not_as_tunes_warni
         "the search has to beat, not a value it draws)"]
     with T._start_warning_dropped(outside):
         assert first_trial(start).config["train.lr"] == 1e-5  # still tried first, as configured
-        assert "Pre-set value" not in capsys.readouterr().err
+        assert "Pre-set value" not in seen.read()
         first_trial({**start, "loss.beta": 2.0})  # a key the stage did not speak for keeps Tune's warning
-        assert "parameter `loss.beta`" in capsys.readouterr().err
+        assert "parameter `loss.beta`" in seen.read()
     first_trial(start)
-    assert "parameter `train.lr`" in capsys.readouterr().err, "the filter ends with the search"
+    assert "parameter `train.lr`" in seen.read(), "the filter ends with the search"
     assert T._say_start_outside(SimpleNamespace(log=said.append), T.search_space(cfg.tune.search_space),
                                 {**start, "train.lr": 1e-4}) == []
     assert len(said) == 1  # nothing to say when the start lies inside
