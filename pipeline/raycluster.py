@@ -32,13 +32,17 @@ def _chatty(log_level: str) -> bool:
 def quiet_env(log_level: str) -> dict[str, str]:
     """Below INFO (``run.log_level``, the default WARNING) the libraries' own chatter stays off the terminal:
     transformers' load reports and progress bars (every trial and worker loads a model), the hub's bars, MLflow's
-    and Ray Data's INFO lines ("Dataset ... execution finished" from every worker), and Tune's experiment box (its
-    new output prints it even at verbose 0; the classic reporter at 0 prints nothing). A value the user set wins."""
+    and Ray Data's INFO lines ("Dataset ... execution finished" from every worker), Tune's experiment box (its
+    new output prints it even at verbose 0; the classic reporter at 0 prints nothing), and Ray's log
+    de-duplication: it takes lines that differ only in their numbers for repeats, so it held back most training
+    progress lines ("step 2/8 ... [repeated 2x across cluster]") and printed its notice. Once the chatter is off,
+    only rank 0's own lines reach the driver, so there is nothing left to de-duplicate. The driver reads
+    ``RAY_DEDUP_LOGS`` when it imports ray: this runs before that. A value the user set wins."""
     if _chatty(log_level):
         return {}
     wanted = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "MLFLOW_LOGGING_LEVEL": "WARNING",
               "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "RAY_DATA_LOG_LEVEL": "WARNING",
-              "RAY_AIR_NEW_OUTPUT": "0"}
+              "RAY_AIR_NEW_OUTPUT": "0", "RAY_DEDUP_LOGS": "0"}
     return {k: os.environ.get(k, v) for k, v in wanted.items()}
 
 

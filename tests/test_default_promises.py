@@ -65,10 +65,12 @@ def test_the_libraries_chatter_is_off_by_default_and_back_with_verbose(cfg, monk
     from pipeline.raycluster import quiet_env
 
     monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
+    monkeypatch.delenv("RAY_DEDUP_LOGS", raising=False)
     assert cfg.run.log_level == "WARNING"
     assert quiet_env(cfg.run.log_level) == {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
                                             "MLFLOW_LOGGING_LEVEL": "WARNING", "RAY_DATA_LOG_LEVEL": "WARNING",
-                                            "RAY_AIR_NEW_OUTPUT": "0", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+                                            "RAY_AIR_NEW_OUTPUT": "0", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                                            "RAY_DEDUP_LOGS": "0"}
     assert quiet_env("INFO") == {}
     monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")  # the user's own choice wins
     assert quiet_env("WARNING")["TRANSFORMERS_VERBOSITY"] == "info"
