@@ -18,6 +18,12 @@ from pipeline.train_loop import TRAIN_COLUMNS, LoopPlan, checkpoint_problem, pla
 
 _TEST_HOOKS = ("NORMBT_FAIL_AT_STEP", "NORMBT_NAN_AT_STEP")  # fault injection, read by the worker
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the checkpoints it registered, in a run folder
+# Ray Train's controller takes each worker's report from a one-slot queue when it polls the workers, every 2 s by
+# default: a worker reporting more often waits for the poll (train.log_every 1 on the smoke config: 13.8 of the
+# train stage's 35 s; a GPU step shorter than 2 s would be held to 2 s). A poll is one small call per worker, and
+# an answer that is late is awaited at the next poll (a worker counts as lost only after 10 minutes of them), so
+# the controller polls every 0.1 s. Ray carries this variable from the driver to the controller.
+POLL_INTERVAL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 
 
 def _worker_env() -> dict[str, str]:
@@ -176,6 +182,7 @@ def build_trainer(cfg: PipelineConfig, data: Any, *, name: str, storage_path: st
     # Every rank reads the whole stream in file order (see the module docstring), so nothing is split.
     datasets = {split: split_dataset(data.output(split), in_memory=in_memory) for split in ("train", "validation")}
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
+    os.environ.setdefault(*POLL_INTERVAL)  # read by fit(), in this process; a value the user set wins
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "max_steps": max_steps, "steps_per_epoch": steps_per_epoch,
