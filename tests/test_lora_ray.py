@@ -43,7 +43,6 @@ def test_lora_on_two_ray_workers_exports_a_plain_model_that_scores_like_training
     assert len(_metric_history(cfg, manifest.mlflow_run_id, "loss")) == 6
 
 
-@pytest.mark.slow  # the resume machinery is LoRA-blind; the default tier keeps test_train_stage's killed-worker resume
 def test_a_killed_lora_worker_resumes_to_the_uninterrupted_weights(lora_baseline, data_dir, tmp_path):
     """A worker dies hard after step 5; Ray restarts the group from its last registered checkpoint (adapters, the
     trained head, the optimizer state, μ: step 4's, or step 2's if the controller had not registered step 4's yet),
@@ -65,7 +64,7 @@ def test_a_killed_lora_worker_resumes_to_the_uninterrupted_weights(lora_baseline
         torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-@pytest.mark.parametrize("launcher", ["in_process", pytest.param("ray_train", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("launcher", ["in_process", "ray_train"])
 def test_search_trials_train_lora_with_its_rank_searched(launcher, data_dir, tmp_path):
     """``lora.r`` is a searched key like any other: each trial builds its LoRA model at its own rank (the trial's
     trainable-parameter count follows it), whichever launcher runs the trial."""

@@ -149,7 +149,6 @@ def test_two_workers_zero2_trains_and_exports_a_plain_hf_model(baseline, data_di
     assert len(_metric_history(cfg, manifest.mlflow_run_id, "data_wait_fraction")) == 7  # 6 steps + final
 
 
-@pytest.mark.slow  # a resume-path regression; the runner's rerun-on-change rule is in test_runner's unit tier
 def test_a_changed_config_retrains_in_the_same_run_directory(baseline, data_dir, tmp_path):
     """Rerunning the train stage after a config change trains the new config from scratch (it once loaded the
     previous run's final checkpoint from the shared Ray storage, trained nothing and exported the old weights)."""

@@ -33,7 +33,6 @@ def _env(busy_port: int) -> dict[str, str]:
     return env
 
 
-@pytest.mark.slow  # 2–3 min on 2 cores; run with the other resume and signal tests
 def test_an_interrupted_search_resumes_its_unfinished_trial_from_its_checkpoint(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

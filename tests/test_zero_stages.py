@@ -88,7 +88,7 @@ def decoder_dir(tmp_path_factory):
     return {family: make_decoder(tmp_path_factory.mktemp(family), family) for family in ("llama", "qwen2", "gemma")}
 
 
-@pytest.mark.parametrize("model", [pytest.param("embedded:minilm", marks=pytest.mark.slow), "llama"])  # llama: 0.4× the time
+@pytest.mark.parametrize("model", ["embedded:minilm", "llama"])
 def test_zero_stages_0_to_3_give_the_same_curve_and_the_same_exported_weights(model, decoder_dir, tmp_path):
     name = decoder_dir.get(model, model)
     out = _train(name, [0, 1, 2, 3], tmp_path)
