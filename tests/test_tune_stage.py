@@ -203,7 +203,8 @@ class _Collect(logging.Handler):
 @pytest.fixture
 def tune_generator_warnings():
     # A handler on Tune's own logger, not a captured stream: Ray's stream handler keeps whichever stderr it first
-    # saw, which in a full test run is an earlier test's, so capsys saw nothing there (CI, stop 36).
+    # saw, which in a full test run is an earlier test's, so capsys saw nothing there (CI, stop 36). Nor caplog:
+    # its handler sits on the root logger, and Ray's "ray" logger does not propagate to it.
     seen = _Collect()
     tune_log = logging.getLogger("ray.tune.search.variant_generator")
     tune_log.addHandler(seen)
