@@ -422,7 +422,8 @@ class RewardBenchConfig:
     truncation_side: Literal["left", "right"] = _f("left", "Side truncated when too long (official: left).")
     batch_size: int = _f(32, "Conversations per inference batch.")
     num_actors: int = _f(1, "Ray Data actors holding a model copy.")
-    cpus_per_actor: float = _f(1.0, "CPUs per inference actor.")
+    cpus_per_actor: float = _f(1.0, "CPUs per inference actor (on CPU also its torch threads: Ray sets "
+                               "OMP_NUM_THREADS to them).")
     distance_bins: int = _f(4, "Quantile bins for accuracy by representation distance.")
     score_metric: str = _f("", "Metric the register stage promotes on: '<benchmark>/<metric>' as logged (e.g. "
                            "rmbench/overall, rmbench/hard, judge_gpt/section/mmlu-pro); '' = <first benchmark>/overall.")
@@ -448,6 +449,8 @@ class BestOfNConfig:
     engine: Literal["auto", "transformers", "vllm"] = _f("auto", "Generation engine of the hf policy: auto (vLLM on "
                                                           "GPU when installed, else transformers) or forced.")
     bootstrap: int = _f(1000, "Bootstrap resamples for the 95% CI over prompts.")
+    cpus_per_actor: float = _f(1.0, "CPUs per scoring actor (on CPU also its torch threads); actors: one per GPU, "
+                               "or as many as half the cluster's CPUs hold.")
     seed: int = _f(0, "Sampling seed.")
 
 
@@ -555,6 +558,8 @@ def _check(cfg: PipelineConfig) -> None:
         (cfg.lora.r == 0 or cfg.lora.export == "merged" or not cfg.model.name_or_path.startswith("tiny:"),
          "lora.export=adapter needs a backbone that can be loaded again (a hub id or folder), not tiny:*"),
         (cfg.best_of_n.n_max >= 1, "best_of_n.n_max must be >= 1"),
+        (cfg.best_of_n.cpus_per_actor > 0 and cfg.rewardbench.cpus_per_actor > 0,
+         "best_of_n.cpus_per_actor and rewardbench.cpus_per_actor must be > 0"),
         (cfg.serve.num_replicas >= 1 and cfg.serve.max_texts_per_request >= 1 and cfg.serve.max_batch_tokens >= 1,
          "serve.num_replicas, serve.max_texts_per_request and serve.max_batch_tokens must be >= 1"),
         (cfg.best_of_n.policy != "hf" or cfg.best_of_n.policy_model, "best_of_n.policy=hf needs best_of_n.policy_model"),

@@ -58,12 +58,13 @@ def render_prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> 
     return modeling.encode_messages(tokenizer, messages, add_generation_prompt=True)
 
 
-def actor_count(use_gpu: bool, work_items: int) -> int:
-    """One actor per GPU; on CPU half the cores, so Ray Data's own tasks are never starved (2-core trap)."""
+def actor_count(use_gpu: bool, work_items: int, cpus_per_actor: float = 1.0) -> int:
+    """One actor per GPU; on CPU as many as half the cores hold, so Ray Data's own tasks are never starved
+    (2-core trap); at least one."""
     import ray
 
     resources = ray.cluster_resources()
-    available = int(resources.get("GPU", 0)) if use_gpu else int(resources.get("CPU", 1)) // 2
+    available = int(resources.get("GPU", 0)) if use_gpu else int(resources.get("CPU", 1) / 2 // cpus_per_actor)
     return max(1, min(work_items, available))
 
 

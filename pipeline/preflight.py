@@ -70,6 +70,13 @@ def problems(cfg: PipelineConfig, stages: tuple[str, ...]) -> list[str]:
             found.append(f"train.num_workers × train.cpus_per_worker = {need:g} CPUs, but the local Ray cluster has "
                          f"{cpus} and Ray Data needs at least 0.5 beside the workers; lower one of them or set "
                          f"ray.num_cpus")
+    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        cpus = cfg.ray.num_cpus or os.cpu_count() or 1
+        for stage, section in (("rewardbench", cfg.rewardbench), ("best_of_n", cfg.best_of_n)):
+            if stage in stages and not cfg.train.use_gpu and section.cpus_per_actor > cpus:
+                # an actor no node can hold: Ray Data would wait for it forever
+                found.append(f"{stage}.cpus_per_actor = {section.cpus_per_actor:g}, but the local Ray cluster has "
+                             f"{cpus} CPUs; lower it or set ray.num_cpus")
     if trains:
         found.extend(attention_problems(cfg))
         from pipeline.lora import qlora_problem

@@ -231,8 +231,10 @@ def score_candidates(candidates: pd.DataFrame, prompts: list[dict[str, Any]], mo
             for pid, cid, text in candidates[["prompt_id", "candidate_id", "text"]].itertuples(index=False)]
     use_gpu = cfg.train.use_gpu
     # No more actors (each loads the model) than there are batches to score.
-    actors = generation.actor_count(use_gpu, -(-len(rows) // _SCORE_BATCH))
-    scored = score_conversations(rows, model_path, batch_size=_SCORE_BATCH, num_actors=actors, use_gpu=use_gpu)
+    cpus = cfg.best_of_n.cpus_per_actor
+    actors = generation.actor_count(use_gpu, -(-len(rows) // _SCORE_BATCH), cpus)
+    scored = score_conversations(rows, model_path, batch_size=_SCORE_BATCH, num_actors=actors,
+                                 cpus_per_actor=cpus, use_gpu=use_gpu)
     keys = ["prompt_id", "candidate_id"]
     scored = scored[[*keys, "score"]].astype({"candidate_id": "int64"})
     # Scores come back in whatever order the actor pool finished: join on the candidate key.

@@ -120,3 +120,33 @@ def test_the_report_shows_the_plain_loss_falling_not_hidden_under_the_weighted_o
     assert "plain BT loss" in title and "loss" not in first and set(first) == {"pair_loss", report.SMOOTHED, "val_loss"}
     assert first[report.SMOOTHED][1] == pytest.approx([0.69, 0.695, 0.6367, 0.63, 0.5575], abs=1e-4)
     assert any("loss" in series and "weight_mean" in series for _, series in rest)
+
+
+def test_scoring_runs_on_every_core_the_training_worker_had(cfg):
+    """A scoring actor computes with as many torch threads as it has CPUs (Ray sets OMP_NUM_THREADS to them).
+    At the library's 1 CPU the default's one scoring actor used one of the two cores: scoring 2,048 Best-of-N
+    candidates took 16.7 s on one thread and 10.9 s on two (AMD EPYC, benchmarks/README.md)."""
+    for section in (cfg.rewardbench, cfg.best_of_n):
+        assert section.cpus_per_actor == cfg.train.cpus_per_worker == 2
+    assert cfg.ray.num_cpus - cfg.best_of_n.cpus_per_actor >= 0.5  # Ray Data's tasks keep room beside it
+
+
+def test_best_of_n_scoring_actors_fit_in_half_the_cluster_at_their_cpus(monkeypatch):
+    import ray
+
+    from pipeline.generation import actor_count
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0})
+    assert actor_count(False, 100) == 8
+    assert actor_count(False, 100, cpus_per_actor=2) == 4
+    assert actor_count(False, 3, cpus_per_actor=2) == 3
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 3.0})
+    assert actor_count(False, 100, cpus_per_actor=2) == 1  # at least one
+
+
+def test_a_scoring_actor_larger_than_the_local_cluster_is_refused_before_ray_starts():
+    from pipeline.preflight import problems
+
+    cfg = load_config(None, ["ray.num_cpus=3", "best_of_n.cpus_per_actor=4"])
+    assert any("best_of_n.cpus_per_actor = 4" in p for p in problems(cfg, ("best_of_n",)))
+    assert not any("cpus_per_actor" in p for p in problems(cfg, ("rewardbench",)))
