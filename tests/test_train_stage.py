@@ -57,6 +57,15 @@ def test_nan_loss_stops_naming_the_step_and_never_checkpoints(data_dir, monkeypa
     assert [(r["step"], r["checkpointed"]) for r in reports] == [(1, True)]
 
 
+def test_zero_stage_0_logs_the_gradient_norm_zero_2_logs(data_dir):
+    """DeepSpeed's stage 0 clips fp32 gradients without keeping their norm: the loop measures it (the default's one
+    worker trains under stage 0), so grad_norm is the same number as under stage 2, not NaN."""
+    curves = {zero: [(h["loss"], h["grad_norm"]) for h in _local(data_dir, [f"train.zero_stage={zero}"])
+                     if not h["final"]] for zero in (0, 2)}
+    assert len(curves[0]) == 3 and all(math.isfinite(g) and g > 0 for _, g in curves[0])
+    torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[2]), rtol=1e-4, atol=1e-6)
+
+
 def test_nan_loss_skip_policy_skips_one_step(data_dir, monkeypatch):
     monkeypatch.setenv("NORMBT_NAN_AT_STEP", "1")
     hist = _local(data_dir, ["train.zero_stage=0", "train.nan_policy=skip"])
