@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -95,7 +96,7 @@ def main() -> None:
     spec = cfg.data.sources[0].synthetic
     train_rows = tokenised(tok, synthetic.generate(spec, "train"), cfg.data.max_length)
     val_rows = tokenised(tok, synthetic.generate(spec, "validation"), cfg.data.max_length)
-    result: dict = {"cpu": cpu_name(), "cores": len(__import__("os").sched_getaffinity(0)), "rounds": []}
+    result: dict = {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)), "rounds": []}
     print(f"CPU: {result['cpu']}, {result['cores']} cores", flush=True)
 
     same_curve = True

@@ -63,20 +63,19 @@ def problems(cfg: PipelineConfig, stages: tuple[str, ...]) -> list[str]:
                      f"local or mounted folder (Ray Train/Tune storage takes URIs: ray.storage_path; models and "
                      f"reports also go to MLflow's artifact store)")
     trains = "train" in stages or "tune" in stages
-    if trains and not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
-        cpus = cfg.ray.num_cpus or os.cpu_count() or 1
+    local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    cpus = cfg.ray.num_cpus or os.cpu_count() or 1  # of the local cluster this run starts
+    if trains and local:
         need = cfg.train.num_workers * cfg.train.cpus_per_worker
         if need > cpus - 0.5:  # trap 1: workers holding every CPU starve Ray Data's tasks, a silent hang
             found.append(f"train.num_workers × train.cpus_per_worker = {need:g} CPUs, but the local Ray cluster has "
                          f"{cpus} and Ray Data needs at least 0.5 beside the workers; lower one of them or set "
                          f"ray.num_cpus")
-    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
-        cpus = cfg.ray.num_cpus or os.cpu_count() or 1
-        for stage, section in (("rewardbench", cfg.rewardbench), ("best_of_n", cfg.best_of_n)):
-            if stage in stages and not cfg.train.use_gpu and section.cpus_per_actor > cpus:
-                # an actor no node can hold: Ray Data would wait for it forever
-                found.append(f"{stage}.cpus_per_actor = {section.cpus_per_actor:g}, but the local Ray cluster has "
-                             f"{cpus} CPUs; lower it or set ray.num_cpus")
+    for stage, section in (("rewardbench", cfg.rewardbench), ("best_of_n", cfg.best_of_n)):
+        if local and stage in stages and not cfg.train.use_gpu and section.cpus_per_actor > cpus:
+            # an actor no node can hold: Ray Data would wait for it forever
+            found.append(f"{stage}.cpus_per_actor = {section.cpus_per_actor:g}, but the local Ray cluster has "
+                         f"{cpus} CPUs; lower it or set ray.num_cpus")
     if trains:
         found.extend(attention_problems(cfg))
         from pipeline.lora import qlora_problem

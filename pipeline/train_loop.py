@@ -365,12 +365,6 @@ def _mean_metrics(per_micro: list[dict], comm: Collectives) -> dict[str, float]:
     return out
 
 
-def _gradient_norm(model: torch.nn.Module) -> float:
-    """The global L2 norm of the gradients held on the parameters (ZeRO-0 keeps whole, reduced gradients there)."""
-    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-
-
 def train_one_step(cfg, engine, model, micro_batches, ema, pad, device, step, comm: Collectives,
                    diagnostics: list[np.ndarray] | None = None) -> dict[str, float] | None:
     """Forward/backward every micro-batch, one optimizer step. None when a non-finite loss was skipped.
@@ -403,7 +397,8 @@ def train_one_step(cfg, engine, model, micro_batches, ema, pad, device, step, co
             diagnostics.append(_gradient_pairs(cfg, out, batch, mu))
         engine.backward(loss)
         if j == len(micro_batches) - 1 and cfg.train.zero_stage == 0:
-            own_norm = _gradient_norm(model)  # the boundary's reduced gradients, before the step clips them
+            # the boundary's reduced gradients (ZeRO-0 keeps them whole on the parameters), before the step clips
+            own_norm = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
         engine.step()
         per_micro.append({**metrics, "padding_fraction": padding_fraction(rows, packing=cfg.train.packing)})
     if distance is not None:
